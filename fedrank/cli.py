@@ -1,0 +1,29 @@
+"""The one `fedrank` entry point: it only gathers the subcommands each package defines.
+
+Each package keeps its commands in its own ``commands.py``; this file wires them together.
+"""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(no_args_is_help=True, help="fedrank: federated, private ranking for e-commerce.")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (JSON on stdout).")
+app.add_typer(bench_app, name="bench")
+
+
+def _register() -> None:
+    # Imported here so `fedrank --help` shows every command while each module stays separate.
+    from shared_model import commands as shared_model_commands
+
+    shared_model_commands.register(app, bench_app)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    _register()
+    app()
+
+
+if __name__ == "__main__":
+    main()
