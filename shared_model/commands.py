@@ -9,3 +9,184 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     """Attach this package's commands to the `fedrank` app."""
     data_app = typer.Typer(no_args_is_help=True, help="Import and inspect judged-search data.")
     app.add_typer(data_app, name="data")
+
+    # --- data import / data stats (shared_model.data) ---------------------------------
+    @data_app.command("import")
+    def data_import(
+        csv_file: str = typer.Option(..., "--csv", help="CSV file, one judgment per row."),
+        query_col: str = typer.Option(..., "--query-col", help="Column with the query text."),
+        title_col: str = typer.Option(..., "--title-col", help="Column with the product title."),
+        relevance_col: str = typer.Option(
+            ..., "--relevance-col", help="Column with the relevance (number or E/S/C/I)."
+        ),
+        out: str = typer.Option(..., "--out", help="Directory to write the import format to."),
+        product_id_col: str | None = typer.Option(None, "--product-id-col"),
+        query_id_col: str | None = typer.Option(None, "--query-id-col"),
+        class_col: str | None = typer.Option(None, "--class-col"),
+        category_col: str | None = typer.Option(None, "--category-col"),
+        description_col: str | None = typer.Option(None, "--description-col"),
+        delimiter: str = typer.Option(
+            ",", "--delimiter", help="Field separator ('tab' or \\t ok)."
+        ),
+    ) -> None:
+        """Import a judged-search CSV (ESCI / Home Depot style) into the import format."""
+        from pathlib import Path
+
+        from shared_model.data import CsvColumns, load_csv, save_judged
+        from shared_model.schema import DataError
+
+        sep = "\t" if delimiter in ("tab", "\\t") else delimiter
+        columns = CsvColumns(
+            query=query_col,
+            title=title_col,
+            relevance=relevance_col,
+            product_id=product_id_col,
+            query_id=query_id_col,
+            product_class=class_col,
+            category=category_col,
+            description=description_col,
+        )
+        try:
+            data = load_csv(Path(csv_file), columns, delimiter=sep)
+            save_judged(data, Path(out))
+        except (DataError, OSError) as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(code=2) from None
+        typer.echo(
+            f"imported {len(data.queries)} queries, {len(data.products)} products, "
+            f"{len(data.judgments)} judgments from {csv_file} into {out}"
+        )
+
+    @data_app.command("stats")
+    def data_stats(
+        data_dir: str | None = typer.Option(
+            None, "--data", help="Import-format or WANDS directory (default: bundled WANDS)."
+        ),
+    ) -> None:
+        """Print counts of a judged-search directory as JSON."""
+        import json
+        from collections import Counter
+        from pathlib import Path
+
+        from shared_model.data import DEFAULT_WANDS_DIR, load_judged_dir
+        from shared_model.schema import DataError
+
+        try:
+            data = load_judged_dir(Path(data_dir) if data_dir else DEFAULT_WANDS_DIR)
+        except DataError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(code=2) from None
+        grades = Counter(j.relevance for j in data.judgments)
+        stats = {
+            "source": data.source,
+            "queries": len(data.queries),
+            "judged_queries": len(data.query_ids),
+            "products": len(data.products),
+            "judgments": len(data.judgments),
+            "grades": {str(g): grades[g] for g in sorted(grades)},
+        }
+        typer.echo(json.dumps(stats, indent=2))
+
+    # --- simulated clicks and the OBD position-bias check (shared_model.clicks / .obd) ---
+    @data_app.command("simulate-clicks")
+    def simulate_clicks(
+        out: str = typer.Option(..., "--out", help="Directory for clicks.parquet and nodes/."),
+        users: int = typer.Option(10_000, "--users", min=1, help="Number of simulated users."),
+        regions: int = typer.Option(5, "--regions", min=1, help="Number of regions (nodes)."),
+        sessions_per_user: float = typer.Option(
+            5.0, "--sessions-per-user", min=0.001, help="Poisson mean of sessions per user."
+        ),
+        top_k: int = typer.Option(10, "--top-k", min=1, help="Results shown per session."),
+        seed: int = typer.Option(0, "--seed", help="Seed for population and sessions."),
+    ) -> None:
+        """Simulate PBM clicks on WANDS (BM25 logging ranker); write the log and regional nodes.
+
+        Writes OUT/clicks.parquet and OUT/nodes/node-<region>/clicks.parquet; prints JSON.
+        """
+        import json as _json
+        from pathlib import Path as _Path
+
+        from shared_model.bm25 import Bm25Ranker
+        from shared_model.clicklog import write_click_log
+        from shared_model.clicks import (
+            PositionBasedClickModel,
+            click_through_by_rank,
+            make_population,
+            simulate_sessions,
+        )
+        from shared_model.data import load_wands
+        from shared_model.partition import partition_regional, write_partitions
+
+        data = load_wands()
+        model = PositionBasedClickModel()
+        population = make_population(num_users=users, num_regions=regions, seed=seed, data=data)
+        table = simulate_sessions(
+            data,
+            population,
+            click_model=model,
+            logging_ranker=Bm25Ranker(data),
+            sessions_per_user_mean=sessions_per_user,
+            top_k=top_k,
+            seed=seed,
+        )
+        out_dir = _Path(out)
+        log_path = write_click_log(table, out_dir / "clicks.parquet")
+        nodes = write_partitions(partition_regional(table), out_dir / "nodes", prefix="node")
+        ctr = click_through_by_rank(table)
+        ctr1, ctr5 = ctr.get(1), ctr.get(5)
+        summary = {
+            "click_log": str(log_path),
+            "nodes": {str(k): str(v) for k, v in nodes.items()},
+            "users": users,
+            "regions": regions,
+            "sessions": int(table.column("session_id").to_numpy()[-1]) + 1,
+            "rows": table.num_rows,
+            "clicks": int(table.column("clicked").to_numpy(zero_copy_only=False).sum()),
+            "click_model": {
+                "eta": model.eta,
+                "noise_floor": model.noise_floor,
+                "alpha_max": model.alpha_max,
+            },
+            "ctr_by_rank": {str(k): round(v, 6) for k, v in ctr.items()},
+            "ctr_at_1": ctr1,
+            "ctr_at_5": ctr5,
+            "ctr_ratio_1_over_5": (ctr1 / ctr5) if ctr1 is not None and ctr5 else None,
+            "seed": seed,
+        }
+        typer.echo(_json.dumps(summary, indent=2))
+
+    @data_app.command("obd-check")
+    def obd_check(
+        obd_dir: str = typer.Option(
+            "", "--dir", help="OBD random-policy directory (default: data/obd/random)."
+        ),
+    ) -> None:
+        """CTR per position on real OBD uniform-random clicks, and the fitted eta (JSON)."""
+        import json as _json
+
+        from shared_model.clicks import DEFAULT_ETA
+        from shared_model.obd import (
+            DEFAULT_OBD_DIR,
+            fit_eta,
+            fit_eta_interval,
+            obd_ctr_by_position,
+        )
+
+        ctr = obd_ctr_by_position(obd_dir or DEFAULT_OBD_DIR)
+        eta = fit_eta({p: c for p, (c, _, _) in ctr.items()})
+        lo, hi = fit_eta_interval(ctr)
+        typer.echo(
+            _json.dumps(
+                {
+                    "obd_dir": str(obd_dir or DEFAULT_OBD_DIR),
+                    "ctr_by_position": {
+                        str(p): {"ctr": c, "clicks": k, "impressions": n}
+                        for p, (c, k, n) in ctr.items()
+                    },
+                    "fitted_eta": eta,
+                    "fitted_eta_95ci": [lo, hi],
+                    "model_default_eta": DEFAULT_ETA,
+                },
+                indent=2,
+            )
+        )

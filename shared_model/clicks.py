@@ -1,0 +1,357 @@
+"""Simulated clicks: a position-based click model over a non-IID user population.
+
+Click model
+    The position-based model (PBM; Richardson, Dominowska & Ragno 2007, "Predicting clicks";
+    Craswell, Zoeter, Taylor & Ramsey 2008, "An experimental comparison of click
+    position-bias models"): a shown result is clicked when it is examined *and* found
+    attractive, independently::
+
+        P(click | rank, rel) = P(examine | rank) * P(attractive | rel)
+        P(examine | rank)    = (1 / rank) ** eta                      (eta = 1.0)
+        P(attractive | rel)  = noise_floor + (alpha_max - noise_floor) * rel
+                                                   (noise_floor = 0.05, alpha_max = 0.9)
+
+    The noise floor keeps irrelevant results clickable now and then, as real users do.
+
+Population
+    Users live in regions; each region draws a Dirichlet (concentration 0.3) over the
+    *query categories* (the dominant top-level product category of each query's judged
+    pool, see ``dominant_category``), so regions favour a few categories. This shapes
+    (a) which queries a region's users issue: P(query) ∝ w[region, category(query)] +
+    query_smoothing (0.02), and (b) a mild taste bonus on attractiveness:
+    ``min(1, alpha(rel) * (1 + taste_strength * w[region, category(product)]))`` with
+    taste_strength = 0.5 (products outside the query categories get no bonus).
+
+``simulate_sessions`` turns both into a click log (``shared_model.clicklog`` schema).
+No Flower, no torch here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import pyarrow as pa
+
+from shared_model.clicklog import CLICK_LOG_SCHEMA
+from shared_model.schema import JudgedSearchData
+
+DEFAULT_ETA = 1.0
+DEFAULT_NOISE_FLOOR = 0.05
+DEFAULT_ALPHA_MAX = 0.9
+DEFAULT_CONCENTRATION = 0.3
+DEFAULT_TASTE_STRENGTH = 0.5
+DEFAULT_QUERY_SMOOTHING = 0.02
+
+
+class Ranker(Protocol):
+    """Anything that orders a query's candidate pool (e.g. ``Bm25Ranker``)."""
+
+    def rank(self, query_id: str) -> list[str]: ...
+
+
+@dataclass(frozen=True)
+class PositionBasedClickModel:
+    """Position-based click model: P(click) = (1/rank)**eta * alpha(rel).
+
+    Parameters
+    ----------
+    eta
+        Position-bias exponent of the examination curve (>= 0; 0 means no position bias).
+    noise_floor
+        Attractiveness of an irrelevant result (relevance 0), in [0, alpha_max].
+    alpha_max
+        Attractiveness of a perfectly relevant result (relevance 1), in [noise_floor, 1].
+    """
+
+    eta: float = DEFAULT_ETA
+    noise_floor: float = DEFAULT_NOISE_FLOOR
+    alpha_max: float = DEFAULT_ALPHA_MAX
+
+    def __post_init__(self) -> None:
+        for name in ("eta", "noise_floor", "alpha_max"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if self.eta < 0:
+            raise ValueError(f"eta must be >= 0, got {self.eta!r}")
+        if not 0.0 <= self.noise_floor <= 1.0:
+            raise ValueError(f"noise_floor must be in [0, 1], got {self.noise_floor!r}")
+        if not 0.0 <= self.alpha_max <= 1.0:
+            raise ValueError(f"alpha_max must be in [0, 1], got {self.alpha_max!r}")
+        if self.noise_floor > self.alpha_max:
+            raise ValueError(
+                f"noise_floor ({self.noise_floor!r}) must not exceed alpha_max ({self.alpha_max!r})"
+            )
+
+    def examination(self, rank: int | np.ndarray) -> np.ndarray:
+        """P(examine | rank) = (1/rank)**eta for 1-based ``rank`` (scalar or array)."""
+        r = np.asarray(rank, dtype=np.float64)
+        if np.any(r < 1) or not np.all(np.isfinite(r)):
+            raise ValueError(f"rank must be >= 1, got {rank!r}")
+        return np.power(1.0 / r, self.eta)
+
+    def attractiveness(self, rel: float | np.ndarray) -> np.ndarray:
+        """P(attractive | rel) = noise_floor + (alpha_max - noise_floor) * rel, rel in [0, 1]."""
+        x = np.asarray(rel, dtype=np.float64)
+        if np.any(~np.isfinite(x)) or np.any(x < 0) or np.any(x > 1):
+            raise ValueError(f"relevance must be in [0, 1], got {rel!r}")
+        return self.noise_floor + (self.alpha_max - self.noise_floor) * x
+
+    def click_probability(self, rank: int | np.ndarray, rel: float | np.ndarray) -> np.ndarray:
+        """P(click | rank, rel) = examination(rank) * attractiveness(rel) (broadcasting)."""
+        return self.examination(rank) * self.attractiveness(rel)
+
+
+def dominant_category(data: JudgedSearchData, query_id: str) -> str:
+    """The top-level category holding most relevance mass in the query's judged pool.
+
+    Each judged product votes for its ``top_category`` with its relevance (all pool members
+    vote 1 when no product is relevant); unknown categories (``""``) vote only when no product
+    has a known one. Ties go to the alphabetically first category.
+    """
+    pool = data.judged(query_id)
+    if not pool:
+        raise KeyError(f"query_id {query_id!r} has no judgments")
+    votes: dict[str, float] = {}
+    relevant = any(j.relevance > 0 for j in pool)
+    for j in pool:
+        cat = data.products[j.product_id].top_category
+        votes[cat] = votes.get(cat, 0.0) + (j.relevance if relevant else 1.0)
+    known = {c: v for c, v in votes.items() if c and v > 0}
+    if not known:
+        return ""
+    return min(known, key=lambda c: (-known[c], c))
+
+
+def query_categories(data: JudgedSearchData) -> dict[str, str]:
+    """``dominant_category`` of every judged query, keyed by query id (sorted)."""
+    return {q: dominant_category(data, q) for q in data.query_ids}
+
+
+@dataclass(frozen=True, eq=False)
+class UserPopulation:
+    """Users, their regions, and each region's taste over categories.
+
+    ``region_weights[r, c]`` is region ``r``'s Dirichlet weight on ``categories[c]``
+    (rows sum to 1). Build with ``make_population``.
+    """
+
+    user_ids: np.ndarray  # int64, shape (num_users,)
+    region_ids: np.ndarray  # int32, shape (num_users,)
+    categories: tuple[str, ...]
+    region_weights: np.ndarray  # float64, shape (num_regions, num_categories)
+    taste_strength: float = DEFAULT_TASTE_STRENGTH
+    query_smoothing: float = DEFAULT_QUERY_SMOOTHING
+    concentration: float = DEFAULT_CONCENTRATION
+    seed: int = 0
+
+    @property
+    def num_users(self) -> int:
+        return int(len(self.user_ids))
+
+    @property
+    def num_regions(self) -> int:
+        return int(self.region_weights.shape[0])
+
+    def weight(self, region_id: int, category: str) -> float:
+        """Region's weight on ``category`` (0 for a category outside ``categories``)."""
+        try:
+            c = self.categories.index(category)
+        except ValueError:
+            return 0.0
+        return float(self.region_weights[region_id, c])
+
+    def weights_for(self, categories: Sequence[str]) -> np.ndarray:
+        """(num_regions, len(categories)) weights; unknown categories weigh 0."""
+        index = {c: i for i, c in enumerate(self.categories)}
+        padded = np.concatenate([self.region_weights, np.zeros((self.num_regions, 1))], axis=1)
+        cols = np.array([index.get(c, len(self.categories)) for c in categories], dtype=np.int64)
+        return padded[:, cols]
+
+    def query_probabilities(self, categories: Sequence[str]) -> np.ndarray:
+        """P(region issues query) for queries of the given categories, (num_regions, Q).
+
+        P ∝ w[region, category(query)] + query_smoothing; a row with zero mass is uniform.
+        """
+        if not categories:
+            raise ValueError("no queries to choose from")
+        mass = self.weights_for(categories) + self.query_smoothing
+        totals = mass.sum(axis=1, keepdims=True)
+        uniform = np.full_like(mass, 1.0 / mass.shape[1])
+        safe = np.where(totals > 0, totals, 1.0)
+        return np.where(totals > 0, mass / safe, uniform)
+
+    def taste_multiplier(self, region_id: int, category: str) -> float:
+        """Attractiveness multiplier 1 + taste_strength * w (before capping at 1)."""
+        return 1.0 + self.taste_strength * self.weight(region_id, category)
+
+
+def make_population(
+    *,
+    num_users: int,
+    num_regions: int,
+    seed: int,
+    data: JudgedSearchData | None = None,
+    categories: Sequence[str] | None = None,
+    concentration: float = DEFAULT_CONCENTRATION,
+    taste_strength: float = DEFAULT_TASTE_STRENGTH,
+    query_smoothing: float = DEFAULT_QUERY_SMOOTHING,
+) -> UserPopulation:
+    """Draw a population: users spread evenly (shuffled) over regions, Dirichlet tastes.
+
+    Give exactly one of ``data`` (categories = the distinct ``dominant_category`` of its
+    queries) or ``categories``. Same arguments, same population.
+    """
+    if num_users < 1:
+        raise ValueError(f"num_users must be >= 1, got {num_users!r}")
+    if num_regions < 1:
+        raise ValueError(f"num_regions must be >= 1, got {num_regions!r}")
+    if not (concentration > 0 and math.isfinite(concentration)):
+        raise ValueError(f"concentration must be > 0, got {concentration!r}")
+    if not (taste_strength >= 0 and math.isfinite(taste_strength)):
+        raise ValueError(f"taste_strength must be >= 0, got {taste_strength!r}")
+    if not (query_smoothing >= 0 and math.isfinite(query_smoothing)):
+        raise ValueError(f"query_smoothing must be >= 0, got {query_smoothing!r}")
+    if (data is None) == (categories is None):
+        raise ValueError("give exactly one of data= or categories=")
+    if data is not None:
+        cats = tuple(sorted(set(query_categories(data).values())))
+    else:
+        assert categories is not None
+        cats = tuple(dict.fromkeys(categories))
+    if not cats:
+        raise ValueError("no categories to draw tastes over")
+    rng = np.random.default_rng(seed)
+    weights = rng.dirichlet(np.full(len(cats), concentration), size=num_regions)
+    weights = np.nan_to_num(weights, nan=0.0)
+    regions = rng.permutation(np.arange(num_users) % num_regions).astype(np.int32)
+    return UserPopulation(
+        user_ids=np.arange(num_users, dtype=np.int64),
+        region_ids=regions,
+        categories=cats,
+        region_weights=weights,
+        taste_strength=float(taste_strength),
+        query_smoothing=float(query_smoothing),
+        concentration=float(concentration),
+        seed=int(seed),
+    )
+
+
+def simulate_sessions(
+    data: JudgedSearchData,
+    population: UserPopulation,
+    *,
+    click_model: PositionBasedClickModel,
+    logging_ranker: Ranker,
+    query_ids: Sequence[str] | None = None,
+    sessions_per_user_mean: float = 5.0,
+    top_k: int = 10,
+    start_time: int = 1_700_000_000,
+    seed: int = 0,
+) -> pa.Table:
+    """Simulate search sessions and PBM clicks; returns a ``CLICK_LOG_SCHEMA`` table.
+
+    Each user runs max(1, Poisson(sessions_per_user_mean)) sessions; in each, the user issues
+    one query (drawn from their region's query distribution, over ``query_ids`` or every
+    judged query), sees the logging ranker's top ``top_k`` of that query's pool, and clicks
+    each shown result independently with probability
+    ``examination(rank) * min(1, attractiveness(rel) * taste_multiplier)``.
+    A user's sessions are 1 minute to 2 days apart, starting within a day of ``start_time``.
+    Rows are ordered by session then rank; same inputs and seed give an identical table.
+    """
+    if not (sessions_per_user_mean > 0 and math.isfinite(sessions_per_user_mean)):
+        raise ValueError(f"sessions_per_user_mean must be > 0, got {sessions_per_user_mean!r}")
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k!r}")
+    qids = list(dict.fromkeys(data.query_ids if query_ids is None else query_ids))
+    if not qids:
+        raise ValueError("no queries to simulate")
+    for q in qids:
+        if not data.judged(q):
+            raise ValueError(f"query_id {q!r} has no judged pool")
+
+    # Per-query tables: shown products, relevance, category column, attractiveness per region.
+    num_q, num_r = len(qids), population.num_regions
+    shown_ids: list[str] = []
+    lengths = np.zeros(num_q, dtype=np.int64)
+    rel = np.zeros((num_q, top_k))
+    prod_cats: list[str] = []
+    for i, q in enumerate(qids):
+        rels = {j.product_id: j.relevance for j in data.judged(q)}
+        ranked = logging_ranker.rank(q)[:top_k]
+        for pid in ranked:
+            if pid not in rels:
+                raise ValueError(f"logging ranker returned {pid!r}, not judged for query {q!r}")
+        lengths[i] = len(ranked)
+        padded = ranked + [""] * (top_k - len(ranked))
+        shown_ids.extend(padded)
+        rel[i, : len(ranked)] = [rels[p] for p in ranked]
+        prod_cats.extend(data.products[p].top_category if p else "" for p in padded)
+    taste = 1.0 + population.taste_strength * population.weights_for(prod_cats)  # (R, Q*K)
+    base = click_model.attractiveness(rel)  # (Q, K)
+    attract = np.minimum(1.0, base[None, :, :] * taste.reshape(num_r, num_q, top_k))
+    exam = click_model.examination(np.arange(1, top_k + 1))
+    query_probs = population.query_probabilities([dominant_category(data, q) for q in qids])
+
+    rng = np.random.default_rng(seed)
+    num_u = population.num_users
+    per_user = np.maximum(1, rng.poisson(sessions_per_user_mean, size=num_u))
+    sess_user = np.repeat(np.arange(num_u), per_user)
+    num_s = len(sess_user)
+    sess_region = population.region_ids[sess_user].astype(np.int64)
+    if np.any(sess_region < 0) or np.any(sess_region >= num_r):
+        raise ValueError("population has region ids outside its region weights")
+
+    # Query choice: inverse-CDF per region.
+    u = rng.random(num_s)
+    cdf = np.cumsum(query_probs, axis=1)
+    cdf[:, -1] = 1.0
+    sess_query = np.empty(num_s, dtype=np.int64)
+    for r in range(num_r):
+        rows = sess_region == r
+        sess_query[rows] = np.searchsorted(cdf[r], u[rows], side="right")
+    np.minimum(sess_query, num_q - 1, out=sess_query)
+
+    # Timestamps: strictly increasing within each user.
+    offset = rng.integers(0, 86_400, size=num_u)
+    gaps = rng.integers(60, 2 * 86_400, size=num_s)
+    csum = np.cumsum(gaps)
+    block_start = np.repeat(np.cumsum(per_user) - per_user, per_user)
+    before = np.concatenate([[0], csum])[block_start]
+    sess_time = start_time + offset[sess_user] + (csum - before)
+
+    # Clicks.
+    p_click = attract[sess_region, sess_query, :] * exam[None, :]
+    clicked = rng.random((num_s, top_k)) < p_click
+    valid = np.arange(top_k)[None, :] < lengths[sess_query][:, None]
+
+    sess_idx, pos = np.nonzero(valid)
+    flat_ids = sess_query[sess_idx] * top_k + pos
+    product_id = pa.array(shown_ids, type=pa.string()).take(pa.array(flat_ids))
+    query_id = pa.array(qids, type=pa.string()).take(pa.array(sess_query[sess_idx]))
+    columns = [
+        pa.array(sess_idx.astype(np.int64)),
+        pa.array(population.user_ids[sess_user][sess_idx].astype(np.int64)),
+        pa.array(sess_region[sess_idx].astype(np.int32)),
+        pa.array(sess_time[sess_idx].astype(np.int64)),
+        query_id,
+        product_id,
+        pa.array((pos + 1).astype(np.int16)),
+        pa.array(clicked[sess_idx, pos]),
+    ]
+    return pa.Table.from_arrays(columns, schema=CLICK_LOG_SCHEMA)
+
+
+def click_through_by_rank(table: pa.Table) -> dict[int, float]:
+    """Click-through rate per 1-based rank (clicks / impressions), for ranks present."""
+    ranks = table.column("rank").to_numpy().astype(np.int64)
+    clicks = table.column("clicked").to_numpy(zero_copy_only=False).astype(np.float64)
+    if len(ranks) == 0:
+        return {}
+    shown = np.bincount(ranks)
+    hits = np.bincount(ranks, weights=clicks)
+    return {int(r): float(hits[r] / shown[r]) for r in np.nonzero(shown)[0]}

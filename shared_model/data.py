@@ -1,0 +1,658 @@
+"""Read and write judged-search data: the bundled WANDS subset, plain CSVs and the import format.
+
+Three ways in, one way out:
+
+- :func:`load_wands` reads the bundled WANDS subset (``data/wands-pool40``).
+- :func:`load_csv` reads a plain CSV with one judgment per row (ESCI / Home Depot style).
+- :func:`load_judged_dir` reads a directory written by :func:`save_judged` (the import
+  format, which is the WANDS layout with a numeric ``relevance`` column).
+
+Every bad input raises :class:`~shared_model.schema.DataError` naming the file, the 1-based
+line (the header is line 1) and the problem with the bad value. Writes are atomic: a failed
+:func:`save_judged` leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import math
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from shared_model.schema import DataError, JudgedSearchData, Judgment, Product, Query
+
+__all__ = [
+    "DEFAULT_WANDS_DIR",
+    "ESCI_GRADES",
+    "WANDS_GRADES",
+    "CsvColumns",
+    "load_csv",
+    "load_judged_dir",
+    "load_wands",
+    "save_judged",
+]
+
+DEFAULT_WANDS_DIR = Path(__file__).resolve().parents[1] / "data" / "wands-pool40"
+"""The bundled 40-query WANDS subset."""
+
+WANDS_GRADES: Mapping[str, float] = {"Exact": 1.0, "Partial": 0.5, "Irrelevant": 0.0}
+"""WANDS label -> relevance."""
+
+ESCI_GRADES: Mapping[str, float] = {"E": 1.0, "S": 0.5, "C": 0.2, "I": 0.0}
+"""ESCI label (Exact, Substitute, Complement, Irrelevant) -> relevance.
+
+The full words (``Exact``, ``Substitute``, ``Complement``, ``Irrelevant``) are accepted too,
+in any letter case.
+"""
+
+QUERIES_FILE = "queries.tsv"
+PRODUCTS_FILE = "products.tsv"
+LABELS_FILE = "labels.tsv"
+
+_QUERY_HEADER = ("query_id", "query", "query_class")
+_PRODUCT_HEADER = ("product_id", "product_name", "product_class", "category_hierarchy")
+_DESCRIPTION_COLUMN = "product_description"
+_LABEL_HEADER = ("query_id", "product_id", "relevance")
+
+_ESCI_WORDS = {"exact": "E", "substitute": "S", "complement": "C", "irrelevant": "I"}
+
+
+@dataclass(frozen=True)
+class CsvColumns:
+    """Which CSV columns hold which fields, for :func:`load_csv`.
+
+    Parameters
+    ----------
+    query
+        Column with the query text.
+    title
+        Column with the product title.
+    relevance
+        Column with the graded relevance: a number, or an ESCI label (``E``/``S``/``C``/``I``).
+    product_id
+        Column with the product id. Without it the id is derived from the title
+        (``"p"`` + the first 12 hex digits of its SHA-1).
+    query_id
+        Column with the query id. Without it the id is derived from the query text
+        (``"q"`` + the first 12 hex digits of its SHA-1).
+    product_class
+        Column with the product class, if any.
+    category
+        Column with the category path (levels joined with ``" / "``), if any.
+    description
+        Column with the product description, if any.
+    """
+
+    query: str
+    title: str
+    relevance: str
+    product_id: str | None = None
+    query_id: str | None = None
+    product_class: str | None = None
+    category: str | None = None
+    description: str | None = None
+
+
+# --------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Table:
+    """A delimited file's header and rows, each row with the line it starts on."""
+
+    path: Path
+    header: tuple[str, ...]
+    rows: tuple[tuple[int, dict[str, str]], ...]
+
+
+def _show(value: str, limit: int = 80) -> str:
+    """``repr`` of a value, shortened so an error message stays one readable line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 4] + "...'"
+
+
+def _read_text(path: Path) -> str:
+    """The whole file as text, or a DataError for missing, unreadable, non-UTF-8 or empty."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(path, None, "file not found") from None
+    except IsADirectoryError:
+        raise DataError(path, None, "is a directory, not a file") from None
+    except OSError as exc:
+        raise DataError(path, None, f"cannot read file: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        bad = raw[exc.start : exc.end].hex(" ")
+        raise DataError(
+            path, line, f"not valid UTF-8: byte(s) {bad} at byte offset {exc.start}"
+        ) from None
+    text = text.removeprefix("\ufeff")
+    if not text.strip():
+        raise DataError(path, None, "empty file")
+    return text
+
+
+def _read_table(path: Path, delimiter: str, required: Sequence[str]) -> _Table:
+    """Read a delimited file with a header row into (line, {column: value}) rows.
+
+    Raises
+    ------
+    DataError
+        For a missing/unreadable/empty/non-UTF-8 file, malformed quoting, a duplicated
+        column name, a row with the wrong number of fields, a missing required column, or
+        a file with a header but no data rows.
+    """
+    text = _read_text(path)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    sep = "tab" if delimiter == "\t" else repr(delimiter)
+    header: tuple[str, ...] | None = None
+    rows: list[tuple[int, dict[str, str]]] = []
+    while True:
+        start = reader.line_num + 1
+        try:
+            fields = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            raise DataError(path, start, f"malformed quoting: {exc}") from None
+        if not fields:  # blank line
+            continue
+        if header is None:
+            header = tuple(f.strip() for f in fields)
+            seen: set[str] = set()
+            for name in header:
+                if name in seen:
+                    raise DataError(path, start, f"duplicate column name {_show(name)}")
+                seen.add(name)
+            continue
+        if len(fields) != len(header):
+            raise DataError(
+                path,
+                start,
+                f"expected {len(header)} {sep}-separated fields, found {len(fields)}: "
+                f"{_show(delimiter.join(fields))}",
+            )
+        rows.append((start, dict(zip(header, fields, strict=True))))
+    if header is None:  # only blank lines; _read_text already rejects whitespace-only
+        raise DataError(path, None, "empty file")
+    for name in required:
+        if name not in header:
+            raise DataError(
+                path,
+                None,
+                f"missing column {_show(name)}; columns found: {', '.join(map(repr, header))}",
+            )
+    if not rows:
+        raise DataError(path, None, "no data rows after the header")
+    return _Table(path=path, header=header, rows=tuple(rows))
+
+
+def _need_id(table: _Table, line: int, column: str, value: str) -> str:
+    """A stripped, non-empty id, or a DataError."""
+    ident = value.strip()
+    if not ident:
+        raise DataError(table.path, line, f"empty {column}")
+    return ident
+
+
+def _finite(path: Path, line: int, value: str) -> float | None:
+    """``float(value)``, ``None`` if it is not a number; DataError for NaN or infinity."""
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    if math.isnan(number):
+        raise DataError(path, line, f"relevance {_show(value)} is NaN")
+    if math.isinf(number):
+        raise DataError(path, line, f"relevance {_show(value)} is not finite")
+    return number
+
+
+def _keep_max(
+    pairs: Iterable[tuple[str, str, float]],
+) -> tuple[Judgment, ...]:
+    """One judgment per (query, product): the maximum relevance, in first-seen order."""
+    best: dict[tuple[str, str], float] = {}
+    for query_id, product_id, relevance in pairs:
+        key = (query_id, product_id)
+        best[key] = max(best.get(key, relevance), relevance)
+    return tuple(Judgment(q, p, r) for (q, p), r in best.items())
+
+
+def _read_queries(path: Path) -> dict[str, Query]:
+    table = _read_table(path, "\t", ("query_id", "query"))
+    queries: dict[str, Query] = {}
+    first_line: dict[str, int] = {}
+    for line, row in table.rows:
+        query_id = _need_id(table, line, "query_id", row["query_id"])
+        if query_id in queries:
+            raise DataError(
+                path,
+                line,
+                f"duplicate query_id {_show(query_id)} (first on line {first_line[query_id]})",
+            )
+        queries[query_id] = Query(query_id=query_id, text=row["query"])
+        first_line[query_id] = line
+    return queries
+
+
+def _read_products(path: Path) -> dict[str, Product]:
+    table = _read_table(path, "\t", ("product_id", "product_name"))
+    products: dict[str, Product] = {}
+    first_line: dict[str, int] = {}
+    for line, row in table.rows:
+        product_id = _need_id(table, line, "product_id", row["product_id"])
+        if product_id in products:
+            raise DataError(
+                path,
+                line,
+                f"duplicate product_id {_show(product_id)} (first on line "
+                f"{first_line[product_id]})",
+            )
+        products[product_id] = Product(
+            product_id=product_id,
+            title=row["product_name"],
+            product_class=row.get("product_class", ""),
+            category_path=row.get("category_hierarchy", ""),
+            description=row.get(_DESCRIPTION_COLUMN, ""),
+        )
+        first_line[product_id] = line
+    return products
+
+
+def _grade(path: Path, line: int, value: str, *, numeric: bool) -> float:
+    """Relevance of a label cell: a WANDS label, or (when ``numeric``) a number in [0, 1]."""
+    text = value.strip()
+    for label, relevance in WANDS_GRADES.items():
+        if text.lower() == label.lower():
+            return relevance
+    if numeric:
+        number = _finite(path, line, text)
+        if number is not None:
+            if not 0.0 <= number <= 1.0:
+                raise DataError(path, line, f"relevance {_show(value)} is outside [0, 1]")
+            return number
+    expected = ", ".join(WANDS_GRADES) + (" or a number in [0, 1]" if numeric else "")
+    raise DataError(path, line, f"relevance {_show(value)} does not parse; expected {expected}")
+
+
+def _read_dir(directory: Path, *, numeric: bool) -> JudgedSearchData:
+    """Shared reader of the WANDS layout; ``numeric`` also allows a numeric relevance."""
+    queries = _read_queries(directory / QUERIES_FILE)
+    products = _read_products(directory / PRODUCTS_FILE)
+    labels_path = directory / LABELS_FILE
+    if numeric:
+        # Peek at the header to learn which relevance column this file uses.
+        table = _read_table(labels_path, "\t", ("query_id", "product_id"))
+        column = "relevance" if "relevance" in table.header else "label"
+        if column not in table.header:
+            raise DataError(
+                labels_path,
+                None,
+                "missing column 'relevance' (or 'label'); columns found: "
+                f"{', '.join(map(repr, table.header))}",
+            )
+    else:
+        column = "label"
+        table = _read_table(labels_path, "\t", ("query_id", "product_id", column))
+    pairs: list[tuple[str, str, float]] = []
+    for line, row in table.rows:
+        query_id = _need_id(table, line, "query_id", row["query_id"])
+        product_id = _need_id(table, line, "product_id", row["product_id"])
+        if query_id not in queries:
+            raise DataError(
+                labels_path, line, f"unknown query_id {_show(query_id)} (not in {QUERIES_FILE})"
+            )
+        if product_id not in products:
+            raise DataError(
+                labels_path,
+                line,
+                f"unknown product_id {_show(product_id)} (not in {PRODUCTS_FILE})",
+            )
+        pairs.append(
+            (query_id, product_id, _grade(labels_path, line, row[column], numeric=numeric))
+        )
+    return JudgedSearchData(
+        queries=queries, products=products, judgments=_keep_max(pairs), source=str(directory)
+    )
+
+
+def load_wands(directory: Path = DEFAULT_WANDS_DIR) -> JudgedSearchData:
+    """Load a WANDS-layout directory (``queries.tsv``, ``products.tsv``, ``labels.tsv``).
+
+    Grades map Exact=1.0, Partial=0.5, Irrelevant=0.0. WANDS repeats some (query, product)
+    pairs, occasionally with different labels; each pair is kept once, with its
+    **maximum** grade, at the position of its first occurrence. ``query_class`` is not kept
+    (:class:`~shared_model.schema.Query` has no field for it).
+
+    Parameters
+    ----------
+    directory
+        Folder with the three TSV files; defaults to the bundled ``data/wands-pool40``.
+
+    Returns
+    -------
+    JudgedSearchData
+        For the bundled subset: 40 queries, 6,482 products, 6,890 judgments.
+
+    Raises
+    ------
+    DataError
+        For any bad input, naming file, line and problem.
+    """
+    return _read_dir(Path(directory), numeric=False)
+
+
+def load_judged_dir(directory: Path) -> JudgedSearchData:
+    """Load a directory in the import format written by :func:`save_judged`.
+
+    Same layout as WANDS, but ``labels.tsv`` may hold either a ``relevance`` column or a
+    ``label`` column, and each cell may be a WANDS label (Exact/Partial/Irrelevant) or a
+    number in [0, 1]. ``products.tsv`` may carry an extra ``product_description`` column.
+    Duplicate (query, product) pairs keep their maximum relevance.
+
+    Raises
+    ------
+    DataError
+        For any bad input, naming file, line and problem.
+    """
+    return _read_dir(Path(directory), numeric=True)
+
+
+def _derived_id(prefix: str, text: str) -> str:
+    """A stable id for a text: ``prefix`` + the first 12 hex digits of its SHA-1."""
+    return prefix + hashlib.sha1(text.encode("utf-8")).hexdigest()[:12]
+
+
+def _esci_label(value: str) -> str | None:
+    """The ESCI letter a cell names (``"E"``/``"S"``/``"C"``/``"I"``), or ``None``."""
+    text = value.strip()
+    if text.upper() in ESCI_GRADES:
+        return text.upper()
+    return _ESCI_WORDS.get(text.lower())
+
+
+def load_csv(
+    path: Path,
+    columns: CsvColumns,
+    *,
+    delimiter: str = ",",
+    relevance_scale: tuple[float, float] | None = None,
+) -> JudgedSearchData:
+    """Load a plain CSV with one judgment per row (ESCI / Home Depot style).
+
+    Relevance is mapped into [0, 1]:
+
+    - numbers are scaled linearly, ``(r - low) / (high - low)``, where ``(low, high)`` is
+      ``relevance_scale`` or, when not given, the smallest and largest relevance in the file
+      (Home Depot's 1..3 becomes 0..1);
+    - ESCI labels map E=1.0, S=0.5, C=0.2, I=0.0 (:data:`ESCI_GRADES`; the full words work
+      too, in any case); ``relevance_scale`` is ignored for them. A file must not mix the two.
+
+    All cells are stripped of surrounding whitespace. Without an id column, ids are derived
+    from the text: ``"q" + sha1(query)[:12]`` and ``"p" + sha1(title)[:12]`` (hex), so the
+    same text always gets the same id. Products and queries repeat across rows; every
+    repeat must agree with the first. Duplicate (query, product) pairs keep their maximum
+    relevance.
+
+    Parameters
+    ----------
+    path
+        The CSV file (UTF-8, header row first).
+    columns
+        Which columns hold which fields.
+    delimiter
+        Field separator.
+    relevance_scale
+        ``(low, high)`` of the numeric relevance, ``low < high``.
+
+    Raises
+    ------
+    DataError
+        For any bad input, naming file, line and problem.
+    ValueError
+        If ``relevance_scale`` itself is invalid.
+    """
+    path = Path(path)
+    if relevance_scale is not None:
+        low, high = relevance_scale
+        if not (math.isfinite(low) and math.isfinite(high) and low < high):
+            raise ValueError(
+                f"relevance_scale must be finite with low < high, got {relevance_scale}"
+            )
+    optional = [
+        columns.product_id,
+        columns.query_id,
+        columns.product_class,
+        columns.category,
+        columns.description,
+    ]
+    required = [columns.query, columns.title, columns.relevance]
+    required += [c for c in optional if c is not None]
+    table = _read_table(path, delimiter, required)
+
+    def cell(row: dict[str, str], column: str | None) -> str:
+        return row[column].strip() if column is not None else ""
+
+    queries: dict[str, Query] = {}
+    products: dict[str, Product] = {}
+    first_query_line: dict[str, int] = {}
+    first_product_line: dict[str, int] = {}
+    raw: list[tuple[int, str, str, str]] = []
+    for line, row in table.rows:
+        text = cell(row, columns.query)
+        if not text:
+            raise DataError(path, line, f"empty query in column {_show(columns.query)}")
+        title = cell(row, columns.title)
+        if not title:
+            raise DataError(path, line, f"empty product title in column {_show(columns.title)}")
+        if columns.query_id is not None:
+            query_id = _need_id(table, line, columns.query_id, row[columns.query_id])
+        else:
+            query_id = _derived_id("q", text)
+        if columns.product_id is not None:
+            product_id = _need_id(table, line, columns.product_id, row[columns.product_id])
+        else:
+            product_id = _derived_id("p", title)
+
+        query = Query(query_id=query_id, text=text)
+        known_query = queries.setdefault(query_id, query)
+        first_query_line.setdefault(query_id, line)
+        if known_query != query:
+            raise DataError(
+                path,
+                line,
+                f"query_id {_show(query_id)} has query {_show(text)} here but "
+                f"{_show(known_query.text)} on line {first_query_line[query_id]}",
+            )
+        product = Product(
+            product_id=product_id,
+            title=title,
+            product_class=cell(row, columns.product_class),
+            category_path=cell(row, columns.category),
+            description=cell(row, columns.description),
+        )
+        known_product = products.setdefault(product_id, product)
+        first_product_line.setdefault(product_id, line)
+        if known_product != product:
+            field_name = next(
+                name
+                for name in ("title", "product_class", "category_path", "description")
+                if getattr(known_product, name) != getattr(product, name)
+            )
+            raise DataError(
+                path,
+                line,
+                f"product_id {_show(product_id)} has {field_name} "
+                f"{_show(getattr(product, field_name))} here but "
+                f"{_show(getattr(known_product, field_name))} on line "
+                f"{first_product_line[product_id]}",
+            )
+        raw.append((line, query_id, product_id, row[columns.relevance]))
+
+    pairs = _scale_relevance(path, raw, relevance_scale)
+    return JudgedSearchData(
+        queries=queries, products=products, judgments=_keep_max(pairs), source=str(path)
+    )
+
+
+def _scale_relevance(
+    path: Path,
+    raw: Sequence[tuple[int, str, str, str]],
+    relevance_scale: tuple[float, float] | None,
+) -> list[tuple[str, str, float]]:
+    """Map raw relevance cells to [0, 1] (see :func:`load_csv`)."""
+    kinds: list[tuple[int, str, str, str, float | str]] = []
+    first_kind: tuple[int, str, bool] | None = None  # line, value, is_label
+    for line, query_id, product_id, value in raw:
+        label = _esci_label(value)
+        parsed: float | str
+        if label is not None:
+            parsed = label
+        else:
+            number = _finite(path, line, value.strip())
+            if number is None:
+                raise DataError(
+                    path,
+                    line,
+                    f"relevance {_show(value)} does not parse; expected a number or an "
+                    "ESCI label (E, S, C, I)",
+                )
+            parsed = number
+        is_label = isinstance(parsed, str)
+        if first_kind is None:
+            first_kind = (line, value, is_label)
+        elif first_kind[2] != is_label:
+            what = "an ESCI label" if is_label else "a number"
+            other = "an ESCI label" if first_kind[2] else "a number"
+            raise DataError(
+                path,
+                line,
+                f"relevance {_show(value)} is {what}, but line {first_kind[0]} has {other} "
+                f"({_show(first_kind[1])}); do not mix the two",
+            )
+        kinds.append((line, query_id, product_id, value, parsed))
+
+    if first_kind is not None and first_kind[2]:
+        return [(q, p, ESCI_GRADES[str(v)]) for _, q, p, _, v in kinds]
+
+    numbers = [float(v) for *_, v in kinds]
+    if relevance_scale is not None:
+        low, high = relevance_scale
+        for line, _, _, value, parsed in kinds:
+            if not low <= float(parsed) <= high:
+                raise DataError(
+                    path,
+                    line,
+                    f"relevance {_show(value)} is outside the scale [{low:g}, {high:g}]",
+                )
+    else:
+        low, high = min(numbers), max(numbers)
+        if low == high:
+            raise DataError(
+                path,
+                None,
+                f"cannot infer a relevance scale: every relevance is {low:g}; give relevance_scale",
+            )
+    span = high - low
+    return [(q, p, min(1.0, max(0.0, (float(v) - low) / span))) for _, q, p, _, v in kinds]
+
+
+# --------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------
+
+
+def _write_tsv(path: Path, header: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
+    """Write one TSV in the WANDS style: UTF-8, tab-separated, ``"``-quoting only if needed."""
+    with path.open("w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def save_judged(data: JudgedSearchData, directory: Path) -> Path:
+    """Write ``data`` as the import format, readable by :func:`load_judged_dir`.
+
+    Files (UTF-8, tab-separated, header row, values that hold a tab, newline or ``"`` in
+    CSV quoting as in WANDS):
+
+    - ``queries.tsv``: ``query_id``, ``query``, ``query_class`` (always empty);
+    - ``products.tsv``: ``product_id``, ``product_name``, ``product_class``,
+      ``category_hierarchy``, plus ``product_description`` when any product has one;
+    - ``labels.tsv``: ``query_id``, ``product_id``, ``relevance`` (a float, ``repr``).
+
+    The files are written into a temporary folder beside ``directory`` and renamed into
+    place at the end; an existing ``directory`` is replaced only after everything was
+    written. On failure nothing new is left behind and an existing ``directory`` is kept.
+
+    Parameters
+    ----------
+    data
+        What to write.
+    directory
+        Target folder; its parent is created if missing.
+
+    Returns
+    -------
+    Path
+        ``directory``.
+    """
+    target = Path(directory).absolute()
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{target} exists and is not a directory")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        _write_tsv(
+            temp / QUERIES_FILE,
+            _QUERY_HEADER,
+            ((q.query_id, q.text, "") for q in data.queries.values()),
+        )
+        with_description = any(p.description for p in data.products.values())
+        product_header = _PRODUCT_HEADER + ((_DESCRIPTION_COLUMN,) if with_description else ())
+        product_rows = (
+            (p.product_id, p.title, p.product_class, p.category_path)
+            + ((p.description,) if with_description else ())
+            for p in data.products.values()
+        )
+        _write_tsv(temp / PRODUCTS_FILE, product_header, product_rows)
+        _write_tsv(
+            temp / LABELS_FILE,
+            _LABEL_HEADER,
+            ((j.query_id, j.product_id, repr(float(j.relevance))) for j in data.judgments),
+        )
+        _move_into_place(temp, target)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    return Path(directory)
+
+
+def _move_into_place(temp: Path, target: Path) -> None:
+    """Rename ``temp`` to ``target``, swapping out an existing ``target`` last."""
+    if not target.exists():
+        os.replace(temp, target)
+        return
+    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+    os.replace(target, old)
+    try:
+        os.replace(temp, target)
+    except BaseException:
+        os.replace(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,266 @@
+"""Tests for privacy.accounting: golden values, calibration, cross-checks with dp_accounting."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants.utils import get_noise_multiplier
+
+from privacy.accounting import (
+    DEFAULT_ORDERS,
+    calibrate_noise_multiplier,
+    epsilon_dp_accounting,
+    epsilon_from_history,
+    epsilon_rdp,
+)
+
+DELTA = 1e-5
+# (noise_multiplier, sample_rate, steps)
+GOLDEN_EVENTS = [
+    (1.0, 0.01, 1000),
+    (0.8, 0.05, 200),
+    (2.0, 0.001, 10000),
+    (1.1, 1.0, 10),
+]
+HETEROGENEOUS = [(1.0, 0.01, 300), (1.5, 0.02, 200), (0.9, 0.005, 500)]
+PLD_INTERVAL = 1e-3  # coarser than the default 1e-4: still a valid (pessimistic) bound, faster
+
+
+def _opacus_rdp(history: list[tuple[float, float, int]], delta: float = DELTA) -> float:
+    accountant = RDPAccountant()
+    accountant.history = list(history)
+    return float(accountant.get_epsilon(delta=delta))
+
+
+# ------------------------------------------------------------------ golden values
+def test_golden_sigma1_q001_1000_steps_matches_opacus_rdp_accountant() -> None:
+    # Prepare
+    expected = _opacus_rdp([(1.0, 0.01, 1000)])
+
+    # Execute
+    eps = epsilon_rdp(noise_multiplier=1.0, sample_rate=0.01, steps=1000, delta=DELTA)
+
+    # Assert
+    assert eps == pytest.approx(expected, rel=1e-12)
+    assert eps == pytest.approx(2.1013652716, rel=1e-8)  # value measured with opacus 1.6.0
+
+
+@pytest.mark.parametrize(("sigma", "q", "steps"), GOLDEN_EVENTS)
+def test_epsilon_rdp_matches_opacus_and_dp_accounting_rdp(
+    sigma: float, q: float, steps: int
+) -> None:
+    # Prepare
+    opacus_eps = _opacus_rdp([(sigma, q, steps)])
+
+    # Execute
+    ours = epsilon_rdp(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=DELTA)
+    google = epsilon_dp_accounting(history=[(sigma, q, steps)], delta=DELTA, method="rdp")
+
+    # Assert
+    assert ours == pytest.approx(opacus_eps, rel=1e-12)
+    assert google == pytest.approx(ours, rel=0.01)
+
+
+def test_heterogeneous_history_composes_like_opacus_and_dp_accounting() -> None:
+    # Prepare
+    opacus_eps = _opacus_rdp(HETEROGENEOUS)
+
+    # Execute
+    ours = epsilon_from_history(history=HETEROGENEOUS, delta=DELTA)
+    google_rdp = epsilon_dp_accounting(history=HETEROGENEOUS, delta=DELTA, method="rdp")
+    google_pld = epsilon_dp_accounting(
+        history=HETEROGENEOUS,
+        delta=DELTA,
+        method="pld",
+        value_discretization_interval=PLD_INTERVAL,
+    )
+
+    # Assert
+    assert ours == pytest.approx(opacus_eps, rel=1e-12)
+    assert google_rdp == pytest.approx(ours, rel=0.01)
+    assert google_pld <= ours  # PLD is tighter: a claimed RDP epsilon is never below it
+    assert google_pld > 0.5 * ours  # ... but in the same ballpark
+
+
+def test_prv_history_matches_opacus_prv_accountant_and_is_below_rdp() -> None:
+    # Prepare
+    accountant = PRVAccountant()
+    accountant.history = list(HETEROGENEOUS)
+    expected = float(accountant.get_epsilon(delta=DELTA))
+
+    # Execute
+    eps = epsilon_from_history(history=HETEROGENEOUS, delta=DELTA, accountant="prv")
+
+    # Assert
+    assert eps == pytest.approx(expected, rel=1e-9)
+    assert eps < epsilon_from_history(history=HETEROGENEOUS, delta=DELTA, accountant="rdp")
+
+
+def test_composition_of_split_history_equals_self_composition() -> None:
+    # Prepare
+    split = [(1.0, 0.01, 400), (1.0, 0.01, 600)]
+
+    # Execute
+    eps_split = epsilon_from_history(history=split, delta=DELTA)
+    eps_whole = epsilon_rdp(noise_multiplier=1.0, sample_rate=0.01, steps=1000, delta=DELTA)
+
+    # Assert
+    assert eps_split == pytest.approx(eps_whole, rel=1e-12)
+
+
+def test_empty_history_and_zero_noise() -> None:
+    # Execute / Assert
+    assert epsilon_from_history(history=[], delta=DELTA) == 0.0
+    assert epsilon_dp_accounting(history=[], delta=DELTA, method="rdp") == 0.0
+    assert math.isinf(epsilon_rdp(noise_multiplier=0.0, sample_rate=0.1, steps=1, delta=DELTA))
+    assert math.isinf(epsilon_from_history(history=[(0.0, 0.1, 1)], delta=DELTA, accountant="prv"))
+    assert math.isinf(epsilon_dp_accounting(history=[(0.0, 0.1, 1)], delta=DELTA))
+
+
+def test_more_steps_give_more_epsilon() -> None:
+    # Prepare
+    steps_grid = [1, 10, 100, 1000, 5000]
+
+    # Execute
+    eps = [
+        epsilon_rdp(noise_multiplier=1.2, sample_rate=0.02, steps=s, delta=DELTA)
+        for s in steps_grid
+    ]
+
+    # Assert
+    assert all(a < b for a, b in zip(eps, eps[1:], strict=False))
+
+
+@given(
+    sigma=st.floats(min_value=0.6, max_value=5.0),
+    q=st.one_of(st.floats(min_value=1e-3, max_value=0.3), st.just(1.0)),
+    steps=st.integers(min_value=1, max_value=2000),
+    extra=st.integers(min_value=1, max_value=2000),
+)
+@settings(max_examples=15, deadline=None)
+def test_epsilon_is_monotone_in_steps_and_noise(
+    sigma: float, q: float, steps: int, extra: int
+) -> None:
+    # Execute
+    base = epsilon_rdp(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=DELTA)
+    more_steps = epsilon_rdp(
+        noise_multiplier=sigma, sample_rate=q, steps=steps + extra, delta=DELTA
+    )
+    more_noise = epsilon_rdp(noise_multiplier=sigma * 1.5, sample_rate=q, steps=steps, delta=DELTA)
+
+    # Assert
+    assert more_steps >= base
+    assert more_noise <= base
+
+
+# ------------------------------------------------------------------ calibration
+@given(
+    # fedrank's user-level sampling rates are small; q=1.0 covers full-batch (and is cheap).
+    # Large q with large sigma makes each RDP evaluation slow (~0.3 s), hence the range.
+    q=st.one_of(st.floats(min_value=1e-3, max_value=0.1), st.just(1.0)),
+    steps=st.integers(min_value=1, max_value=2000),
+    target=st.floats(min_value=0.5, max_value=20.0),
+)
+@settings(max_examples=30, deadline=None)
+def test_calibrated_sigma_never_overshoots(q: float, steps: int, target: float) -> None:
+    # Execute
+    sigma = calibrate_noise_multiplier(
+        target_epsilon=target, delta=DELTA, sample_rate=q, steps=steps
+    )
+    eps = epsilon_rdp(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=DELTA)
+
+    # Assert
+    assert sigma > 0
+    assert eps <= target * (1 + 1e-9)
+
+
+def test_calibration_is_tight_and_close_to_opacus() -> None:
+    # Prepare
+    kwargs = {"target_epsilon": 1.0, "delta": DELTA, "sample_rate": 0.01, "steps": 1000}
+
+    # Execute
+    sigma = calibrate_noise_multiplier(**kwargs)  # type: ignore[arg-type]
+    opacus_sigma = get_noise_multiplier(
+        target_epsilon=1.0, target_delta=DELTA, sample_rate=0.01, steps=1000
+    )
+    eps = epsilon_rdp(noise_multiplier=sigma, sample_rate=0.01, steps=1000, delta=DELTA)
+
+    # Assert
+    assert 1.0 - 0.01 <= eps <= 1.0
+    assert sigma == pytest.approx(opacus_sigma, rel=0.02)
+    # smallest: a noticeably smaller sigma overshoots the target
+    assert epsilon_rdp(noise_multiplier=sigma * 0.98, sample_rate=0.01, steps=1000, delta=DELTA) > 1
+
+
+def test_calibration_with_prv_meets_target_under_prv() -> None:
+    # Execute
+    sigma = calibrate_noise_multiplier(
+        target_epsilon=2.0, delta=DELTA, sample_rate=0.02, steps=200, accountant="prv"
+    )
+    eps = epsilon_from_history(history=[(sigma, 0.02, 200)], delta=DELTA, accountant="prv")
+
+    # Assert
+    assert eps <= 2.0
+    assert sigma <= calibrate_noise_multiplier(
+        target_epsilon=2.0, delta=DELTA, sample_rate=0.02, steps=200
+    )
+
+
+def test_infinite_target_is_non_private() -> None:
+    # Execute / Assert
+    assert (
+        calibrate_noise_multiplier(target_epsilon=math.inf, delta=DELTA, sample_rate=0.1, steps=10)
+        == 0.0
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "bad"),
+    [
+        ({"sample_rate": 0.0}, "sample_rate=0.0"),
+        ({"sample_rate": 1.5}, "sample_rate=1.5"),
+        ({"steps": 0}, "steps=0"),
+        ({"steps": 2.5}, "steps=2.5"),
+        ({"delta": 1.0}, "delta=1.0"),
+        ({"delta": 0.0}, "delta=0.0"),
+        ({"target_epsilon": 0.0}, "target_epsilon=0.0"),
+        ({"target_epsilon": -1.0}, "target_epsilon=-1.0"),
+        ({"target_epsilon": math.nan}, "target_epsilon=nan"),
+        ({"accountant": "gdp"}, "accountant='gdp'"),
+        ({"epsilon_tolerance": 0.0}, "epsilon_tolerance=0.0"),
+    ],
+)
+def test_calibration_validates_and_names_bad_value(kwargs: dict[str, object], bad: str) -> None:
+    # Prepare
+    args: dict[str, object] = {
+        "target_epsilon": 1.0,
+        "delta": DELTA,
+        "sample_rate": 0.01,
+        "steps": 100,
+    }
+    args.update(kwargs)
+
+    # Execute / Assert
+    with pytest.raises(ValueError, match=bad.replace("(", r"\(").replace(".", r"\.")):
+        calibrate_noise_multiplier(**args)  # type: ignore[arg-type]
+
+
+def test_unreachable_target_raises() -> None:
+    # RDP over orders <= 63 has an epsilon floor (~0.2 at delta=1e-6)
+    with pytest.raises(ValueError, match="unreachable"):
+        calibrate_noise_multiplier(target_epsilon=0.05, delta=1e-6, sample_rate=1.0, steps=100)
+
+
+def test_event_validation_names_history_index() -> None:
+    with pytest.raises(ValueError, match=r"history\[1\].*noise_multiplier=-1"):
+        epsilon_from_history(history=[(1.0, 0.1, 1), (-1.0, 0.1, 1)], delta=DELTA)
+    with pytest.raises(ValueError, match="method='moments'"):
+        epsilon_dp_accounting(history=[(1.0, 0.1, 1)], delta=DELTA, method="moments")
+
+
+def test_default_orders_are_opacus_orders() -> None:
+    assert list(DEFAULT_ORDERS) == [float(a) for a in RDPAccountant.DEFAULT_ALPHAS]
