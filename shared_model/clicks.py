@@ -43,6 +43,7 @@ DEFAULT_ETA = 1.0
 DEFAULT_NOISE_FLOOR = 0.05
 DEFAULT_ALPHA_MAX = 0.9
 DEFAULT_CONCENTRATION = 0.3
+DEFAULT_EXPLORATION_PROBABILITY = 0.2
 DEFAULT_TASTE_STRENGTH = 0.5
 DEFAULT_QUERY_SMOOTHING = 0.02
 
@@ -252,8 +253,16 @@ def simulate_sessions(
     top_k: int = 10,
     start_time: int = 1_700_000_000,
     seed: int = 0,
+    exploration_probability: float = DEFAULT_EXPLORATION_PROBABILITY,
 ) -> pa.Table:
     """Simulate search sessions and PBM clicks; returns a ``CLICK_LOG_SCHEMA`` table.
+
+    With probability ``exploration_probability`` a session is exploration traffic: it shows
+    ``top_k`` items drawn uniformly from the query's judged pool, in random order (an
+    epsilon-greedy logging policy; OBD's "random" campaign is the same idea). Without it every
+    query's results always sit at the same ranks and only BM25's top ``top_k`` is ever shown,
+    so position bias cannot be told apart from relevance and a learned ranker never sees the
+    rest of the candidate pool.
 
     Each user runs max(1, Poisson(sessions_per_user_mean)) sessions; in each, the user issues
     one query (drawn from their region's query distribution, over ``query_ids`` or every
@@ -267,6 +276,10 @@ def simulate_sessions(
         raise ValueError(f"sessions_per_user_mean must be > 0, got {sessions_per_user_mean!r}")
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k!r}")
+    if not 0.0 <= exploration_probability <= 1.0:
+        raise ValueError(
+            f"exploration_probability must be in [0, 1], got {exploration_probability!r}"
+        )
     qids = list(dict.fromkeys(data.query_ids if query_ids is None else query_ids))
     if not qids:
         raise ValueError("no queries to simulate")
@@ -274,26 +287,32 @@ def simulate_sessions(
         if not data.judged(q):
             raise ValueError(f"query_id {q!r} has no judged pool")
 
-    # Per-query tables: shown products, relevance, category column, attractiveness per region.
+    # Per-query tables over the whole judged pool, in logging-ranker order (padded to the
+    # largest pool): product ids, relevance, category, attractiveness per region.
     num_q, num_r = len(qids), population.num_regions
-    shown_ids: list[str] = []
-    lengths = np.zeros(num_q, dtype=np.int64)
-    rel = np.zeros((num_q, top_k))
-    prod_cats: list[str] = []
-    for i, q in enumerate(qids):
+    pools = []
+    for q in qids:
         rels = {j.product_id: j.relevance for j in data.judged(q)}
-        ranked = logging_ranker.rank(q)[:top_k]
+        ranked = list(logging_ranker.rank(q))
         for pid in ranked:
             if pid not in rels:
                 raise ValueError(f"logging ranker returned {pid!r}, not judged for query {q!r}")
-        lengths[i] = len(ranked)
-        padded = ranked + [""] * (top_k - len(ranked))
+        ranked += sorted(set(rels) - set(ranked))  # unranked pool items go last
+        pools.append((ranked, rels))
+    width = max(top_k, max(len(r) for r, _ in pools))
+    pool_sizes = np.array([len(r) for r, _ in pools], dtype=np.int64)
+    lengths = np.minimum(pool_sizes, top_k)
+    shown_ids: list[str] = []
+    rel = np.zeros((num_q, width))
+    prod_cats: list[str] = []
+    for i, (ranked, rels) in enumerate(pools):
+        padded = ranked + [""] * (width - len(ranked))
         shown_ids.extend(padded)
         rel[i, : len(ranked)] = [rels[p] for p in ranked]
         prod_cats.extend(data.products[p].top_category if p else "" for p in padded)
-    taste = 1.0 + population.taste_strength * population.weights_for(prod_cats)  # (R, Q*K)
-    base = click_model.attractiveness(rel)  # (Q, K)
-    attract = np.minimum(1.0, base[None, :, :] * taste.reshape(num_r, num_q, top_k))
+    taste = 1.0 + population.taste_strength * population.weights_for(prod_cats)  # (R, Q*W)
+    base = click_model.attractiveness(rel)  # (Q, W)
+    attract = np.minimum(1.0, base[None, :, :] * taste.reshape(num_r, num_q, width))
     exam = click_model.examination(np.arange(1, top_k + 1))
     query_probs = population.query_probabilities([dominant_category(data, q) for q in qids])
 
@@ -324,13 +343,20 @@ def simulate_sessions(
     before = np.concatenate([[0], csum])[block_start]
     sess_time = start_time + offset[sess_user] + (csum - before)
 
-    # Clicks.
-    p_click = attract[sess_region, sess_query, :] * exam[None, :]
-    clicked = rng.random((num_s, top_k)) < p_click
+    # What each slot shows (an index into the query's pool): the logging ranker's top_k, or,
+    # in an exploration session, top_k items drawn uniformly from the pool in random order.
     valid = np.arange(top_k)[None, :] < lengths[sess_query][:, None]
+    explore = rng.random(num_s) < exploration_probability
+    in_pool = np.arange(width)[None, :] < pool_sizes[sess_query][:, None]
+    keys = np.where(explore[:, None], rng.random((num_s, width)), np.arange(width)[None, :])
+    order = np.argsort(np.where(in_pool, keys, np.inf), axis=1, kind="stable")[:, :top_k]
+
+    # Clicks.
+    p_click = attract[sess_region[:, None], sess_query[:, None], order] * exam[None, :]
+    clicked = rng.random((num_s, top_k)) < p_click
 
     sess_idx, pos = np.nonzero(valid)
-    flat_ids = sess_query[sess_idx] * top_k + pos
+    flat_ids = sess_query[sess_idx] * width + order[sess_idx, pos]
     product_id = pa.array(shown_ids, type=pa.string()).take(pa.array(flat_ids))
     query_id = pa.array(qids, type=pa.string()).take(pa.array(sess_query[sess_idx]))
     columns = [

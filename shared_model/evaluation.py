@@ -11,28 +11,13 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from shared_model.encoder import CachedEncoder
+from shared_model.features import FeatureBuilder
 from shared_model.metrics import mean_metrics
 from shared_model.ranker import RankerHead
 from shared_model.schema import JudgedSearchData
-from shared_model.training import EmbeddingTables
 
 # (query_id, candidate product ids) -> scores, higher is better.
 Scorer = Callable[[str, Sequence[str]], np.ndarray]
-
-
-def embed_dataset(data: JudgedSearchData, encoder: CachedEncoder) -> EmbeddingTables:
-    """Encode every query and product once (cached on disk) into lookup tables."""
-    query_ids = sorted(data.queries)
-    product_ids = sorted(data.products)
-    queries = encoder.encode([data.queries[q].text for q in query_ids])
-    products = encoder.encode([data.products[p].text() for p in product_ids])
-    return EmbeddingTables(
-        queries=queries,
-        products=products,
-        query_row={q: i for i, q in enumerate(query_ids)},
-        product_row={p: i for i, p in enumerate(product_ids)},
-    )
 
 
 def query_folds(query_ids: Sequence[str], *, num_folds: int, seed: int) -> list[list[str]]:
@@ -59,25 +44,31 @@ def evaluate(
     return mean_metrics(per_query, k=k)
 
 
-def cosine_scorer(tables: EmbeddingTables) -> Scorer:
-    """Zero-shot MiniLM: cosine of query and product embeddings."""
+def cosine_scorer(builder: FeatureBuilder) -> Scorer:
+    """Zero-shot MiniLM: cosine of query and product full-text embeddings."""
 
     def scorer(query_id: str, product_ids: Sequence[str]) -> np.ndarray:
-        q = tables.queries[tables.query_row[query_id]]
-        p = tables.products[[tables.product_row[pid] for pid in product_ids]]
-        return p @ q
+        return builder.features_for_query_id(query_id, product_ids)[:, 0]
 
     return scorer
 
 
-def head_scorer(head: RankerHead, tables: EmbeddingTables) -> Scorer:
+def bm25_scorer(builder: FeatureBuilder) -> Scorer:
+    """BM25 over product text (the logging ranker)."""
+
+    def scorer(query_id: str, product_ids: Sequence[str]) -> np.ndarray:
+        return builder.bm25.score(builder.data.queries[query_id].text, product_ids)
+
+    return scorer
+
+
+def head_scorer(head: RankerHead, builder: FeatureBuilder) -> Scorer:
     """The ranker head's relevance logits (the position tower is not used at scoring)."""
     head.eval()
 
     def scorer(query_id: str, product_ids: Sequence[str]) -> np.ndarray:
-        q = torch.from_numpy(tables.queries[tables.query_row[query_id]])
-        p = torch.from_numpy(tables.products[[tables.product_row[pid] for pid in product_ids]])
+        feats = torch.from_numpy(builder.features_for_query_id(query_id, product_ids))
         with torch.no_grad():
-            return head.relevance(q.unsqueeze(0).expand_as(p), p).numpy()
+            return head.relevance(feats).numpy()
 
     return scorer

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from shared_model.features import NUM_FEATURES, FeatureBuilder
 from shared_model.ranker import RankerHead
 
 GRAD_SAMPLE_MODES = ("ghost", "hooks", "functorch", "ew")
@@ -92,12 +93,11 @@ class TrainConfig:
 class UserGroups:
     """A node's clicks for one round, one row per user (the unit of privacy).
 
-    All arrays are ``[U, M]``: indices into the query / product embedding tables, 1-based rank
-    (0 = padding), click 0/1 and a validity mask.
+    ``features`` is ``[U, M, F]``; the other arrays are ``[U, M]``: 1-based rank (0 = padding),
+    click 0/1 and a validity mask.
     """
 
-    query_idx: np.ndarray
-    product_idx: np.ndarray
+    features: np.ndarray
     rank: np.ndarray
     clicked: np.ndarray
     mask: np.ndarray
@@ -105,7 +105,7 @@ class UserGroups:
     @property
     def num_users(self) -> int:
         """U."""
-        return int(self.query_idx.shape[0])
+        return int(self.rank.shape[0])
 
     @property
     def num_impressions(self) -> int:
@@ -113,49 +113,32 @@ class UserGroups:
         return int(self.mask.sum())
 
 
-@dataclass(frozen=True)
-class EmbeddingTables:
-    """Frozen encoder outputs: ``queries [Q, D]``, ``products [P, D]`` and id -> row maps."""
-
-    queries: np.ndarray
-    products: np.ndarray
-    query_row: Mapping[str, int]
-    product_row: Mapping[str, int]
-
-
 def build_user_groups(
     table: pa.Table,
-    tables: EmbeddingTables,
+    builder: FeatureBuilder,
     *,
     max_sessions_per_user: int,
     rng: np.random.Generator,
 ) -> UserGroups:
     """Group a click log by user, keeping at most ``max_sessions_per_user`` sessions each.
 
-    Rows whose query or product has no embedding raise ``KeyError`` naming the id: a log that
-    refers to an unknown item is a data error, not something to skip silently.
+    Rows whose query or product is not in the catalog raise ``KeyError`` naming the id: a log
+    that refers to an unknown item is a data error, not something to skip silently.
     """
     if table.num_rows == 0:
-        empty = np.zeros((0, 1), dtype=np.int64)
-        return UserGroups(empty, empty, empty, empty.astype(np.float32), empty.astype(np.float32))
+        empty = np.zeros((0, 1), dtype=np.float32)
+        feats = np.zeros((0, 1, NUM_FEATURES), dtype=np.float32)
+        return UserGroups(feats, empty.astype(np.int64), empty, empty)
     cols = table.select(["user_id", "session_id", "query_id", "product_id", "rank", "clicked"])
     user = cols.column("user_id").to_numpy()
     session = cols.column("session_id").to_numpy()
-    query_ids = cols.column("query_id").to_pylist()
-    product_ids = cols.column("product_id").to_pylist()
-    try:
-        q_idx = np.fromiter((tables.query_row[q] for q in query_ids), np.int64, len(query_ids))
-        p_idx = np.fromiter(
-            (tables.product_row[p] for p in product_ids), np.int64, len(product_ids)
-        )
-    except KeyError as err:
-        raise KeyError(f"click log names an id with no embedding: {err.args[0]!r}") from None
+    feats = row_features(cols, builder)
     rank = cols.column("rank").to_numpy().astype(np.int64)
     clicked = cols.column("clicked").to_numpy(zero_copy_only=False).astype(np.float32)
 
     order = np.lexsort((rank, session, user))
     user, session = user[order], session[order]
-    q_idx, p_idx, rank, clicked = q_idx[order], p_idx[order], rank[order], clicked[order]
+    feats, rank, clicked = feats[order], rank[order], clicked[order]
     # Session boundaries, then users' session lists.
     new_session = np.ones(len(session), dtype=bool)
     new_session[1:] = (session[1:] != session[:-1]) | (user[1:] != user[:-1])
@@ -172,16 +155,26 @@ def build_user_groups(
         kept.append(np.concatenate([np.arange(session_starts[s], session_ends[s]) for s in chosen]))
     width = max(len(k) for k in kept)
     shape = (len(users), width)
-    out_q = np.zeros(shape, np.int64)
-    out_p = np.zeros(shape, np.int64)
+    out_f = np.zeros((*shape, feats.shape[1]), np.float32)
     out_r = np.zeros(shape, np.int64)
     out_c = np.zeros(shape, np.float32)
     out_m = np.zeros(shape, np.float32)
     for i, rows in enumerate(kept):
         n = len(rows)
-        out_q[i, :n], out_p[i, :n], out_r[i, :n] = q_idx[rows], p_idx[rows], rank[rows]
+        out_f[i, :n], out_r[i, :n] = feats[rows], rank[rows]
         out_c[i, :n], out_m[i, :n] = clicked[rows], 1.0
-    return UserGroups(out_q, out_p, out_r, out_c, out_m)
+    return UserGroups(out_f, out_r, out_c, out_m)
+
+
+def row_features(table: pa.Table, builder: FeatureBuilder) -> np.ndarray:
+    """``[rows, F]`` features of a click log's (query_id, product_id) rows, one query at a time."""
+    query_ids = np.asarray(table.column("query_id").to_pylist(), dtype=object)
+    product_ids = np.asarray(table.column("product_id").to_pylist(), dtype=object)
+    out = np.zeros((len(query_ids), NUM_FEATURES), dtype=np.float32)
+    for qid in np.unique(query_ids):
+        rows = np.flatnonzero(query_ids == qid)
+        out[rows] = builder.features_for_query_id(str(qid), list(product_ids[rows]))
+    return out
 
 
 class ClickLoss(torch.nn.Module):
@@ -218,20 +211,16 @@ class TrainResult:
     mean_loss: float
 
 
-def _batch(
-    groups: UserGroups, tables: EmbeddingTables, idx: np.ndarray
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    q = torch.from_numpy(tables.queries[groups.query_idx[idx]])
-    p = torch.from_numpy(tables.products[groups.product_idx[idx]])
+def _batch(groups: UserGroups, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    feats = torch.from_numpy(groups.features[idx])
     rank = torch.from_numpy(groups.rank[idx])
     target = torch.from_numpy(np.where(groups.mask[idx] > 0, groups.clicked[idx], -1.0))
-    return q, p, rank, target
+    return feats, rank, target
 
 
 def train_head(
     head: RankerHead,
     groups: UserGroups,
-    tables: EmbeddingTables,
     config: TrainConfig,
 ) -> tuple[TrainResult, list[tuple[float, float, int]]]:
     """Train ``head`` in place for one round.
@@ -248,7 +237,7 @@ def train_head(
     if n_users == 0:
         return TrainResult(0, 0, 0, 0.0, float("nan")), []
     if config.private:
-        return _train_private(head, groups, tables, config)
+        return _train_private(head, groups, config)
     optimizer = torch.optim.SGD(head.parameters(), lr=config.learning_rate)
     criterion = ClickLoss("mean")
     losses, steps = [], 0
@@ -256,9 +245,9 @@ def train_head(
     for _ in range(config.local_epochs):
         perm = rng.permutation(n_users)
         for start in range(0, n_users, config.batch_size):
-            q, p, rank, target = _batch(groups, tables, perm[start : start + config.batch_size])
+            feats, rank, target = _batch(groups, perm[start : start + config.batch_size])
             optimizer.zero_grad()
-            loss = criterion(head(q, p, rank), target)
+            loss = criterion(head(feats, rank), target)
             loss.backward()
             optimizer.step()
             losses.append(float(loss.detach()))
@@ -281,7 +270,7 @@ def steps_per_round(config: TrainConfig, num_users: int) -> int:
 
 
 def _train_private(
-    head: RankerHead, groups: UserGroups, tables: EmbeddingTables, config: TrainConfig
+    head: RankerHead, groups: UserGroups, config: TrainConfig
 ) -> tuple[TrainResult, list[tuple[float, float, int]]]:
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader, TensorDataset
@@ -323,7 +312,7 @@ def _train_private(
         # The embeddings are frozen inputs, so torch notes that Opacus' full backward hooks
         # fire on module outputs only: expected here, and per-sample norms are unaffected.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        losses = _dp_epochs(groups, tables, config, model, dp_optimizer, criterion, dp_loader)
+        losses = _dp_epochs(groups, config, model, dp_optimizer, criterion, dp_loader)
     history = [(float(s), float(r), int(n)) for s, r, n in engine.accountant.history]
     _unwrap_into(head, model)
     steps = sum(n for _, _, n in history)
@@ -333,7 +322,6 @@ def _train_private(
 
 def _dp_epochs(
     groups: UserGroups,
-    tables: EmbeddingTables,
     config: TrainConfig,
     model: torch.nn.Module,
     dp_optimizer: torch.optim.Optimizer,
@@ -349,8 +337,8 @@ def _dp_epochs(
                 # accountant's step count matches what the analysis assumes.
                 dp_optimizer.step()
                 continue
-            q, p, rank, target = _batch(groups, tables, idx.numpy())
-            loss = criterion(model(q, p, rank), target)
+            feats, rank, target = _batch(groups, idx.numpy())
+            loss = criterion(model(feats, rank), target)
             loss.backward()
             dp_optimizer.step()
             losses.append(float(loss.detach()))

@@ -30,6 +30,9 @@ class WorldConfig:
         Examination ``(1/rank)**eta`` of the position-based click model.
     noise_floor, alpha_max
         Attractiveness of an irrelevant / a perfectly relevant result.
+    exploration_probability
+        Share of sessions that show random pool items in random order (epsilon-greedy
+        logging), so position bias is learnable and the whole candidate pool gets clicks.
     seed
         Seeds the population and the clicks.
     """
@@ -38,6 +41,7 @@ class WorldConfig:
     num_regions: int = 5
     sessions_per_user: float = 5.0
     top_k: int = 10
+    exploration_probability: float = 0.2
     eta: float = 1.0
     noise_floor: float = 0.05
     alpha_max: float = 0.9
@@ -76,4 +80,5 @@ def simulate_click_log(
         sessions_per_user_mean=config.sessions_per_user,
         top_k=config.top_k,
         seed=config.seed + seed_offset,
+        exploration_probability=config.exploration_probability,
     )
