@@ -2,7 +2,8 @@
 
 Columns (``CLICK_LOG_SCHEMA``): ``session_id`` int64, ``user_id`` int64, ``region_id`` int32,
 ``timestamp`` int64 (unix seconds), ``query_id`` string, ``product_id`` string, ``rank`` int16
-(1-based position shown), ``clicked`` bool. Writes are atomic (temp file + ``os.replace``) and
+(1-based position shown), ``clicked`` bool, ``exploration`` bool (session came from the
+exploration policy). Writes are atomic (temp file + ``os.replace``) and
 byte-deterministic for a given table and pyarrow version. No Flower, no torch here.
 """
 
@@ -28,6 +29,9 @@ CLICK_LOG_SCHEMA = pa.schema(
         pa.field("product_id", pa.string(), nullable=False),
         pa.field("rank", pa.int16(), nullable=False),
         pa.field("clicked", pa.bool_(), nullable=False),
+        # True for exploration traffic (random pool items in random order): the sessions a
+        # ranker can learn from without the logging ranker's item-selection bias.
+        pa.field("exploration", pa.bool_(), nullable=False),
     ]
 )
 

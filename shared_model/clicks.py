@@ -43,7 +43,7 @@ DEFAULT_ETA = 1.0
 DEFAULT_NOISE_FLOOR = 0.05
 DEFAULT_ALPHA_MAX = 0.9
 DEFAULT_CONCENTRATION = 0.3
-DEFAULT_EXPLORATION_PROBABILITY = 0.2
+DEFAULT_EXPLORATION_PROBABILITY = 0.3
 DEFAULT_TASTE_STRENGTH = 0.5
 DEFAULT_QUERY_SMOOTHING = 0.02
 
@@ -368,6 +368,7 @@ def simulate_sessions(
         product_id,
         pa.array((pos + 1).astype(np.int16)),
         pa.array(clicked[sess_idx, pos]),
+        pa.array(explore[sess_idx]),
     ]
     return pa.Table.from_arrays(columns, schema=CLICK_LOG_SCHEMA)
 

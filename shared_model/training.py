@@ -119,12 +119,21 @@ def build_user_groups(
     *,
     max_sessions_per_user: int,
     rng: np.random.Generator,
+    exploration_only: bool = True,
 ) -> UserGroups:
     """Group a click log by user, keeping at most ``max_sessions_per_user`` sessions each.
+
+    With ``exploration_only`` (the default) only exploration sessions are used: sessions the
+    logging ranker (BM25) filled show only its top K, and a ranker fitted on them learns
+    what separates items *within* BM25's top K, which extrapolates badly to the rest of the
+    candidate pool (measured on WANDS: held-out NDCG@10 below zero-shot with them, above
+    without them). Position bias is handled by the position tower either way.
 
     Rows whose query or product is not in the catalog raise ``KeyError`` naming the id: a log
     that refers to an unknown item is a data error, not something to skip silently.
     """
+    if exploration_only:
+        table = table.filter(table.column("exploration"))
     if table.num_rows == 0:
         empty = np.zeros((0, 1), dtype=np.float32)
         feats = np.zeros((0, 1, NUM_FEATURES), dtype=np.float32)

@@ -41,7 +41,7 @@ class WorldConfig:
     num_regions: int = 5
     sessions_per_user: float = 5.0
     top_k: int = 10
-    exploration_probability: float = 0.2
+    exploration_probability: float = 0.3
     eta: float = 1.0
     noise_floor: float = 0.05
     alpha_max: float = 0.9

@@ -1,0 +1,94 @@
+"""The fedrank ClientApp: unpack the message, call `client.node`, pack the reply.
+
+One ClientApp serves both privacy shapes:
+- regional: new Message API content ``{"arrays", "config"}`` from FedAvg/FedAdam; the node
+  trains with DP-SGD and replies ``{"arrays", "metrics"}``, or an error reply when its
+  budget is spent (the server logs the reason and carries on without it);
+- device: legacy fit content (``fitins.*``) from the SecAgg+ workflow; the update is clipped
+  by ``adaptiveclipping_mod`` and masked by ``secaggplus_mod`` before it leaves the node.
+"""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.client.mod import adaptiveclipping_mod, secaggplus_mod
+from flwr.clientapp import ClientApp
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.compat.common import recorddict_compat as compat
+
+from client.node import BudgetRefusal, NodeSettings, torch_threads, train_round
+from shared_model.settings import RunSettings
+
+# Error code in a refusal reply (Flower reserves small codes for its own errors).
+BUDGET_EXHAUSTED = 4001
+LEGACY_FIT_PARAMS = "fitins.parameters"
+LEGACY_FIT_CONFIG = "fitins.config"
+ROUND_OFFSET = "round-offset"
+
+app = ClientApp()
+
+
+def _secaggplus_if_legacy(msg: Message, ctxt: Context, call_next):  # type: ignore[no-untyped-def]
+    # Only the legacy SecAgg+ workflow's messages carry its config record.
+    if RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, ctxt, call_next)
+    return call_next(msg, ctxt)
+
+
+def _adaptiveclipping_if_legacy(msg: Message, ctxt: Context, call_next):  # type: ignore[no-untyped-def]
+    cfg = msg.content.config_records.get(LEGACY_FIT_CONFIG)
+    if cfg is not None and "clipping_norm" in cfg:
+        return adaptiveclipping_mod(msg, ctxt, call_next)
+    return call_next(msg, ctxt)
+
+
+# Order matters: SecAgg+ (outer) must mask the *clipped* update.
+@app.train(mods=[_secaggplus_if_legacy, _adaptiveclipping_if_legacy])
+def train(msg: Message, context: Context) -> Message:
+    """Train on this node's clicks and reply with weights + aggregate metrics."""
+    torch_threads(1)
+    run = RunSettings.from_config(context.run_config)
+    node = NodeSettings.from_node_config(context.node_config, run)
+    if LEGACY_FIT_PARAMS in msg.content.array_records:
+        return _train_legacy(msg, run, node)
+    config = msg.content["config"]
+    server_round = int(config["server-round"]) + int(config.get(ROUND_OFFSET, 0))
+    state = msg.content["arrays"].to_numpy_ndarrays()
+    keys = list(msg.content["arrays"].keys())
+    try:
+        outcome = train_round(
+            run=run, node=node, global_state=dict(zip(keys, state, strict=True)),
+            server_round=server_round,
+        )
+    except BudgetRefusal as refusal:
+        from flwr.app import Error
+
+        return Message(Error(code=BUDGET_EXHAUSTED, reason=str(refusal)), reply_to=msg)
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({k: v for k, v in outcome.state.items()}),
+            "metrics": MetricRecord(outcome.metrics),
+        }
+    )
+    return Message(content=content, reply_to=msg)
+
+
+def _train_legacy(msg: Message, run: RunSettings, node: NodeSettings) -> Message:
+    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    arrays = parameters_to_ndarrays(fitins.parameters)
+    keys = str(fitins.config.get("keys", "")).split(",")
+    server_round = int(fitins.config.get("server-round", 0))
+    outcome = train_round(
+        run=run, node=node, global_state=dict(zip(keys, arrays, strict=True)),
+        server_round=server_round,
+    )
+    fitres = FitRes(
+        status=Status(Code.OK, ""),
+        parameters=ndarrays_to_parameters([outcome.state[k] for k in keys]),
+        # Uniform weights: client-level DP's sensitivity (clip / sampled clients) assumes it.
+        num_examples=1,
+        # No per-client metrics: FitRes metrics are not masked by SecAgg+.
+        metrics={},
+    )
+    return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)

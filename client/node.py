@@ -1,0 +1,267 @@
+"""What a node does each round, without Flower: the ClientApp only unpacks and packs.
+
+A node holds its own click log (never sent anywhere), its own state directory (privacy
+accountant, plan, embedding cache) and its own ledger file. Each round it:
+
+1. loads the global head from the server's arrays (shape-checked);
+2. groups its clicks by user, keeping at most ``max_sessions_per_user`` sessions each;
+3. regional shape: checks the accountant: if this round would take ε past the node's
+   budget, refuses (and writes the refusal to its ledger); otherwise trains with DP-SGD and
+   records the steps it actually took; device shape: trains plainly (the server clips and
+   noises the update: client-level DP);
+4. returns the new weights and aggregate metrics only.
+
+**Privacy guarantee per user (regional shape).** A user's clicks all live at one node (their
+region). Per round, at most ``max_sessions_per_user`` of their sessions enter one group, and
+one group is one DP-SGD sample: Poisson sampling with rate q, per-sample clipping to C and
+Gaussian noise σC. The accountant composes every step of every round (persisted across
+restarts), so the node's reported ε bounds what the whole run reveals about any one user
+(add/remove-one-user neighbouring relation), at δ. Server-side aggregation is
+post-processing.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from privacy.accountant_store import PersistentAccountant, plan_noise_multiplier
+from privacy.ledger import Ledger, LedgerEvent
+from shared_model.clicklog import read_click_logs
+from shared_model.data import DEFAULT_WANDS_DIR, load_judged_dir
+from shared_model.encoder import CachedEncoder
+from shared_model.features import FeatureBuilder
+from shared_model.ranker import HeadConfig, RankerHead
+from shared_model.settings import RunSettings
+from shared_model.state import head_state, load_head_state
+from shared_model.training import (
+    TrainConfig,
+    build_user_groups,
+    sample_rate_for,
+    steps_per_round,
+    train_head,
+)
+
+# node_config keys (deployment: `flower-supernode --node-config`; simulation: derived).
+NODE_NAME = "node-name"
+DATA_PATH = "data-path"
+STATE_DIR = "state-dir"
+LEDGER_DIR = "ledger-dir"
+CATALOG_DIR = "catalog-dir"
+PARTITION_ID = "partition-id"
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """Where a node's data and state live."""
+
+    name: str
+    data_path: Path
+    state_dir: Path
+    ledger_dir: Path
+    catalog_dir: Path
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, Any], run: RunSettings) -> NodeSettings:
+        """Deployment nodes name their paths; simulated ones derive them from partition-id."""
+        if DATA_PATH in node_config:
+            name = str(node_config.get(NODE_NAME, "node"))
+            state = Path(str(node_config.get(STATE_DIR, f"node-state/{name}")))
+            return cls(
+                name=name,
+                data_path=Path(str(node_config[DATA_PATH])),
+                state_dir=state,
+                ledger_dir=Path(str(node_config.get(LEDGER_DIR, state / "ledger"))),
+                catalog_dir=Path(str(node_config.get(CATALOG_DIR, DEFAULT_WANDS_DIR))),
+            )
+        if PARTITION_ID not in node_config:
+            raise ValueError(
+                f"node config needs {DATA_PATH!r} (deployment) or {PARTITION_ID!r} "
+                f"(simulation); got keys {sorted(node_config)}"
+            )
+        pid = int(node_config[PARTITION_ID])
+        run_dir = Path(run.run_dir)
+        return cls(
+            name=f"node-{pid}",
+            data_path=Path(run.data_dir) / f"node-{pid}",
+            state_dir=run_dir / "nodes" / f"node-{pid}",
+            ledger_dir=run_dir / "ledger",
+            catalog_dir=Path(str(node_config.get(CATALOG_DIR, DEFAULT_WANDS_DIR))),
+        )
+
+    def click_files(self) -> list[Path]:
+        """The node's Parquet click logs: a file, or every ``*.parquet`` under a folder."""
+        if self.data_path.is_dir():
+            files = sorted(self.data_path.rglob("*.parquet"))
+        elif self.data_path.exists():
+            files = [self.data_path]
+        else:
+            raise FileNotFoundError(f"node {self.name}: click log not found: {self.data_path}")
+        if not files:
+            raise FileNotFoundError(f"node {self.name}: no .parquet click log in {self.data_path}")
+        return files
+
+
+@functools.lru_cache(maxsize=2)
+def feature_builder(catalog_dir: str) -> FeatureBuilder:
+    """One feature builder per process and catalog (Ray reuses worker processes)."""
+    return FeatureBuilder(load_judged_dir(Path(catalog_dir)), CachedEncoder())
+
+
+@dataclass(frozen=True)
+class PrivacyPlan:
+    """The node's whole-run DP plan, fixed at its first round and persisted."""
+
+    noise_multiplier: float
+    batch_size: int
+    planned_rounds: int
+    budget_epsilon: float
+    delta: float
+
+
+class BudgetRefusal(Exception):
+    """The node will not train: its next round would pass its ε budget."""
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    """A node's reply content, Flower-free: weights and aggregate metrics only."""
+
+    state: dict[str, np.ndarray]
+    metrics: dict[str, float]
+
+
+def _plan_path(node: NodeSettings) -> Path:
+    return node.state_dir / "privacy_plan.json"
+
+
+def load_or_make_plan(node: NodeSettings, run: RunSettings, num_users: int) -> PrivacyPlan:
+    """Calibrate σ once so the whole planned run meets the budget; reuse it afterwards."""
+    path = _plan_path(node)
+    if path.exists():
+        return PrivacyPlan(**json.loads(path.read_text()))
+    config = TrainConfig(batch_size=run.batch_size, local_epochs=run.local_epochs)
+    sigma = plan_noise_multiplier(
+        budget_epsilon=run.epsilon,
+        delta=run.delta,
+        sample_rate=sample_rate_for(config, num_users),
+        steps_per_round=steps_per_round(config, num_users),
+        rounds=run.num_server_rounds,
+    )
+    plan = PrivacyPlan(sigma, run.batch_size, run.num_server_rounds, run.epsilon, run.delta)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(asdict(plan)))
+    os.replace(tmp, path)
+    return plan
+
+
+def head_config(run: RunSettings) -> HeadConfig:
+    """The head shape this run uses (server and nodes must agree)."""
+    return HeadConfig(hidden_dim=run.hidden_dim)
+
+
+def train_round(
+    *,
+    run: RunSettings,
+    node: NodeSettings,
+    global_state: Mapping[str, np.ndarray],
+    server_round: int,
+) -> RoundOutcome:
+    """One round of local training; raises :class:`BudgetRefusal` when over budget."""
+    head = RankerHead(head_config(run))
+    load_head_state(head, global_state)
+    builder = feature_builder(str(node.catalog_dir))
+    clicks = read_click_logs(node.click_files())
+    seed = run.seed * 1_000_003 + server_round * 7919 + _stable_hash(node.name)
+    rng = np.random.default_rng(seed)
+    groups = build_user_groups(
+        clicks, builder, max_sessions_per_user=run.max_sessions_per_user, rng=rng
+    )
+    if run.privacy_shape == "device" or not run.private:
+        config = TrainConfig(
+            learning_rate=run.learning_rate,
+            batch_size=run.batch_size,
+            local_epochs=run.local_epochs,
+            max_sessions_per_user=run.max_sessions_per_user,
+            seed=seed % (2**31),
+        )
+        result, _ = train_head(head, groups, config)
+        # Device shape: ε is the server's (client-level DP); the node reports none of its own.
+        epsilon = 0.0 if run.private else math.inf
+        return RoundOutcome(head_state(head), _metrics(result, epsilon=epsilon))
+
+    plan = load_or_make_plan(node, run, groups.num_users)
+    accountant = PersistentAccountant(
+        node.state_dir / "accountant.json", delta=run.delta, budget_epsilon=run.epsilon
+    )
+    config = TrainConfig(
+        learning_rate=run.learning_rate,
+        batch_size=plan.batch_size,
+        local_epochs=run.local_epochs,
+        max_sessions_per_user=run.max_sessions_per_user,
+        clip_norm=run.clip_norm,
+        noise_multiplier=plan.noise_multiplier,
+        seed=seed % (2**31),
+    )
+    q = sample_rate_for(config, groups.num_users)
+    steps = steps_per_round(config, groups.num_users)
+    ledger = Ledger(node.ledger_dir / f"{node.name}.jsonl")
+    if accountant.would_exceed(noise_multiplier=plan.noise_multiplier, sample_rate=q, steps=steps):
+        planned = accountant.epsilon_after(
+            noise_multiplier=plan.noise_multiplier, sample_rate=q, steps=steps
+        )
+        reason = (
+            f"node {node.name} refuses round {server_round}: ε would reach {planned:.4f}, "
+            f"past its budget {run.epsilon:g} (spent {accountant.epsilon():.4f})"
+        )
+        ledger.append(
+            LedgerEvent(
+                node=node.name, round=server_round, mechanism="refusal", unit_of_privacy="user",
+                noise_multiplier=plan.noise_multiplier, sample_rate=q, steps=0,
+                clip_norm=run.clip_norm, delta=run.delta, accountant=accountant.accountant,
+                epsilon_after=accountant.epsilon(), detail=reason,
+            )
+        )
+        raise BudgetRefusal(reason)
+    result, history = train_head(head, groups, config)
+    epsilon = accountant.epsilon()
+    for sigma, rate, n in history:
+        epsilon = accountant.record(noise_multiplier=sigma, sample_rate=rate, steps=n)
+        ledger.append(
+            LedgerEvent(
+                node=node.name, round=server_round, mechanism="dp-sgd", unit_of_privacy="user",
+                noise_multiplier=sigma, sample_rate=rate, steps=n, clip_norm=run.clip_norm,
+                delta=run.delta, accountant=accountant.accountant, epsilon_after=epsilon,
+            )
+        )
+    return RoundOutcome(head_state(head), _metrics(result, epsilon=epsilon))
+
+
+def _stable_hash(text: str) -> int:
+    # Python's hash() is salted per process; seeds must not be.
+    return int.from_bytes(text.encode()[:8].ljust(8, b"\0"), "little") % 1_000_003
+
+
+def _metrics(result: Any, *, epsilon: float) -> dict[str, float]:
+    return {
+        "num-examples": float(result.num_users),
+        "num-impressions": float(result.num_impressions),
+        "steps": float(result.steps),
+        "train-loss": float(result.mean_loss) if result.steps else 0.0,
+        "epsilon": float(epsilon) if math.isfinite(epsilon) else 1e9,
+    }
+
+
+def torch_threads(n: int = 1) -> None:
+    """Keep each virtual node to one thread: many nodes share two cores."""
+    torch.set_num_threads(n)
