@@ -10,7 +10,7 @@ One ClientApp serves both privacy shapes:
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.client.mod import adaptiveclipping_mod, secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
@@ -62,12 +62,10 @@ def train(msg: Message, context: Context) -> Message:
             server_round=server_round,
         )
     except BudgetRefusal as refusal:
-        from flwr.app import Error
-
         return Message(Error(code=BUDGET_EXHAUSTED, reason=str(refusal)), reply_to=msg)
     content = RecordDict(
         {
-            "arrays": ArrayRecord({k: v for k, v in outcome.state.items()}),
+            "arrays": ArrayRecord({k: Array(v) for k, v in outcome.state.items()}),
             "metrics": MetricRecord(outcome.metrics),
         }
     )

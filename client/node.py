@@ -22,7 +22,6 @@ post-processing.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -36,10 +35,8 @@ import torch
 
 from privacy.accountant_store import PersistentAccountant, plan_noise_multiplier
 from privacy.ledger import Ledger, LedgerEvent
+from shared_model.catalog import cached_feature_builder
 from shared_model.clicklog import read_click_logs
-from shared_model.data import DEFAULT_WANDS_DIR, load_judged_dir
-from shared_model.encoder import CachedEncoder
-from shared_model.features import FeatureBuilder
 from shared_model.ranker import HeadConfig, RankerHead
 from shared_model.settings import RunSettings
 from shared_model.state import head_state, load_head_state
@@ -81,7 +78,7 @@ class NodeSettings:
                 data_path=Path(str(node_config[DATA_PATH])),
                 state_dir=state,
                 ledger_dir=Path(str(node_config.get(LEDGER_DIR, state / "ledger"))),
-                catalog_dir=Path(str(node_config.get(CATALOG_DIR, DEFAULT_WANDS_DIR))),
+                catalog_dir=Path(str(node_config.get(CATALOG_DIR, run.catalog_path()))),
             )
         if PARTITION_ID not in node_config:
             raise ValueError(
@@ -95,7 +92,7 @@ class NodeSettings:
             data_path=Path(run.data_dir) / f"node-{pid}",
             state_dir=run_dir / "nodes" / f"node-{pid}",
             ledger_dir=run_dir / "ledger",
-            catalog_dir=Path(str(node_config.get(CATALOG_DIR, DEFAULT_WANDS_DIR))),
+            catalog_dir=Path(str(node_config.get(CATALOG_DIR, run.catalog_path()))),
         )
 
     def click_files(self) -> list[Path]:
@@ -109,12 +106,6 @@ class NodeSettings:
         if not files:
             raise FileNotFoundError(f"node {self.name}: no .parquet click log in {self.data_path}")
         return files
-
-
-@functools.lru_cache(maxsize=2)
-def feature_builder(catalog_dir: str) -> FeatureBuilder:
-    """One feature builder per process and catalog (Ray reuses worker processes)."""
-    return FeatureBuilder(load_judged_dir(Path(catalog_dir)), CachedEncoder())
 
 
 @dataclass(frozen=True)
@@ -180,7 +171,7 @@ def train_round(
     """One round of local training; raises :class:`BudgetRefusal` when over budget."""
     head = RankerHead(head_config(run))
     load_head_state(head, global_state)
-    builder = feature_builder(str(node.catalog_dir))
+    builder = cached_feature_builder(str(node.catalog_dir), run.cache_dir)
     clicks = read_click_logs(node.click_files())
     seed = run.seed * 1_000_003 + server_round * 7919 + _stable_hash(node.name)
     rng = np.random.default_rng(seed)

@@ -15,8 +15,10 @@ app.add_typer(bench_app, name="bench")
 def _register() -> None:
     # Imported here so `fedrank --help` shows every command while each module stays separate.
     from shared_model import commands as shared_model_commands
+    from simulations import commands as simulations_commands
 
     shared_model_commands.register(app, bench_app)
+    simulations_commands.register(app, bench_app)
 
 
 def main() -> None:

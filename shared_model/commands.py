@@ -190,3 +190,84 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                 indent=2,
             )
         )
+
+    # --- baseline (shared_model.baseline) -------------------------------------------------
+    @app.command("baseline")
+    def baseline(
+        as_json: bool = typer.Option(False, "--json", help="Print only JSON on stdout."),
+        folds: int = typer.Option(5, "--folds", min=2, help="Folds of the k-fold-by-query split."),
+        seed: int = typer.Option(0, "--seed", help="Seed for the click log and the folds."),
+        users: int = typer.Option(10_000, "--users", min=1, help="Simulated users."),
+    ) -> None:
+        """BM25, zero-shot MiniLM and the central head on held-out WANDS queries.
+
+        Simulates the click log (WorldConfig with --users and --seed), trains the central
+        head on the training folds' clicks and reports NDCG@10, MRR and AUC per model (mean,
+        std and per-fold values) plus the log's click-through rate by rank.
+        """
+        import contextlib
+        import json as _json
+        import sys
+        import time
+
+        def log(message: str) -> None:
+            typer.echo(message, err=True)
+
+        started = time.perf_counter()
+        # Anything a library prints while we work (progress bars, model-load reports) goes to
+        # stderr, so stdout carries the result alone.
+        with contextlib.redirect_stdout(sys.stderr):
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+
+            from shared_model.baseline import run_baselines
+            from shared_model.clicks import click_through_by_rank
+            from shared_model.data import load_wands
+            from shared_model.encoder import CachedEncoder
+            from shared_model.features import FeatureBuilder
+            from shared_model.world import WorldConfig, simulate_click_log
+
+            data = load_wands()
+            log(
+                f"loaded WANDS: {len(data.query_ids)} judged queries, {len(data.products)} products"
+            )
+            builder = FeatureBuilder(data, CachedEncoder())
+            log(f"features ready ({time.perf_counter() - started:.1f}s)")
+            clicks = simulate_click_log(data, WorldConfig(num_users=users, seed=seed))
+            log(f"simulated {clicks.num_rows} impressions from {users} users")
+            result = run_baselines(builder, clicks, num_folds=folds, seed=seed)
+            ctr = click_through_by_rank(clicks)
+            ctr1, ctr5 = ctr.get(1), ctr.get(5)
+            result["clicks"] = {
+                "ctr_at_rank": {r: round(v, 6) for r, v in ctr.items()},
+                "ctr1_over_ctr5": (ctr1 / ctr5) if ctr1 is not None and ctr5 else None,
+            }
+            log(f"done in {time.perf_counter() - started:.1f}s")
+        if as_json:
+            typer.echo(_json.dumps(result, indent=2))
+            return
+        models = [
+            m
+            for m in ("bm25", "minilm_zero_shot", "central_head", "central_head_naive")
+            if m in result
+        ]
+        metrics = ("ndcg@10", "mrr", "auc")
+        width = max(len(m) for m in models)
+        header = f"{'model':<{width}}  " + "  ".join(f"{m:>17}" for m in metrics)
+        lines = [header, "-" * len(header)]
+        for model in models:
+            cells = [
+                f"{result[model][m]:.4f} ± {result[model][m + '_std']:.4f}".rjust(17)
+                for m in metrics
+            ]
+            lines.append(f"{model:<{width}}  " + "  ".join(cells))
+        split = result["split"]
+        lines.append(
+            f"{split['num_folds']}-fold by query, fold sizes {split['fold_sizes']}, "
+            f"seed {split['seed']}, {split['clicks_rows']} click-log rows"
+        )
+        ratio = result["clicks"]["ctr1_over_ctr5"]
+        if ratio is not None:
+            lines.append(f"CTR@1 / CTR@5 = {ratio:.2f}")
+        typer.echo("\n".join(lines))

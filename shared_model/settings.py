@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 # run_config keys (kebab-case, as Flower's pyproject convention).
@@ -33,6 +34,8 @@ SECAGG = "secagg"
 HIDDEN_DIM = "hidden-dim"
 RELEASE_EVERY = "release-every"
 REGION_CAPS = "region-epsilon-caps"
+CATALOG_DIR = "catalog-dir"
+CACHE_DIR = "cache-dir"
 
 STRATEGIES = ("fedavg", "fedadam")
 PRIVACY_SHAPES = ("regional", "device")
@@ -44,6 +47,9 @@ class RunSettings:
 
     ``epsilon`` is each node's whole-run budget (``math.inf`` = non-private).
     ``region_epsilon_caps`` is ``"region=cap,region=cap"`` (server-side policy; empty = none).
+    ``catalog_dir`` / ``cache_dir``: absolute paths of the judged catalog and the embedding
+    cache ("" = the bundled WANDS data and ``.cache/embeddings``); Flower installs the app
+    from a package that carries code only, so a run passes these explicitly.
     """
 
     scenario: str = "regional-5"
@@ -53,7 +59,7 @@ class RunSettings:
     epsilon: float = 1.0
     delta: float = 1e-5
     run_dir: str = "runs/default"
-    data_dir: str = "runs/default/nodes"
+    data_dir: str = "runs/default/data"
     fraction_train: float = 1.0
     min_train_nodes: int = 2
     local_epochs: int = 1
@@ -66,9 +72,11 @@ class RunSettings:
     eval_fold: int = 0
     num_folds: int = 5
     secagg: bool = False
-    hidden_dim: int = 16
+    hidden_dim: int = 0
     release_every: int = 0
     region_epsilon_caps: str = ""
+    catalog_dir: str = ""
+    cache_dir: str = ""
 
     def __post_init__(self) -> None:
         if self.num_server_rounds < 1:
@@ -90,6 +98,16 @@ class RunSettings:
                 f"{EVAL_FOLD} must be in [0, {self.num_folds}), got {self.eval_fold!r}"
             )
         self.region_caps()  # validates the format
+
+    def catalog_path(self) -> Path:
+        """The judged catalog folder."""
+        from shared_model.data import DEFAULT_WANDS_DIR
+
+        return Path(self.catalog_dir) if self.catalog_dir else DEFAULT_WANDS_DIR
+
+    def cache_path(self) -> Path | None:
+        """The embedding cache folder (``None`` = default)."""
+        return Path(self.cache_dir) if self.cache_dir else None
 
     @property
     def private(self) -> bool:
@@ -130,8 +148,9 @@ class RunSettings:
         out: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, float) and math.isinf(value):
-                value = "inf"
+            if f.name == "epsilon":
+                # A string, so "inf" and numbers share one type in Flower's run config.
+                value = "inf" if math.isinf(value) else repr(float(value))
             out[f.name.replace("_", "-")] = value
         return out
 

@@ -1,0 +1,111 @@
+"""The fedrank ServerApp: parse settings, pick the shape, run Flower's strategy.
+
+- regional: FedAvg/FedAdam (new Message API) wrapped in reply validation; nodes do DP-SGD.
+- device: client-level DP (adaptive clipping) + SecAgg+ on Flower's legacy workflow
+  (``server.device``).
+Each round: central evaluation on held-out queries, a checkpoint, ``metrics.json``.
+A run directory with a checkpoint resumes from it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from server.checkpoint import RunDirectory
+from server.evaluator import CentralEvaluator
+from server.recorder import PROGRESS, RoundRecorder
+from server.strategies import build_strategy, restore_strategy_state, strategy_state
+from server.validation import ValidatingStrategy
+from shared_model.ranker import HeadConfig, RankerHead
+from shared_model.settings import RunSettings
+from shared_model.state import head_state
+
+app = ServerApp()
+log = logging.getLogger("fedrank.server")
+
+# An honest DP-SGD update moves the tiny head by far less than this; a reply beyond it is
+# malformed or malicious (its norm is logged with the rejection).
+MAX_UPDATE_NORM = 100.0
+
+
+def _setup_logging() -> None:
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run (or resume) one federated training run."""
+    _setup_logging()
+    settings = RunSettings.from_config(context.run_config)
+    if settings.privacy_shape == "device":
+        from server.device import run_device
+
+        run_device(grid, context, settings)
+        return
+    run_regional(grid, settings)
+
+
+def run_regional(grid: Grid, settings: RunSettings) -> None:
+    """Regional shape on Flower's new strategy API."""
+    run_dir = RunDirectory(Path(settings.run_dir))
+    config = settings.to_config()
+    run_dir.write_config(config)
+    evaluator = CentralEvaluator(settings)
+    inner = build_strategy(settings)
+    strategy = ValidatingStrategy(inner, max_update_norm=MAX_UPDATE_NORM)
+    checkpoint = run_dir.load_latest()
+    if checkpoint is None:
+        arrays = head_state(RankerHead(HeadConfig(hidden_dim=settings.hidden_dim)))
+        offset, previous = 0, []
+    else:
+        arrays, offset, previous = checkpoint.arrays, checkpoint.round, checkpoint.metrics_rounds
+        restore_strategy_state(inner, checkpoint.strategy_state)
+        log.info(
+            "%s resuming %s from round %d (weights %s)",
+            PROGRESS, settings.run_dir, offset, checkpoint.weights_sha256[:12],
+        )
+    remaining = settings.num_server_rounds - offset
+    recorder = RoundRecorder(
+        run_dir,
+        evaluate=evaluator,
+        strategy_state=lambda: strategy_state(inner),
+        config=config,
+        total_rounds=settings.num_server_rounds,
+        offset=offset,
+        previous_rounds=previous,
+    )
+    if remaining <= 0:
+        log.info("%s run already complete (%d rounds)", PROGRESS, offset)
+        return
+
+    original_aggr = inner.train_metrics_aggr_fn
+
+    def aggregate_and_note(records, key):  # type: ignore[no-untyped-def]
+        out = original_aggr(records, key)
+        if "epsilon" in out:
+            recorder.note_epsilon(float(out["epsilon"]))
+        return out
+
+    inner.train_metrics_aggr_fn = aggregate_and_note
+
+    def evaluate_fn(server_round: int, record: ArrayRecord) -> MetricRecord:
+        return MetricRecord(recorder(server_round, {k: v.numpy() for k, v in record.items()}))
+
+    strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+        num_rounds=remaining,
+        train_config=ConfigRecord({"round-offset": offset}),
+        evaluate_fn=evaluate_fn,
+    )
+    log.info("%s done: %s", PROGRESS, recorder.metrics_json()["final"])

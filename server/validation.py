@@ -1,0 +1,138 @@
+"""Reply validation: reject a node's malformed update before it reaches aggregation.
+
+Pure numpy checks (``reply_problems``) plus a strategy wrapper that drops bad replies with
+one log line naming the node and the reason, so one broken node never poisons a round.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+log = logging.getLogger("fedrank.server")
+
+REQUIRED_METRICS = ("num-examples", "epsilon")
+
+
+def reply_problems(
+    arrays: Mapping[str, np.ndarray],
+    metrics: Mapping[str, float],
+    *,
+    reference: Mapping[str, np.ndarray],
+    max_update_norm: float,
+) -> list[str]:
+    """Why a reply cannot be aggregated (empty list = fine).
+
+    Checks keys, shapes, dtypes, finiteness, and the L2 norm of the update (reply minus the
+    weights the node was sent) against ``max_update_norm``.
+    """
+    problems = []
+    missing = sorted(set(reference) - set(arrays))
+    extra = sorted(set(arrays) - set(reference))
+    if missing:
+        problems.append(f"missing array(s) {missing}")
+    if extra:
+        problems.append(f"unexpected array(s) {extra}")
+    sq = 0.0
+    for key in sorted(set(reference) & set(arrays)):
+        arr, ref = np.asarray(arrays[key]), np.asarray(reference[key])
+        if arr.shape != ref.shape:
+            problems.append(f"{key}: shape {arr.shape}, expected {ref.shape}")
+        elif arr.dtype != ref.dtype:
+            problems.append(f"{key}: dtype {arr.dtype}, expected {ref.dtype}")
+        elif not np.all(np.isfinite(arr)):
+            problems.append(f"{key}: NaN or Inf values")
+        else:
+            sq += float(np.sum((arr.astype(np.float64) - ref) ** 2))
+    if not problems and math.sqrt(sq) > max_update_norm:
+        problems.append(f"update norm {math.sqrt(sq):.3g} exceeds the bound {max_update_norm:g}")
+    for key in REQUIRED_METRICS:
+        value = metrics.get(key)
+        if value is None:
+            problems.append(f"metric {key!r} missing")
+        elif not isinstance(value, int | float) or not math.isfinite(float(value)):
+            problems.append(f"metric {key!r} is not a finite number: {value!r}")
+    if not problems and float(metrics["num-examples"]) <= 0:
+        problems.append(f"num-examples must be > 0, got {metrics['num-examples']!r}")
+    return problems
+
+
+class ValidatingStrategy(Strategy):
+    """Wraps a Flower strategy; replies that fail :func:`reply_problems` are dropped.
+
+    Error replies (a node that refused, e.g. on budget) are logged with their reason.
+    """
+
+    def __init__(self, inner: Strategy, *, max_update_norm: float) -> None:
+        if not max_update_norm > 0:
+            raise ValueError(f"max_update_norm must be > 0, got {max_update_norm!r}")
+        self.inner = inner
+        self.max_update_norm = max_update_norm
+        self._sent: dict[str, np.ndarray] = {}
+        self.rejected: list[tuple[int, int, str]] = []  # (round, node id, reason)
+
+    def summary(self) -> None:
+        self.inner.summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._sent = {k: v.numpy() for k, v in arrays.items()}
+        return self.inner.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        good = []
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                log.warning("round %s: node %s sent no update: %s", server_round, node,
+                            msg.error.reason)
+                continue
+            problems = self._problems(msg)
+            if problems:
+                reason = "; ".join(problems)
+                log.warning("round %s: rejected reply from node %s: %s", server_round, node,
+                            reason)
+                self.rejected.append((server_round, node, reason))
+                continue
+            good.append(msg)
+        if not good:
+            log.warning("round %s: no valid replies; global model unchanged", server_round)
+            return None, None
+        return self.inner.aggregate_train(server_round, good)
+
+    def _problems(self, msg: Message) -> list[str]:
+        content = msg.content
+        if len(content.array_records) != 1 or len(content.metric_records) != 1:
+            return [
+                f"expected one ArrayRecord and one MetricRecord, got "
+                f"{len(content.array_records)} and {len(content.metric_records)}"
+            ]
+        record = next(iter(content.array_records.values()))
+        metrics = next(iter(content.metric_records.values()))
+        try:
+            arrays = {k: v.numpy() for k, v in record.items()}
+        except Exception as exc:  # a malformed array must not crash the round
+            return [f"arrays could not be decoded: {exc}"]
+        values = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+        return reply_problems(
+            arrays, values, reference=self._sent, max_update_norm=self.max_update_norm
+        )
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        return self.inner.aggregate_evaluate(server_round, replies)

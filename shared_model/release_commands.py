@@ -1,0 +1,182 @@
+"""CLI commands for released models: `fedrank score` and `fedrank bench score`."""
+
+from __future__ import annotations
+
+import typer
+
+DEFAULT_BENCH_QUERY = "modern blue velvet accent chair"
+
+
+def register(app: typer.Typer, bench_app: typer.Typer) -> None:
+    """Attach `score` to ``app`` and `score` to ``bench_app``."""
+
+    @app.command("score")
+    def score(
+        release: str = typer.Option(..., "--release", help="Release directory (head.onnx ...)."),
+        query: str = typer.Option(..., "--query", help="Query text."),
+        candidates: str | None = typer.Option(
+            None,
+            "--candidates",
+            help="File with one product id per line (default: the catalog's BM25 top-100).",
+        ),
+        top: int = typer.Option(10, "--top", min=1, help="How many products to print."),
+        public_key: str | None = typer.Option(
+            None, "--public-key", help="Ed25519 public key (PEM); verifies the release first."
+        ),
+        data_dir: str | None = typer.Option(
+            None, "--data", help="Catalog directory (default: the bundled WANDS subset)."
+        ),
+    ) -> None:
+        """Rank products for a query with a release's ONNX head."""
+        from pathlib import Path
+
+        from shared_model.data import DEFAULT_WANDS_DIR, load_judged_dir
+        from shared_model.encoder import CachedEncoder
+        from shared_model.features import FeatureBuilder
+        from shared_model.release import ReleaseError, load_public_key
+        from shared_model.schema import DataError
+        from shared_model.scoring import DeviceRanker, top_by_bm25
+
+        try:
+            key = load_public_key(Path(public_key)) if public_key else None
+            data = load_judged_dir(Path(data_dir) if data_dir else DEFAULT_WANDS_DIR)
+            builder = FeatureBuilder(data, CachedEncoder())
+            ranker = DeviceRanker(Path(release), builder, key)
+            if candidates:
+                lines = Path(candidates).read_text().splitlines()
+                ids = list(dict.fromkeys(s.strip() for s in lines if s.strip()))
+                if not ids:
+                    raise ValueError(f"{candidates}: no product ids")
+            else:
+                ids = top_by_bm25(builder, query, 100)
+            ranked = ranker.rank(query, ids, top=top)
+        except (ReleaseError, DataError, OSError, KeyError, ValueError) as exc:
+            message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+            typer.echo(f"error: {message}", err=True)
+            raise typer.Exit(code=2) from None
+        if key is None:
+            typer.echo("warning: release not verified (no --public-key)", err=True)
+        typer.echo(f"{'rank':>4}  {'score':>9}  {'product_id':<12}  title")
+        for rank, (pid, value) in enumerate(ranked, start=1):
+            title = data.products[pid].title
+            typer.echo(f"{rank:>4}  {value:>9.4f}  {pid:<12}  {title}")
+
+    @bench_app.command("score")
+    def bench_score(
+        as_json: bool = typer.Option(False, "--json", help="Print only JSON on stdout."),
+        repeats: int = typer.Option(500, "--repeats", min=1, help="Timed repeats per measure."),
+        release: str | None = typer.Option(
+            None, "--release", help="Release to time (default: a fresh head, exported here)."
+        ),
+        query: str = typer.Option(DEFAULT_BENCH_QUERY, "--query", help="Query text."),
+        num_candidates: int = typer.Option(
+            100, "--candidates", min=1, help="Candidates per query (BM25 top of the catalog)."
+        ),
+    ) -> None:
+        """Latency of on-device scoring, one thread: query encode + features + ONNX, and the
+        head alone (ONNX and torch). Percentiles in milliseconds."""
+        import json
+        import tempfile
+        import time
+        from pathlib import Path
+
+        import numpy as np
+        import torch
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        from shared_model.data import load_wands
+        from shared_model.encoder import CachedEncoder
+        from shared_model.features import FeatureBuilder
+        from shared_model.ranker import HeadConfig, RankerHead
+        from shared_model.release import read_manifest, write_release
+        from shared_model.scoring import (
+            OnnxScorer,
+            candidate_features,
+            encode_query,
+            top_by_bm25,
+        )
+
+        torch.set_num_threads(1)
+        builder = FeatureBuilder(load_wands(), CachedEncoder())
+        ids = top_by_bm25(builder, query, num_candidates)
+
+        with tempfile.TemporaryDirectory(prefix="fedrank-bench-") as tmp:
+            if release:
+                release_dir = Path(release)
+                # The release holds no torch weights: time a head of the same shape.
+                head = RankerHead(HeadConfig(**read_manifest(release_dir).head_config))
+            else:
+                head = RankerHead(HeadConfig())
+                release_dir = write_release(
+                    Path(tmp) / "release",
+                    head=head,
+                    version="bench",
+                    round=0,
+                    epsilon_per_node={},
+                    metrics={},
+                    signing_key=Ed25519PrivateKey.generate(),
+                )
+            scorer = OnnxScorer(release_dir)
+            head.eval()
+
+            def encode_and_score(text: str) -> tuple[float, float, np.ndarray]:
+                t0 = time.perf_counter()
+                q = encode_query(builder, text)
+                t1 = time.perf_counter()
+                feats = candidate_features(builder, text, q, ids)
+                out = scorer.scores(feats)
+                return t1 - t0, time.perf_counter() - t1, out
+
+            # Warm up: loads MiniLM, the ORT session and torch's kernels.
+            for i in range(5):
+                encode_and_score(f"{query} warmup {i}")
+            features = candidate_features(builder, query, encode_query(builder, query), ids)
+            x = torch.from_numpy(features)
+
+            full, encode_ms, rest_ms = [], [], []
+            for i in range(repeats):
+                text = f"{query} {i}"  # a fresh text each time: nothing is cached
+                t0 = time.perf_counter()
+                enc, rest, _ = encode_and_score(text)
+                full.append(time.perf_counter() - t0)
+                encode_ms.append(enc)
+                rest_ms.append(rest)
+
+            head_s = []
+            for _ in range(20):
+                scorer.scores(features)
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                scorer.scores(features)
+                head_s.append(time.perf_counter() - t0)
+
+            torch_s = []
+            with torch.inference_mode():
+                for _ in range(20):
+                    head.relevance(x)
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    head.relevance(x).numpy()
+                    torch_s.append(time.perf_counter() - t0)
+
+        def pct(values: list[float], q: float) -> float:
+            return round(float(np.percentile(np.asarray(values) * 1000.0, q)), 4)
+
+        result = {
+            "encode_and_score_p50_ms": pct(full, 50),
+            "encode_and_score_p99_ms": pct(full, 99),
+            "encode_p50_ms": pct(encode_ms, 50),
+            "features_and_onnx_p50_ms": pct(rest_ms, 50),
+            "head_p50_ms": pct(head_s, 50),
+            "head_p99_ms": pct(head_s, 99),
+            "torch_head_p50_ms": pct(torch_s, 50),
+            "torch_head_p99_ms": pct(torch_s, 99),
+            "repeats": repeats,
+            "candidates": len(ids),
+            "threads": 1,
+        }
+        if as_json:
+            typer.echo(json.dumps(result))
+        else:
+            for name, value in result.items():
+                typer.echo(f"{name:>26}  {value}")

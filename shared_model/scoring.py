@@ -1,0 +1,204 @@
+"""On-device scoring with a release's ONNX head: the path a node serves searches with.
+
+:class:`OnnxScorer` runs ``head.onnx`` in onnxruntime on one thread; :class:`DeviceRanker`
+encodes a query, computes the features of the candidates and ranks them.
+
+Queries never touch the disk here: :func:`encode_query` reads the embedding cache when the
+text is already in it but never writes a query to it (``FeatureBuilder.query_vector`` would
+persist every search text's embedding), and :func:`candidate_features` keeps no per-query memo,
+so a long-running node does not grow with the number of searches. Both give exactly what
+``FeatureBuilder.features(query_text, candidate_ids)`` gives (tested).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from shared_model.encoder import text_key
+from shared_model.features import FEATURE_NAMES, NUM_FEATURES, FeatureBuilder
+from shared_model.release import (
+    INPUT_NAME,
+    MANIFEST_FILE,
+    MODEL_FILE,
+    OUTPUT_NAME,
+    Manifest,
+    ReleaseError,
+    read_manifest,
+    verify_release,
+)
+
+__all__ = ["DeviceRanker", "OnnxScorer", "candidate_features", "encode_query", "top_by_bm25"]
+
+
+class OnnxScorer:
+    """Scores features with a release's ``head.onnx`` (onnxruntime, CPU, one thread).
+
+    Parameters
+    ----------
+    release_dir
+        A release directory (``shared_model.release``).
+    public_key
+        When given, the release is verified first (:class:`ReleaseError` on any problem) and
+        the model bytes loaded are the ones whose hash was checked. Without it the manifest
+        is read unverified, if present.
+    """
+
+    def __init__(self, release_dir: Path, public_key: Ed25519PublicKey | None = None) -> None:
+        import onnxruntime as ort
+
+        self.release_dir = Path(release_dir)
+        self.manifest: Manifest | None
+        if public_key is not None:
+            self.manifest = verify_release(self.release_dir, public_key)
+        elif (self.release_dir / MANIFEST_FILE).is_file():
+            self.manifest = read_manifest(self.release_dir)
+        else:
+            self.manifest = None
+        model_path = self.release_dir / MODEL_FILE
+        try:
+            model_bytes = model_path.read_bytes()
+        except OSError as exc:
+            raise ReleaseError(
+                f"release {self.release_dir}: cannot read {MODEL_FILE}: {exc}"
+            ) from None
+        if public_key is not None and self.manifest is not None:
+            import hashlib
+
+            # Read once, check these very bytes: no window between verifying and loading.
+            if hashlib.sha256(model_bytes).hexdigest() != self.manifest.files[MODEL_FILE]:
+                raise ReleaseError(
+                    f"release {self.release_dir}: {MODEL_FILE} changed after it was verified"
+                )
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            self._session = ort.InferenceSession(
+                model_bytes, sess_options=options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise ReleaseError(
+                f"release {self.release_dir}: {MODEL_FILE} does not load: {exc}"
+            ) from None
+        inputs = self._session.get_inputs()
+        outputs = self._session.get_outputs()
+        if [i.name for i in inputs] != [INPUT_NAME] or [o.name for o in outputs] != [OUTPUT_NAME]:
+            raise ReleaseError(
+                f"release {self.release_dir}: {MODEL_FILE} has inputs "
+                f"{[i.name for i in inputs]} and outputs {[o.name for o in outputs]}, expected "
+                f"[{INPUT_NAME!r}] and [{OUTPUT_NAME!r}]"
+            )
+        width = inputs[0].shape[1] if len(inputs[0].shape) == 2 else None
+        self.num_features = width if isinstance(width, int) else NUM_FEATURES
+
+    def scores(self, features: np.ndarray) -> np.ndarray:
+        """Relevance logits ``[N]`` float32 for ``features`` ``[N, F]``."""
+        x = np.ascontiguousarray(features, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != self.num_features:
+            raise ValueError(
+                f"features must have shape [N, {self.num_features}], got {list(x.shape)}"
+            )
+        if x.shape[0] == 0:
+            return np.zeros(0, dtype=np.float32)
+        (out,) = self._session.run([OUTPUT_NAME], {INPUT_NAME: x})
+        return np.asarray(out, dtype=np.float32).reshape(x.shape[0])
+
+
+def encode_query(builder: FeatureBuilder, text: str) -> np.ndarray:
+    """``[384]`` embedding of a query: from the cache when present, else MiniLM; never stored."""
+    encoder = builder.encoder
+    vectors, missing = encoder.cache.get([text_key(text, encoder.fingerprint)])
+    if not missing:
+        return vectors[0]
+    return encoder.encoder.encode([text])[0]
+
+
+def candidate_features(
+    builder: FeatureBuilder,
+    query_text: str,
+    query_vector: np.ndarray,
+    candidate_ids: Sequence[str],
+) -> np.ndarray:
+    """``builder.features(query_text, candidate_ids)`` for a given query vector, memo-free.
+
+    Same arithmetic as ``FeatureBuilder.raw_features`` / ``pool_stats`` / ``features`` (the
+    candidates are the pool), without recording the query in the builder.
+    """
+    if not candidate_ids:
+        return np.zeros((0, NUM_FEATURES), dtype=np.float32)
+    rows = builder.rows(candidate_ids)
+    q = query_vector
+    raw = np.empty((len(rows), NUM_FEATURES), dtype=np.float32)
+    raw[:, 0] = builder.full[rows] @ q
+    raw[:, 1] = builder.title[rows] @ q
+    raw[:, 2] = builder.category[rows] @ q
+    raw[:, 3] = builder.bm25.score(query_text, candidate_ids)
+    std = raw.std(0)
+    mean, std = raw.mean(0), np.where(std > 1e-6, std, 1.0).astype(np.float32)
+    return ((raw - mean) / std).astype(np.float32)
+
+
+def top_by_bm25(builder: FeatureBuilder, query_text: str, k: int = 100) -> list[str]:
+    """The catalog's ``k`` best products for ``query_text`` by BM25; ties by product id."""
+    ids = builder.product_ids
+    scores = builder.bm25.score(query_text, ids)
+    order = np.lexsort((np.arange(len(ids)), -scores))  # product_ids is sorted: index = id order
+    return [ids[i] for i in order[:k]]
+
+
+class DeviceRanker:
+    """Ranks candidate products for a query with a release's ONNX head.
+
+    Parameters
+    ----------
+    release_dir
+        The release to score with.
+    builder
+        Catalog embeddings and BM25 (``FeatureBuilder``); its encoder encodes queries.
+    public_key
+        Verify the release first (recommended; see :class:`OnnxScorer`).
+    """
+
+    def __init__(
+        self,
+        release_dir: Path,
+        builder: FeatureBuilder,
+        public_key: Ed25519PublicKey | None = None,
+    ) -> None:
+        self.scorer = OnnxScorer(release_dir, public_key)
+        self.builder = builder
+        manifest = self.scorer.manifest
+        if manifest is not None and manifest.feature_names != tuple(FEATURE_NAMES):
+            raise ReleaseError(
+                f"release {release_dir}: features {list(manifest.feature_names)} do not match "
+                f"this build's {list(FEATURE_NAMES)}"
+            )
+        if self.scorer.num_features != NUM_FEATURES:
+            raise ReleaseError(
+                f"release {release_dir}: model takes {self.scorer.num_features} features, "
+                f"this build computes {NUM_FEATURES}"
+            )
+
+    def scores(self, query_text: str, candidate_ids: Sequence[str]) -> np.ndarray:
+        """Relevance logits ``[len(candidate_ids)]`` (candidates standardised as one pool)."""
+        q = encode_query(self.builder, query_text)
+        return self.scorer.scores(candidate_features(self.builder, query_text, q, candidate_ids))
+
+    def rank(
+        self, query_text: str, candidate_ids: Sequence[str], top: int = 10
+    ) -> list[tuple[str, float]]:
+        """The ``top`` best candidates as ``(product_id, score)``, best first; ties by id."""
+        if top < 1:
+            raise ValueError(f"top must be >= 1, got {top!r}")
+        ids = list(candidate_ids)
+        if not ids:
+            return []
+        scores = self.scores(query_text, ids)
+        order = sorted(range(len(ids)), key=lambda i: (-float(scores[i]), ids[i]))
+        return [(ids[i], float(scores[i])) for i in order[:top]]

@@ -1,0 +1,98 @@
+"""CLI commands that drive `simulations`: simulate, compare, bench train."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import typer
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, float):
+        return "inf" if math.isinf(value) else f"{value:.4f}"
+    return str(value)
+
+
+def register(app: typer.Typer, bench_app: typer.Typer) -> None:
+    """Attach this package's commands to the `fedrank` app."""
+
+    @app.command("simulate")
+    def simulate(
+        scenario: str = typer.Argument(..., help="Scenario name (regional-5, device-500, ...)."),
+        rounds: int | None = typer.Option(None, "--rounds", help="Server rounds."),
+        epsilon: str = typer.Option("1", "--epsilon", help="Per-node ε budget, or 'inf'."),
+        run_dir: Path | None = typer.Option(None, "--run-dir", help="Run directory."),
+        eval_fold: int = typer.Option(0, "--eval-fold", help="Held-out query fold."),
+        strategy: str | None = typer.Option(None, "--strategy", help="fedavg or fedadam."),
+    ) -> None:
+        """Run a scenario on Flower's Simulation Engine and print the final table."""
+        from simulations.runner import parse_epsilon, prepare_run, run_simulation
+        from simulations.scenarios import get_scenario
+
+        try:
+            chosen = get_scenario(scenario)
+            eps = parse_epsilon(epsilon)
+        except (KeyError, ValueError) as exc:
+            typer.echo(f"error: {exc.args[0]}", err=True)
+            raise typer.Exit(2) from None
+        target = run_dir or Path("runs") / f"{scenario}-eps{epsilon}"
+        overrides = {"strategy": strategy} if strategy else {}
+        typer.echo(f"[fedrank] preparing {scenario} in {target} ...")
+        settings = prepare_run(
+            chosen, run_dir=target, rounds=rounds or chosen.rounds, epsilon=eps,
+            eval_fold=eval_fold, overrides=overrides,
+        )
+        try:
+            result = run_simulation(chosen, settings)
+        except KeyboardInterrupt:
+            typer.echo("[fedrank] interrupted; Flower processes stopped", err=True)
+            raise typer.Exit(130) from None
+        final = result.metrics.get("final")
+        if not final:
+            typer.echo(
+                f"error: the run produced no metrics (flwr exit {result.returncode}); "
+                f"see {target / 'flower.log'}",
+                err=True,
+            )
+            raise typer.Exit(1)
+        typer.echo("")
+        typer.echo(f"{'run':<28} {'rounds':>6} {'ndcg@10':>8} {'mrr':>7} {'auc':>7} {'eps':>8}")
+        typer.echo(
+            f"{target.name:<28} {final['round']:>6} {final['ndcg@10']:>8.4f} "
+            f"{final['mrr']:>7.4f} {final['auc']:>7.4f} {_fmt(final['epsilon_max']):>8}"
+        )
+        typer.echo(f"wall time {result.wall_seconds:.0f}s; run directory {target}")
+
+    @app.command("compare")
+    def compare(
+        run_dirs: list[Path] = typer.Argument(..., help="Run directories."),
+        as_json: bool = typer.Option(False, "--json", help="JSON on stdout."),
+        baseline: Path | None = typer.Option(
+            None, "--baseline", help="JSON from `fedrank baseline --json` (else computed)."
+        ),
+        plot: Path = typer.Option(Path("runs/compare.png"), "--plot", help="PNG to write."),
+    ) -> None:
+        """NDCG@10/MRR/AUC/ε per run beside the baselines, and a plot of NDCG@10 per round."""
+        from simulations.compare import compare_runs
+
+        try:
+            table = compare_runs(run_dirs, baseline_json=baseline, plot_path=plot)
+        except (FileNotFoundError, ValueError) as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        if as_json:
+            typer.echo(json.dumps(table, indent=2))
+            return
+        typer.echo(f"{'model':<32} {'ndcg@10':>8} {'mrr':>7} {'auc':>7} {'eps':>8} {'rel':>6}")
+        for row in table["rows"]:
+            typer.echo(
+                f"{row['name']:<32} {row['ndcg@10']:>8.4f} {row['mrr']:>7.4f} "
+                f"{row['auc']:>7.4f} {_fmt(row.get('epsilon', '-')):>8} "
+                f"{_fmt(row.get('fraction_of_central', '-')):>6}"
+            )
+        typer.echo(f"plot: {table['plot']}")

@@ -1,0 +1,237 @@
+"""Drive Flower's Simulation Engine for a scenario: prepare node data, `flwr run`, clean up.
+
+Everything a run touches lives in its run directory: node click logs (``data/``), node state
+and ledgers, checkpoints, ``metrics.json``, Flower's own home (``.flwr_home``, so connection
+settings never leak into the user's ``~/.flwr``) and ``flower.log``. Every process Flower
+starts (the detached SuperLink and SuperExec outlive ``flwr run``) is stopped at the end,
+also on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shared_model.catalog import cached_feature_builder
+from shared_model.clicks import click_through_by_rank
+from shared_model.data import DEFAULT_WANDS_DIR
+from shared_model.encoder import default_cache_dir
+from shared_model.evaluation import query_folds
+from shared_model.partition import partition_device, partition_regional, write_partitions
+from shared_model.settings import RunSettings
+from shared_model.world import simulate_click_log
+from simulations.scenarios import Scenario
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROGRESS = "[fedrank]"
+
+
+@dataclass(frozen=True)
+class SimulationResult:
+    """Where the run went and what it measured."""
+
+    run_dir: Path
+    metrics: dict[str, Any]
+    wall_seconds: float
+    returncode: int
+
+
+def prepare_run(
+    scenario: Scenario,
+    *,
+    run_dir: Path,
+    rounds: int,
+    epsilon: float,
+    eval_fold: int = 0,
+    overrides: dict[str, Any] | None = None,
+) -> RunSettings:
+    """Write node click logs (held-out queries removed) and return the run's settings."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config: dict[str, Any] = dict(scenario.run_config)
+    config.update(
+        {
+            "scenario": scenario.name,
+            "num-server-rounds": rounds,
+            "epsilon": epsilon,
+            "run-dir": str(run_dir.resolve()),
+            "data-dir": str((run_dir / "data").resolve()),
+            "eval-fold": eval_fold,
+            "seed": scenario.world.seed,
+            "catalog-dir": str(DEFAULT_WANDS_DIR.resolve()),
+            "cache-dir": str(default_cache_dir().resolve()),
+        }
+    )
+    config.update(overrides or {})
+    settings = RunSettings.from_config(config)
+    builder = cached_feature_builder(settings.catalog_dir, settings.cache_dir)  # warms the cache
+    data = builder.data
+    test = set(query_folds(data.query_ids, num_folds=settings.num_folds, seed=settings.seed)[
+        settings.eval_fold
+    ])
+    train_queries = [q for q in data.query_ids if q not in test]
+    marker = run_dir / "data" / "prepared.json"
+    if not marker.exists():
+        log = simulate_click_log(data, scenario.world, query_ids=train_queries)
+        parts = (
+            partition_regional(log) if scenario.partition == "regional" else partition_device(log)
+        )
+        # Flower numbers simulated nodes 0..N-1: renumber partitions densely in id order.
+        dense = {i: parts[k] for i, k in enumerate(sorted(parts))}
+        write_partitions(dense, run_dir / "data", prefix="node")
+        ctr = click_through_by_rank(log)
+        marker.write_text(
+            json.dumps(
+                {
+                    "scenario": scenario.name,
+                    "rows": log.num_rows,
+                    "nodes": len(dense),
+                    "train_queries": len(train_queries),
+                    "held_out_queries": sorted(test),
+                    "ctr_at_rank": {str(k): v for k, v in ctr.items()},
+                },
+                indent=2,
+            )
+        )
+    return settings
+
+
+def _run_config_arg(settings: RunSettings) -> str:
+    parts = []
+    for key, value in settings.to_config().items():
+        if isinstance(value, bool):
+            parts.append(f"{key}={str(value).lower()}")
+        elif isinstance(value, int | float):
+            parts.append(f"{key}={value!r}")
+        else:
+            parts.append(f"{key}={json.dumps(str(value))}")
+    return " ".join(parts)
+
+
+def _flower_env(run_dir: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["FLWR_HOME"] = str((run_dir / ".flwr_home").resolve())
+    # The app's deps are this venv's; `uv sync` would pull a CUDA torch.
+    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    env["HF_HUB_OFFLINE"] = "1"
+    env["TRANSFORMERS_OFFLINE"] = "1"
+    # Ray's socket paths must stay short: a per-run folder under /tmp.
+    digest = hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:10]
+    env["RAY_TMPDIR"] = f"/tmp/fedrank-ray-{digest}"
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def _flower_processes(flwr_home: Path) -> list[int]:
+    """PIDs of Flower/Ray processes started for this run (matched by FLWR_HOME / RAY_TMPDIR)."""
+    pids = []
+    needle = str(flwr_home)
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            env = (entry / "environ").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if ("flower" in cmd or "flwr" in cmd or "ray" in cmd) and needle in (cmd + env):
+            pids.append(int(entry.name))
+    return pids
+
+
+def stop_flower(run_dir: Path, *, grace: float = 5.0) -> list[int]:
+    """Stop every process this run's Flower started; returns the PIDs signalled."""
+    flwr_home = (run_dir / ".flwr_home").resolve()
+    pids = _flower_processes(flwr_home)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.1)
+    for pid in pids:
+        if _alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    return pids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    state = Path(f"/proc/{pid}/stat")
+    try:
+        return state.read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def run_simulation(
+    scenario: Scenario,
+    settings: RunSettings,
+    *,
+    echo: Callable[[str], None] = print,
+    timeout: float | None = None,
+) -> SimulationResult:
+    """Run the prepared scenario on Flower's Simulation Engine; stream progress lines."""
+    run_dir = Path(settings.run_dir)
+    env = _flower_env(run_dir)
+    cmd = [
+        str(Path(sys.executable).parent / "flwr"),
+        "run",
+        str(PROJECT_ROOT),
+        "local",
+        "--stream",
+        "--run-config",
+        _run_config_arg(settings),
+        "--federation-config",
+        f"num-supernodes={scenario.num_nodes} client-resources-num-cpus=1",
+    ]
+    started = time.perf_counter()
+    returncode = -1
+    log_path = run_dir / "flower.log"
+    try:
+        with log_path.open("a") as log_file:
+            proc = subprocess.Popen(
+                cmd, env=env, cwd=PROJECT_ROOT, stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, text=True, bufsize=1,
+            )
+            assert proc.stdout is not None  # Popen with PIPE always sets it
+            for line in proc.stdout:
+                log_file.write(line)
+                if PROGRESS in line:
+                    echo(line[line.index(PROGRESS) :].rstrip())
+                if timeout is not None and time.perf_counter() - started > timeout:
+                    proc.kill()
+                    echo(f"{PROGRESS} timed out after {timeout:.0f}s")
+                    break
+            returncode = proc.wait()
+    finally:
+        stop_flower(run_dir)
+    metrics_path = run_dir / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    wall = time.perf_counter() - started
+    if metrics:
+        metrics["wall_seconds"] = round(wall, 1)
+        metrics_path.write_text(json.dumps(metrics, indent=2))
+    return SimulationResult(run_dir, metrics, wall, returncode)
+
+
+def parse_epsilon(text: str) -> float:
+    """``"inf"`` or a positive number."""
+    value = float(text)
+    if not (value > 0 or math.isinf(value)):
+        raise ValueError(f"epsilon must be > 0 or inf, got {text!r}")
+    return value

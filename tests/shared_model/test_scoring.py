@@ -1,0 +1,215 @@
+"""Tests for shared_model.scoring and the `fedrank score` / `fedrank bench score` commands."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import typer
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from typer.testing import CliRunner
+
+import shared_model.features as features_module
+from shared_model import release_commands
+from shared_model.features import FeatureBuilder
+from shared_model.ranker import HeadConfig, RankerHead
+from shared_model.release import ReleaseError, write_public_key, write_release
+from shared_model.scoring import (
+    DeviceRanker,
+    OnnxScorer,
+    candidate_features,
+    encode_query,
+    top_by_bm25,
+)
+from shared_model.state import head_state, load_head_state
+
+
+@pytest.fixture(scope="session")
+def builder(request: pytest.FixtureRequest) -> FeatureBuilder:
+    """The session's one WANDS FeatureBuilder (``wands_builder`` from conftest when present)."""
+    try:
+        return request.getfixturevalue("wands_builder")
+    except pytest.FixtureLookupError:
+        from shared_model.data import load_wands
+        from shared_model.encoder import CachedEncoder
+
+        return FeatureBuilder(load_wands(), CachedEncoder())
+
+
+@pytest.fixture(scope="module")
+def key() -> Ed25519PrivateKey:
+    return Ed25519PrivateKey.generate()
+
+
+def trained_like_head(seed: int = 0) -> RankerHead:
+    head = RankerHead(HeadConfig(hidden_dim=8))
+    rng = np.random.default_rng(seed)
+    load_head_state(
+        head, {k: rng.normal(size=v.shape).astype(np.float32) for k, v in head_state(head).items()}
+    )
+    return head
+
+
+def release_for(directory: Path, key: Ed25519PrivateKey, head: RankerHead) -> Path:
+    return write_release(
+        directory,
+        head=head,
+        version="v1",
+        round=1,
+        epsilon_per_node={"node-0": 1.0},
+        metrics={},
+        signing_key=key,
+    )
+
+
+def catalog_query(builder: FeatureBuilder, index: int = 0) -> tuple[str, list[str]]:
+    """A WANDS query text (its embedding is in the cache) and its judged pool."""
+    qid = builder.data.query_ids[index]
+    pool = list(dict.fromkeys(j.product_id for j in builder.data.judged(qid)))
+    return builder.data.queries[qid].text, pool
+
+
+# --- features -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("index", [0, 7, 23])
+def test_candidate_features_equal_feature_builder(builder: FeatureBuilder, index: int) -> None:
+    text, pool = catalog_query(builder, index)
+    rng = np.random.default_rng(index)
+    for ids in (pool, [pool[i] for i in rng.permutation(len(pool))[:10]], pool[:1]):
+        q = builder.query_vector(text)
+        got = candidate_features(builder, text, q, ids)
+        np.testing.assert_array_equal(got, builder.features(text, ids))
+        assert got.dtype == np.float32
+
+
+def test_encode_query_reads_cache_without_writing(builder: FeatureBuilder) -> None:
+    text, _ = catalog_query(builder, 3)
+    size = len(builder.encoder.cache)
+    np.testing.assert_array_equal(encode_query(builder, text), builder.query_vector(text))
+    assert len(builder.encoder.cache) == size
+
+
+def test_top_by_bm25(builder: FeatureBuilder) -> None:
+    text, _ = catalog_query(builder, 5)
+    ids = top_by_bm25(builder, text, 100)
+    assert len(ids) == len(set(ids)) == 100
+    scores = builder.bm25.score(text, ids)
+    assert np.all(np.diff(scores) <= 0)
+    everything = builder.bm25.score(text, builder.product_ids)
+    assert scores[0] == everything.max()
+    assert scores[-1] >= np.sort(everything)[-100]
+
+
+# --- DeviceRanker -------------------------------------------------------------------------
+
+
+def test_device_ranker_top_k_sorted(
+    tmp_path: Path, key: Ed25519PrivateKey, builder: FeatureBuilder
+) -> None:
+    head = trained_like_head()
+    ranker = DeviceRanker(release_for(tmp_path / "r", key, head), builder, key.public_key())
+    text, pool = catalog_query(builder, 2)
+    ranked = ranker.rank(text, pool, top=10)
+    assert len(ranked) == 10
+    scores = [s for _, s in ranked]
+    assert scores == sorted(scores, reverse=True)
+    assert len({p for p, _ in ranked}) == 10 and all(p in pool for p, _ in ranked)
+    # The ranking is the torch head's over FeatureBuilder features.
+    with torch.no_grad():
+        expected = head.relevance(torch.from_numpy(builder.features(text, pool))).numpy()
+    np.testing.assert_allclose(ranker.scores(text, pool), expected, atol=1e-5)
+    best = [pool[i] for i in np.argsort(-expected, kind="stable")[:10]]
+    assert [p for p, _ in ranked] == best
+    assert len(ranker.rank(text, pool[:3], top=10)) == 3
+    assert ranker.rank(text, [], top=5) == []
+    with pytest.raises(ValueError, match="top"):
+        ranker.rank(text, pool, top=0)
+    with pytest.raises(KeyError, match="no-such-product"):
+        ranker.rank(text, [pool[0], "no-such-product"])
+
+
+def test_untrained_release_ranks_like_cosine(
+    tmp_path: Path, key: Ed25519PrivateKey, builder: FeatureBuilder
+) -> None:
+    ranker = DeviceRanker(release_for(tmp_path / "r", key, RankerHead()), builder)
+    text, pool = catalog_query(builder, 11)
+    cosine = builder.full[builder.rows(pool)] @ builder.query_vector(text)
+    top = [p for p, _ in ranker.rank(text, pool, top=5)]
+    assert top == [pool[i] for i in np.argsort(-cosine, kind="stable")[:5]]
+
+
+def test_device_ranker_refuses_bad_release(
+    tmp_path: Path, key: Ed25519PrivateKey, builder: FeatureBuilder
+) -> None:
+    directory = release_for(tmp_path / "r", key, RankerHead())
+    with pytest.raises(ReleaseError, match="does not verify"):
+        DeviceRanker(directory, builder, Ed25519PrivateKey.generate().public_key())
+    (directory / "head.onnx").write_bytes(b"garbage")
+    with pytest.raises(ReleaseError, match="does not load"):
+        OnnxScorer(directory)  # unverified: still refused, by onnxruntime
+
+
+# --- CLI ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cli(builder: FeatureBuilder, monkeypatch: pytest.MonkeyPatch) -> typer.Typer:
+    """A fresh app with this module's commands; the commands reuse the session's builder."""
+    monkeypatch.setattr(features_module, "FeatureBuilder", lambda *args, **kwargs: builder)
+    app = typer.Typer()
+    bench_app = typer.Typer()
+    app.add_typer(bench_app, name="bench")
+    release_commands.register(app, bench_app)
+    return app
+
+
+def test_cli_score(
+    tmp_path: Path, key: Ed25519PrivateKey, builder: FeatureBuilder, cli: typer.Typer
+) -> None:
+    release = release_for(tmp_path / "r", key, trained_like_head(1))
+    public = write_public_key(key, tmp_path / "public.pem")
+    text, pool = catalog_query(builder, 4)
+    candidates = tmp_path / "candidates.txt"
+    candidates.write_text("\n".join(pool) + "\n")
+    args = ["score", "--release", str(release), "--query", text, "--public-key", str(public)]
+    runner = CliRunner()
+    result = runner.invoke(cli, [*args, "--candidates", str(candidates), "--top", "5"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].split()[:3] == ["rank", "score", "product_id"]
+    rows = [line.split(maxsplit=3) for line in lines[1:]]
+    assert [r[0] for r in rows] == ["1", "2", "3", "4", "5"]
+    expected = DeviceRanker(release, builder).rank(text, pool, top=5)
+    assert [r[2] for r in rows] == [p for p, _ in expected]
+    assert rows[0][3] == builder.data.products[expected[0][0]].title
+    assert [float(r[1]) for r in rows] == sorted((float(r[1]) for r in rows), reverse=True)
+
+    # Default candidates: the catalog's BM25 top-100.
+    result = runner.invoke(cli, [*args, "--top", "3"])
+    assert result.exit_code == 0, result.output
+    ids = [line.split()[2] for line in result.stdout.strip().splitlines()[1:]]
+    default = DeviceRanker(release, builder).rank(text, top_by_bm25(builder, text, 100), top=3)
+    assert ids == [p for p, _ in default]
+
+    # A wrong key is refused with a clear message and exit code 2.
+    other = write_public_key(Ed25519PrivateKey.generate(), tmp_path / "other.pem")
+    bad = [*args[:-1], str(other)]
+    result = runner.invoke(cli, bad)
+    assert result.exit_code == 2 and "does not verify" in result.output
+
+
+def test_cli_bench_score(cli: typer.Typer) -> None:
+    threads = torch.get_num_threads()
+    try:
+        result = CliRunner().invoke(cli, ["bench", "score", "--json", "--repeats", "5"])
+    finally:
+        torch.set_num_threads(threads)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    for name in ("encode_and_score", "head", "torch_head"):
+        assert 0 < report[f"{name}_p50_ms"] <= report[f"{name}_p99_ms"]
+    assert report["repeats"] == 5 and report["candidates"] == 100 and report["threads"] == 1
