@@ -19,16 +19,17 @@ parameters on the ledger lines with an accountant *other* than the one that prod
     Flower's ``RdpAccountant`` with sampling without replacement and the replace-one
     neighbouring relation. We rebuild, from the ledger line alone, exactly the event Flower
     composes each round: ``SampledWithoutReplacementDpEvent(population, sample_size,
-    GaussianDpEvent(z))`` with ``sample_size / population == sample_rate`` (``dp_accounting``'s
-    analysis depends on that ratio only, so the population is recovered from ``sample_rate`` as
-    a fraction), under an ``RdpAccountant(neighboring_relation=REPLACE_ONE)``, one per node,
-    composed round by round. This is independent of the server's accountant *state* and of
-    Flower's wrapper, but not of ``dp_accounting``'s WOR math (the only implementation of that
-    analysis available here; Opacus has none). We match the exact construction rather than use
-    Poisson RDP at ``q`` because the two bound different neighbouring relations (replace-one vs
-    add/remove-one) and are not ordered, so Poisson RDP would neither confirm nor refute the
-    claim. Client-level events with any other accountant are recomputed as Poisson
-    add/remove-one RDP at ``q = sample_rate``.
+    GaussianDpEvent(z))``, with ``sample_size`` and ``population`` from the line's ``detail``
+    (``"sampled=K population=N"``, checked against ``sample_rate``) or, failing that, recovered
+    from ``sample_rate`` as a fraction (``dp_accounting``'s analysis uses only their ratio),
+    under an ``RdpAccountant(neighboring_relation=REPLACE_ONE)`` with its default orders (as
+    Flower builds it), one per node, composed round by round. This is independent of the
+    server's accountant *state* and of Flower's wrapper, but not of ``dp_accounting``'s WOR
+    math (the only implementation of that analysis available here; Opacus has none). We match
+    the exact construction rather than use Poisson RDP at ``q`` because the two bound
+    different neighbouring relations (replace-one vs add/remove-one) and are not ordered, so
+    Poisson RDP would neither confirm nor refute the claim. Client-level events with any other
+    accountant are recomputed as Poisson add/remove-one RDP at ``q = sample_rate``.
 
 A claimed epsilon lower than the recomputation by more than :data:`TOLERANCE` (relative) is a
 failure: the ledger over-claims privacy. A claim above the recomputation is fine (conservative).
@@ -47,6 +48,7 @@ import contextlib
 import json
 import logging
 import math
+import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
@@ -64,6 +66,7 @@ __all__ = [
     "iter_ledger_lines",
     "ledger_files",
     "load_json",
+    "to_jsonable",
     "verify_run",
 ]
 
@@ -153,7 +156,7 @@ class VerifyReport:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict (non-finite floats as ``"inf"``/``"-inf"``/``"nan"``)."""
-        return _jsonable(
+        return to_jsonable(
             {
                 "run_dir": self.run_dir,
                 "ok": self.ok,
@@ -173,13 +176,14 @@ class VerifyReport:
 # --------------------------------------------------------------------------------------------
 # helpers shared with the audit report
 # --------------------------------------------------------------------------------------------
-def _jsonable(value: Any) -> Any:
+def to_jsonable(value: Any) -> Any:
+    """``value`` with non-finite floats as ``"inf"``/``"-inf"``/``"nan"`` (strict JSON)."""
     if isinstance(value, float) and not math.isfinite(value):
         return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): to_jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [to_jsonable(v) for v in value]
     return value
 
 
@@ -271,18 +275,20 @@ class _NodeAccountant:
     def method(self) -> str:
         return METHOD_WOR_RDP if self.without_replacement else METHOD_POISSON_RDP
 
-    def _unit(self, sigma: float, q: float) -> tuple[Any, Any]:
+    def _unit(self, sigma: float, q: float, sizes: tuple[int, int] | None) -> tuple[Any, Any]:
         """``(orders, rdp)`` of one application of the sampled Gaussian."""
-        key = (self.without_replacement, sigma, q)
+        key = (self.without_replacement, sigma, q, sizes)
         if key not in self._cache:
             import dp_accounting
 
             gaussian = dp_accounting.GaussianDpEvent(sigma)
             if self.without_replacement:
                 # Flower's construction; the analysis only uses sample_size / population.
-                ratio = Fraction(q).limit_denominator(_MAX_POPULATION)
+                if sizes is None:
+                    ratio = Fraction(q).limit_denominator(_MAX_POPULATION)
+                    sizes = (ratio.numerator, ratio.denominator)
                 event: Any = dp_accounting.SampledWithoutReplacementDpEvent(
-                    ratio.denominator, ratio.numerator, gaussian
+                    sizes[1], sizes[0], gaussian
                 )
                 relation = dp_accounting.NeighboringRelation.REPLACE_ONE
             else:
@@ -293,8 +299,20 @@ class _NodeAccountant:
             self._cache[key] = (acc.orders, acc.rdp)
         return self._cache[key]
 
-    def compose(self, sigma: float, q: float, steps: int, *, delta: float) -> float:
-        """Compose one event; return the epsilon of the node's history so far at ``delta``."""
+    def compose(
+        self,
+        sigma: float,
+        q: float,
+        steps: int,
+        *,
+        delta: float,
+        sizes: tuple[int, int] | None = None,
+    ) -> float:
+        """Compose one event; return the epsilon of the node's history so far at ``delta``.
+
+        ``sizes`` is ``(sample_size, population)`` for sampling without replacement (else
+        recovered from ``q``).
+        """
         from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon
 
         self.delta = delta
@@ -304,7 +322,7 @@ class _NodeAccountant:
             self.infinite = True
         if self.infinite:
             return math.inf
-        orders, unit = self._unit(sigma, q)
+        orders, unit = self._unit(sigma, q, sizes)
         self._rdp = steps * unit if self._rdp is None else self._rdp + steps * unit
         eps = float(compute_epsilon(orders, self._rdp, delta)[0])
         return math.inf if math.isnan(eps) else eps
@@ -500,12 +518,21 @@ def _check_line(
                     without_replacement=wor, cache=cache
                 )
             method = acc.method
+            sizes = _sizes_from_detail(record.get("detail")) if wor else None
+            q = float(record["sample_rate"])
+            if sizes is not None and not math.isclose(sizes[0] / sizes[1], q, rel_tol=1e-9):
+                problems.append(
+                    _problem(
+                        file,
+                        number,
+                        f"detail says sampled={sizes[0]} population={sizes[1]} but "
+                        f"sample_rate={q!r}",
+                    )
+                )
+                sizes = None
             try:
                 recomputed = acc.compose(
-                    float(record["noise_multiplier"]),
-                    float(record["sample_rate"]),
-                    steps,
-                    delta=delta,
+                    float(record["noise_multiplier"]), q, steps, delta=delta, sizes=sizes
                 )
             except (ValueError, AssertionError) as exc:
                 problems.append(_problem(file, number, f"cannot recompute epsilon: {exc}"))
@@ -544,6 +571,22 @@ def _check_line(
         detail=record.get("detail") if isinstance(record.get("detail"), str) else None,
     )
     return row, problems
+
+
+_SIZES = re.compile(r"sampled\s*=\s*(\d+)\D+population\s*=\s*(\d+)")
+
+
+def _sizes_from_detail(detail: Any) -> tuple[int, int] | None:
+    """``(sample_size, population)`` from a server line's ``detail`` ("sampled=K population=N")."""
+    if not isinstance(detail, str):
+        return None
+    match = _SIZES.search(detail)
+    if not match:
+        return None
+    sample_size, population = int(match.group(1)), int(match.group(2))
+    if not 0 < sample_size <= population:
+        return None
+    return sample_size, population
 
 
 def _over_claims(claimed: float, recomputed: float) -> bool:

@@ -236,7 +236,7 @@ def export_onnx(head: RankerHead) -> bytes:
         torch.onnx.export(
             module,
             (example,),
-            buf,
+            buf,  # type: ignore[arg-type]  # the TorchScript exporter accepts a BytesIO
             input_names=[INPUT_NAME],
             output_names=[OUTPUT_NAME],
             dynamic_axes={INPUT_NAME: {0: "n"}, OUTPUT_NAME: {0: "n"}},

@@ -38,9 +38,7 @@ def random_head(hidden_dim: int = 0, seed: int = 0) -> RankerHead:
     """A head with random (not zero-shot) weights."""
     head = RankerHead(HeadConfig(hidden_dim=hidden_dim))
     rng = np.random.default_rng(seed)
-    state = {
-        k: rng.normal(size=v.shape).astype(np.float32) for k, v in head_state(head).items()
-    }
+    state = {k: rng.normal(size=v.shape).astype(np.float32) for k, v in head_state(head).items()}
     load_head_state(head, state)
     return head
 

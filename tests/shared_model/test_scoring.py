@@ -88,9 +88,14 @@ def test_candidate_features_equal_feature_builder(builder: FeatureBuilder, index
 
 def test_encode_query_reads_cache_without_writing(builder: FeatureBuilder) -> None:
     text, _ = catalog_query(builder, 3)
+    expected = builder.query_vector(text)  # puts the text in the cache (if it was not)
     size = len(builder.encoder.cache)
-    np.testing.assert_array_equal(encode_query(builder, text), builder.query_vector(text))
-    assert len(builder.encoder.cache) == size
+    np.testing.assert_array_equal(encode_query(builder, text), expected)
+    fresh = f"{text} never seen before"
+    np.testing.assert_allclose(
+        encode_query(builder, fresh), builder.encoder.encoder.encode([fresh])[0], atol=1e-6
+    )
+    assert len(builder.encoder.cache) == size  # neither query was written to the cache
 
 
 def test_top_by_bm25(builder: FeatureBuilder) -> None:

@@ -1,0 +1,526 @@
+"""The privacy audit of a run: ``RUN_DIR/audit.json`` and a self-contained ``RUN_DIR/audit.html``.
+
+:func:`build_audit` gathers, from the run directory alone (``config.json``, ``metrics.json``,
+``ledger/*.jsonl``): epsilon per node and round against the budget, NDCG@10 per round, the DP
+parameters of each node, the unit of privacy and neighbouring relation in words, the code
+version, a hash of the configuration, the result of :func:`privacy.verify.verify_run` and the
+caveats that apply. :func:`write_audit` writes it as JSON and as one offline HTML page (inline
+CSS, plots as base64 PNG data URIs, no scripts, no external links).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import datetime as _dt
+import hashlib
+import html
+import io
+import json
+import math
+import subprocess
+from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
+from pathlib import Path
+from typing import Any
+
+from privacy.verify import (
+    EventRow,
+    VerifyReport,
+    config_budget,
+    load_json,
+    to_jsonable,
+    verify_run,
+)
+
+__all__ = [
+    "AUDIT_HTML",
+    "AUDIT_JSON",
+    "CAVEAT_CLIENT_LEVEL",
+    "CAVEAT_EVALUATION",
+    "CAVEAT_RDP_UPPER_BOUND",
+    "CAVEAT_SECAGG",
+    "CAVEAT_SECURE_MODE",
+    "build_audit",
+    "code_version",
+    "config_hash",
+    "render_html",
+    "write_audit",
+]
+
+AUDIT_JSON = "audit.json"
+AUDIT_HTML = "audit.html"
+
+CAVEAT_SECURE_MODE = (
+    "Opacus secure_mode is off: PyPI has no torchcsprng, so noise comes from a "
+    "non-cryptographic RNG."
+)
+CAVEAT_EVALUATION = "ε accounts only for the training clicks; evaluation uses public judgments."
+CAVEAT_RDP_UPPER_BOUND = (
+    "RDP accounting is an upper bound: the true ε of the mechanism is at most the reported "
+    "value (the PLD reference in the table is tighter)."
+)
+CAVEAT_SECAGG = (
+    "SecAgg+ hides individual updates from the server; the adaptive-clipping bit per client "
+    "is sent in the clear."
+)
+CAVEAT_NO_SECAGG = (
+    "SecAgg+ is off in this run: the server sees each client's clipped update before adding "
+    "noise, so client-level DP protects the released model, not the updates, from the server."
+)
+CAVEAT_CLIENT_LEVEL = (
+    "Client-level ε is accounted with sampling without replacement and the replace-one "
+    "neighbouring relation (Flower's RdpAccountant); it is not directly comparable with an "
+    "add/remove-one ε."
+)
+CAVEAT_TRUNCATION = (
+    "The hash chain shows edited, deleted, inserted or reordered ledger lines, but not lines "
+    "cut off the end of a ledger: compare each ledger's head hash with a copy kept elsewhere."
+)
+CAVEAT_NON_PRIVATE = "This run is non-private (ε = ∞): no differential-privacy guarantee."
+CAVEAT_REFUSALS = (
+    "Refused rounds were not trained: the node (or, for region caps, the server) skipped them "
+    "because they would have taken ε past its budget; they cost no privacy."
+)
+
+_UNIT_WORDS = {
+    "user": (
+        "User-level differential privacy at each node (region): neighbouring datasets differ "
+        "by adding or removing one user's whole click history at a node; every user's clicks "
+        "live at one node, so each node's ε bounds what the run reveals about any one user."
+    ),
+    "client": (
+        "Client-level differential privacy (device shape): neighbouring populations differ by "
+        "replacing one client (device) — all of its data — with another; clients are sampled "
+        "without replacement each round and the server clips and noises the aggregate."
+    ),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# provenance
+# --------------------------------------------------------------------------------------------
+def code_version() -> dict[str, str]:
+    """``{"git_commit": ..., "fedrank_version": ...}`` (``"unknown"`` where unavailable)."""
+    commit = "unknown"
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+        if result.returncode == 0 and result.stdout.strip():
+            commit = result.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    version = "unknown"
+    with contextlib.suppress(PackageNotFoundError):
+        version = package_version("fedrank")
+    return {"git_commit": commit, "fedrank_version": version}
+
+
+def config_hash(config: Any) -> str:
+    """sha256 hex of the canonical JSON of the config (sorted keys, no spaces, strict JSON:
+    non-finite floats as the strings ``"inf"``/``"-inf"``/``"nan"``, as in the ledger)."""
+    text = json.dumps(to_jsonable(config), sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# the audit dict
+# --------------------------------------------------------------------------------------------
+def _distinct(values: Sequence[Any]) -> list[Any]:
+    out: list[Any] = []
+    for v in values:
+        if v not in out and not (isinstance(v, float) and math.isnan(v)):
+            out.append(v)
+    return out
+
+
+def _one_or_many(values: Sequence[Any]) -> Any:
+    distinct = _distinct(values)
+    if not distinct:
+        return None
+    return distinct[0] if len(distinct) == 1 else distinct
+
+
+def _node_table(report: VerifyReport) -> list[dict[str, Any]]:
+    by_node: dict[str, list[EventRow]] = {}
+    for row in report.rows:
+        by_node.setdefault(row.node, []).append(row)
+    table = []
+    for node in sorted(by_node):
+        rows = by_node[node]
+        spent = [r for r in rows if r.mechanism != "refusal"]
+        refusals = [r for r in rows if r.mechanism == "refusal"]
+        steps_per_round: dict[int, int] = {}
+        for r in spent:
+            steps_per_round[r.round] = steps_per_round.get(r.round, 0) + r.steps
+        # epsilon after each round = the last event of that round
+        series: dict[int, float] = {}
+        recomputed: dict[int, float | None] = {}
+        for r in spent:
+            series[r.round] = r.claimed_epsilon
+            recomputed[r.round] = r.recomputed_epsilon
+        final = spent[-1] if spent else None
+        table.append(
+            {
+                "node": node,
+                "files": _distinct([r.file for r in rows]),
+                "mechanism": _one_or_many([r.mechanism for r in spent]) or "refusal",
+                "unit_of_privacy": _one_or_many([r.unit_of_privacy for r in rows]),
+                "noise_multiplier": _one_or_many([r.noise_multiplier for r in spent]),
+                "sample_rate": _one_or_many([r.sample_rate for r in spent]),
+                "steps_per_round": _one_or_many(list(steps_per_round.values())),
+                "clip_norm": _one_or_many([r.clip_norm for r in spent]),
+                "delta": _one_or_many([r.delta for r in rows]),
+                "accountant": _one_or_many([r.accountant for r in spent]),
+                "rounds": sorted(steps_per_round),
+                "epsilon_per_round": [[k, v] for k, v in sorted(series.items())],
+                "recomputed_epsilon_per_round": [[k, v] for k, v in sorted(recomputed.items())],
+                "final_epsilon": final.claimed_epsilon if final else None,
+                "final_recomputed_epsilon": final.recomputed_epsilon if final else None,
+                "recompute_method": final.method if final else None,
+                "pld_reference_epsilon": report.reference_epsilon.get(node),
+                "refusals": len(refusals),
+                "refused_rounds": sorted({r.round for r in refusals}),
+            }
+        )
+    return table
+
+
+def _metrics_rounds(metrics: Any) -> list[dict[str, Any]]:
+    if not isinstance(metrics, dict) or not isinstance(metrics.get("rounds"), list):
+        return []
+    return [r for r in metrics["rounds"] if isinstance(r, dict)]
+
+
+def _caveats(report: VerifyReport, config: dict[str, Any], budget: float | None) -> list[str]:
+    mechanisms = {r.mechanism for r in report.rows}
+    accountants = {r.accountant for r in report.rows if r.mechanism != "refusal"}
+    device = config.get("privacy-shape") == "device" or "client-level-gaussian" in mechanisms
+    caveats: list[str] = []
+    if budget is not None and math.isinf(budget):
+        caveats.append(CAVEAT_NON_PRIVATE)
+    if "dp-sgd" in mechanisms or not device:
+        caveats.append(CAVEAT_SECURE_MODE)
+    caveats.append(CAVEAT_EVALUATION)
+    if mechanisms - {"refusal"} or accountants:
+        caveats.append(CAVEAT_RDP_UPPER_BOUND)
+    if device:
+        secagg = config.get("secagg")
+        caveats.append(CAVEAT_SECAGG if secagg in (True, "true", 1) else CAVEAT_NO_SECAGG)
+        if "rdp-wor" in accountants:
+            caveats.append(CAVEAT_CLIENT_LEVEL)
+    if "refusal" in mechanisms:
+        caveats.append(CAVEAT_REFUSALS)
+    if report.files:
+        caveats.append(CAVEAT_TRUNCATION)
+    return caveats
+
+
+def build_audit(run_dir: Path | str, *, report: VerifyReport | None = None) -> dict[str, Any]:
+    """Gather the audit of a run as a JSON-safe dict.
+
+    Parameters
+    ----------
+    run_dir : path
+        The run directory.
+    report : VerifyReport, optional
+        A verification already run on ``run_dir`` (default: run :func:`verify_run`).
+
+    Returns
+    -------
+    dict
+        Keys ``run_dir``, ``generated_at``, ``code_version``, ``config``, ``config_hash``,
+        ``privacy_shape``, ``budget_epsilon``, ``delta``, ``units_of_privacy`` (unit ->
+        neighbouring relation in words), ``nodes`` (DP parameters and ε per round, per node),
+        ``metrics`` (per round), ``verify`` (:meth:`VerifyReport.to_dict`) and ``caveats``.
+        Non-finite floats are the strings ``"inf"``/``"-inf"``/``"nan"``.
+    """
+    run_path = Path(run_dir)
+    if report is None:
+        report = verify_run(run_path)
+    try:
+        config = load_json(run_path / "config.json")
+    except (OSError, ValueError):
+        config = None
+    config = config if isinstance(config, dict) else {}
+    try:
+        metrics = load_json(run_path / "metrics.json")
+    except (OSError, ValueError):
+        metrics = None
+    budget = config_budget(config)
+    nodes = _node_table(report)
+    units = sorted({r.unit_of_privacy for r in report.rows})
+    if not units:
+        units = ["client"] if config.get("privacy-shape") == "device" else ["user"]
+    audit = {
+        "run_dir": str(run_path),
+        "generated_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "code_version": code_version(),
+        "config": config,
+        "config_hash": config_hash(config),
+        "privacy_shape": config.get("privacy-shape"),
+        "budget_epsilon": budget,
+        "delta": config.get("delta"),
+        "units_of_privacy": {u: _UNIT_WORDS.get(u, u) for u in units},
+        "nodes": nodes,
+        "metrics": {
+            "rounds": _metrics_rounds(metrics),
+            "final": metrics.get("final") if isinstance(metrics, dict) else None,
+        },
+        "verify": report.to_dict(),
+        "caveats": _caveats(report, config, budget),
+    }
+    return to_jsonable(audit)
+
+
+# --------------------------------------------------------------------------------------------
+# plots
+# --------------------------------------------------------------------------------------------
+def _as_float(value: Any) -> float:
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return math.nan
+    return float(value) if isinstance(value, (int, float)) else math.nan
+
+
+def _png_data_uri(fig: Any) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight", metadata={"Software": None})
+    encoded = base64.b64encode(buffer.getvalue()).decode("ascii")
+    return f"data:image/png;base64,{encoded}"
+
+
+def _plots(audit: dict[str, Any]) -> dict[str, str | None]:
+    # No pyplot: no global state and no GUI backend; each figure gets its own Agg canvas.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    plots: dict[str, str | None] = {"epsilon": None, "ndcg": None}
+
+    series = [n for n in audit["nodes"] if n["epsilon_per_round"]]
+    if series:
+        fig = Figure(figsize=(7, 3.6))
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        for node in series:
+            xs = [p[0] for p in node["epsilon_per_round"]]
+            ys = [_as_float(p[1]) for p in node["epsilon_per_round"]]
+            ax.plot(xs, ys, marker="o", label=node["node"])
+        budget = _as_float(audit["budget_epsilon"])
+        if math.isfinite(budget):
+            ax.axhline(budget, linestyle="--", color="black", label=f"budget ε = {budget:g}")
+        ax.set_xlabel("round")
+        ax.set_ylabel("ε (cumulative)")
+        ax.set_title("ε per node over rounds")
+        ax.legend(fontsize="small")
+        ax.grid(alpha=0.3)
+        plots["epsilon"] = _png_data_uri(fig)
+
+    rounds = [r for r in audit["metrics"]["rounds"] if math.isfinite(_as_float(r.get("ndcg@10")))]
+    if rounds:
+        fig = Figure(figsize=(7, 3.2))
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        ax.plot(
+            [r.get("round") for r in rounds],
+            [_as_float(r["ndcg@10"]) for r in rounds],
+            marker="o",
+            color="tab:green",
+        )
+        ax.set_xlabel("round")
+        ax.set_ylabel("NDCG@10")
+        ax.set_title("NDCG@10 per round")
+        ax.grid(alpha=0.3)
+        plots["ndcg"] = _png_data_uri(fig)
+    return plots
+
+
+# --------------------------------------------------------------------------------------------
+# HTML
+# --------------------------------------------------------------------------------------------
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 1.6em; }
+table { border-collapse: collapse; margin: .5em 0; font-size: .9em; }
+th, td { border: 1px solid #bbb; padding: .25em .6em; text-align: left; }
+th { background: #eee; }
+code { background: #f4f4f4; padding: 0 .2em; }
+.pass { color: #176117; font-weight: bold; } .fail { color: #a11; font-weight: bold; }
+.muted { color: #666; }
+"""
+
+
+def _esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _num(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, list):
+        return ", ".join(_num(v, digits) for v in value)
+    if isinstance(value, str):
+        return {"inf": "∞", "-inf": "-∞"}.get(value, _esc(value))
+    if isinstance(value, bool):
+        return _esc(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isinf(value):
+            return "∞"
+        if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e6):
+            return f"{value:.3g}"
+        return f"{value:.{digits}f}"
+    return _esc(value)
+
+
+def _eps(value: Any) -> str:
+    return _num(value, 4)
+
+
+def render_html(audit: dict[str, Any]) -> str:
+    """The audit as one self-contained HTML page (inline CSS and images, no scripts/links)."""
+    plots = _plots(audit)
+    verify = audit["verify"]
+    code = audit["code_version"]
+    parts: list[str] = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>fedrank privacy audit — {_esc(audit['run_dir'])}</title>",
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>Privacy audit of <code>{_esc(audit['run_dir'])}</code></h1>",
+        '<table class="meta">',
+        f"<tr><th>generated</th><td>{_esc(audit['generated_at'])}</td></tr>",
+        f"<tr><th>code version</th><td>git <code>{_esc(code['git_commit'])}</code>, "
+        f"fedrank {_esc(code['fedrank_version'])}</td></tr>",
+        f"<tr><th>config hash (sha256)</th><td><code>{_esc(audit['config_hash'])}</code></td></tr>",
+        f"<tr><th>privacy shape</th><td>{_esc(audit['privacy_shape'] or 'unknown')}</td></tr>",
+        f"<tr><th>budget ε per node</th><td>{_eps(audit['budget_epsilon'])}</td></tr>",
+        f"<tr><th>δ</th><td>{_num(audit['delta'])}</td></tr>",
+        "</table>",
+    ]
+
+    verdict = "pass" if verify["ok"] else "fail"
+    parts += [
+        "<h2>Verification</h2>",
+        f'<p class="{verdict}">{_esc(verify["summary"])}</p>',
+        '<p class="muted">Hash chains re-walked; every claimed ε recomputed from the ledger '
+        "parameters with Google's dp_accounting (not the accountant used in training); a "
+        f"claim more than {verify['tolerance']:.0%} below the recomputation fails.</p>",
+    ]
+    if verify["problems"]:
+        parts.append("<ul>")
+        parts += [f"<li><code>{_esc(p['text'])}</code></li>" for p in verify["problems"]]
+        parts.append("</ul>")
+
+    parts.append("<h2>Unit of privacy and neighbouring relation</h2><ul>")
+    parts += [
+        f"<li><b>{_esc(unit)}</b>: {_esc(words)}</li>"
+        for unit, words in audit["units_of_privacy"].items()
+    ]
+    parts.append("</ul>")
+
+    parts.append("<h2>ε per node</h2>")
+    if plots["epsilon"]:
+        parts.append(f'<img alt="epsilon per node over rounds" src="{plots["epsilon"]}">')
+    else:
+        parts.append('<p class="muted">No ε was spent (no DP events in the ledgers).</p>')
+
+    parts += [
+        "<h2>DP parameters per node</h2>",
+        "<table><tr><th>node</th><th>mechanism</th><th>unit</th><th>σ (noise multiplier)</th>"
+        "<th>q (sample rate)</th><th>steps/round</th><th>clip</th><th>δ</th>"
+        "<th>accountant</th><th>rounds</th><th>final ε (claimed)</th><th>final ε (recomputed)"
+        "</th><th>PLD reference ε</th><th>refusals</th></tr>",
+    ]
+    for node in audit["nodes"]:
+        refused = node["refused_rounds"]
+        refusals = f"{node['refusals']}" + (
+            f" (rounds {', '.join(str(r) for r in refused)})" if refused else ""
+        )
+        parts.append(
+            "<tr>"
+            f"<td>{_esc(node['node'])}</td><td>{_esc(node['mechanism'])}</td>"
+            f"<td>{_esc(node['unit_of_privacy'])}</td>"
+            f"<td>{_num(node['noise_multiplier'])}</td><td>{_num(node['sample_rate'])}</td>"
+            f"<td>{_num(node['steps_per_round'])}</td><td>{_num(node['clip_norm'])}</td>"
+            f"<td>{_num(node['delta'])}</td><td>{_esc(node['accountant'] or '–')}</td>"
+            f"<td>{len(node['rounds'])}</td>"
+            f"<td>{_eps(node['final_epsilon'])}</td>"
+            f"<td>{_eps(node['final_recomputed_epsilon'])}</td>"
+            f"<td>{_eps(node['pld_reference_epsilon'])}</td>"
+            f"<td>{_esc(refusals)}</td></tr>"
+        )
+    parts.append("</table>")
+
+    parts.append(
+        "<h2>ε per round</h2><table><tr><th>node</th><th>round</th>"
+        "<th>ε claimed</th><th>ε recomputed</th></tr>"
+    )
+    for node in audit["nodes"]:
+        recomputed = {k: v for k, v in node["recomputed_epsilon_per_round"]}
+        for round_, eps in node["epsilon_per_round"]:
+            parts.append(
+                f"<tr><td>{_esc(node['node'])}</td><td>{round_}</td><td>{_eps(eps)}</td>"
+                f"<td>{_eps(recomputed.get(round_))}</td></tr>"
+            )
+    parts.append("</table>")
+
+    parts.append("<h2>Ranking quality</h2>")
+    if plots["ndcg"]:
+        parts.append(f'<img alt="NDCG@10 per round" src="{plots["ndcg"]}">')
+    else:
+        parts.append('<p class="muted">No per-round NDCG@10 in metrics.json.</p>')
+    final = audit["metrics"].get("final")
+    if isinstance(final, dict) and final:
+        parts.append("<table><tr>")
+        parts += [f"<th>{_esc(k)}</th>" for k in final]
+        parts.append("</tr><tr>")
+        parts += [f"<td>{_num(v)}</td>" for v in final.values()]
+        parts.append("</tr></table>")
+
+    parts.append("<h2>Caveats</h2><ul>")
+    parts += [f"<li>{_esc(c)}</li>" for c in audit["caveats"]]
+    parts.append("</ul>")
+
+    parts += [
+        "<h2>Configuration</h2>",
+        f"<pre>{_esc(json.dumps(audit['config'], indent=1, sort_keys=True))}</pre>",
+        "</body></html>",
+    ]
+    return "\n".join(parts) + "\n"
+
+
+def write_audit(run_dir: Path | str, *, report: VerifyReport | None = None) -> tuple[Path, Path]:
+    """Write ``RUN_DIR/audit.html`` and ``RUN_DIR/audit.json``.
+
+    Parameters
+    ----------
+    run_dir : path
+        The run directory.
+    report : VerifyReport, optional
+        A verification already run on ``run_dir`` (default: run :func:`verify_run`).
+
+    Returns
+    -------
+    tuple of Path
+        ``(html_path, json_path)``.
+    """
+    run_path = Path(run_dir)
+    audit = build_audit(run_path, report=report)
+    json_path = run_path / AUDIT_JSON
+    html_path = run_path / AUDIT_HTML
+    json_path.write_text(
+        json.dumps(audit, indent=1, sort_keys=True, allow_nan=False) + "\n", encoding="utf-8"
+    )
+    html_path.write_text(render_html(audit), encoding="utf-8")
+    return html_path, json_path

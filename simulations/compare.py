@@ -1,0 +1,107 @@
+"""Compare run directories with each other and with the baselines (same held-out fold)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+METRICS = ("ndcg@10", "mrr", "auc")
+BASELINES = ("bm25", "minilm_zero_shot", "central_head")
+
+
+def load_run(run_dir: Path) -> dict[str, Any]:
+    """A run's config and metrics; ``FileNotFoundError`` names the missing file."""
+    metrics_path = run_dir / "metrics.json"
+    config_path = run_dir / "config.json"
+    for path in (metrics_path, config_path):
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: is {run_dir} a fedrank run directory?")
+    metrics = json.loads(metrics_path.read_text())
+    if not metrics.get("rounds"):
+        raise ValueError(f"{metrics_path} has no rounds yet")
+    return {"config": json.loads(config_path.read_text()), "metrics": metrics}
+
+
+def _eps(value: Any) -> float:
+    return math.inf if value == "inf" else float(value)
+
+
+def baseline_results(config: dict[str, Any]) -> dict[str, Any]:
+    """Run the baselines with the same world and folds as a run (no cached JSON given)."""
+    from shared_model.baseline import run_baselines
+    from shared_model.catalog import cached_feature_builder
+    from shared_model.data import DEFAULT_WANDS_DIR
+    from shared_model.world import simulate_click_log
+    from simulations.scenarios import get_scenario
+
+    scenario = get_scenario(config["scenario"])
+    builder = cached_feature_builder(
+        config.get("catalog-dir") or str(DEFAULT_WANDS_DIR), config.get("cache-dir", "")
+    )
+    clicks = simulate_click_log(builder.data, scenario.world)
+    return run_baselines(
+        builder, clicks, num_folds=int(config["num-folds"]), seed=int(config["seed"]),
+        include_naive=False,
+    )
+
+
+def compare_runs(
+    run_dirs: list[Path], *, baseline_json: Path | None, plot_path: Path
+) -> dict[str, Any]:
+    """Rows for each baseline and run on the runs' held-out fold, plus an NDCG@10 plot."""
+    runs = [(d, load_run(d)) for d in run_dirs]
+    folds = {int(r["config"]["eval-fold"]) for _, r in runs}
+    if len(folds) != 1:
+        raise ValueError(f"runs were evaluated on different folds {sorted(folds)}")
+    fold = folds.pop()
+    if baseline_json is not None:
+        baselines = json.loads(baseline_json.read_text())
+    else:
+        baselines = baseline_results(runs[0][1]["config"])
+    rows: list[dict[str, Any]] = []
+    for name in BASELINES:
+        b = baselines[name]
+        rows.append({"name": name, **{m: b[f"{m}_per_fold"][fold] for m in METRICS}})
+    central = rows[-1]["ndcg@10"]
+    zero_shot = rows[1]["ndcg@10"]
+    for run_dir, run in runs:
+        final = run["metrics"]["final"]
+        rows.append(
+            {
+                "name": run_dir.name,
+                **{m: float(final[m]) for m in METRICS},
+                "epsilon_budget": _eps(run["config"]["epsilon"]),
+                "epsilon": _eps(final["epsilon_max"]),
+                "rounds": int(final["round"]),
+                "fraction_of_central": float(final["ndcg@10"]) / central,
+                "lift_over_zero_shot": float(final["ndcg@10"]) - zero_shot,
+                "wall_seconds": run["metrics"].get("wall_seconds"),
+            }
+        )
+    _plot(runs, central=central, zero_shot=zero_shot, path=plot_path)
+    return {"fold": fold, "rows": rows, "plot": str(plot_path)}
+
+
+def _plot(
+    runs: list[tuple[Path, dict[str, Any]]], *, central: float, zero_shot: float, path: Path
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for run_dir, run in runs:
+        rounds = run["metrics"]["rounds"]
+        ax.plot([r["round"] for r in rounds], [r["ndcg@10"] for r in rounds], label=run_dir.name)
+    ax.axhline(central, color="black", linestyle="--", label="central head (no DP)")
+    ax.axhline(zero_shot, color="grey", linestyle=":", label="zero-shot MiniLM")
+    ax.set_xlabel("round")
+    ax.set_ylabel("NDCG@10 (held-out queries)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
