@@ -328,6 +328,24 @@ class _NodeAccountant:
         return math.inf if math.isnan(eps) else eps
 
 
+_UNIT_CACHE: dict[Any, Any] = {}
+"""RDP curve of one sampled-Gaussian application per ``(wor, sigma, q, sizes)``, kept across
+runs in a process (pure function of its key)."""
+_UNIT_CACHE_MAX = 4096
+
+
+def _merge_runs(history: list[tuple[float, float, int]]) -> list[tuple[float, float, int]]:
+    """Merge consecutive events with the same ``(sigma, q)`` (the same composition; PLD
+    self-composes a merged event far faster than it composes its pieces one by one)."""
+    merged: list[tuple[float, float, int]] = []
+    for sigma, q, steps in history:
+        if merged and merged[-1][:2] == (sigma, q):
+            merged[-1] = (sigma, q, merged[-1][2] + steps)
+        else:
+            merged.append((sigma, q, steps))
+    return merged
+
+
 def _problem(file: str, line: int, text: str) -> ChainProblem:
     return ChainProblem(file, line, text)
 
@@ -374,7 +392,9 @@ def verify_run(run_dir: Path | str, *, pld_reference: bool = True) -> VerifyRepo
         )
 
     accountants: dict[tuple[str, bool], _NodeAccountant] = {}
-    cache: dict[Any, Any] = {}
+    cache = _UNIT_CACHE
+    if len(cache) > _UNIT_CACHE_MAX:
+        cache.clear()
     last_eps: dict[tuple[str, str], tuple[float, int]] = {}
     ledger_delta: dict[str, tuple[float, int]] = {}
 
@@ -399,7 +419,7 @@ def verify_run(run_dir: Path | str, *, pld_reference: bool = True) -> VerifyRepo
                     continue
                 try:
                     reference[node] = epsilon_dp_accounting(
-                        history=acc.history,
+                        history=_merge_runs(acc.history),
                         delta=acc.delta,
                         method="pld",
                         value_discretization_interval=_PLD_INTERVAL,

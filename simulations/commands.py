@@ -27,46 +27,43 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         rounds: int | None = typer.Option(None, "--rounds", help="Server rounds."),
         epsilon: str = typer.Option("1", "--epsilon", help="Per-node ε budget, or 'inf'."),
         run_dir: Path | None = typer.Option(None, "--run-dir", help="Run directory."),
-        eval_fold: int = typer.Option(0, "--eval-fold", help="Held-out query fold."),
+        eval_fold: str = typer.Option(
+            "0", "--eval-fold", help="Held-out query fold, or 'all' (one run per fold)."
+        ),
         strategy: str | None = typer.Option(None, "--strategy", help="fedavg or fedadam."),
     ) -> None:
         """Run a scenario on Flower's Simulation Engine and print the final table."""
-        from simulations.runner import parse_epsilon, prepare_run, run_simulation
+        from simulations.runner import parse_epsilon, run_folds
         from simulations.scenarios import get_scenario
 
         try:
             chosen = get_scenario(scenario)
             eps = parse_epsilon(epsilon)
+            folds = None if eval_fold == "all" else [int(eval_fold)]
         except (KeyError, ValueError) as exc:
             typer.echo(f"error: {exc.args[0]}", err=True)
             raise typer.Exit(2) from None
         target = run_dir or Path("runs") / f"{scenario}-eps{epsilon}"
         overrides = {"strategy": strategy} if strategy else {}
-        typer.echo(f"[fedrank] preparing {scenario} in {target} ...")
-        settings = prepare_run(
-            chosen, run_dir=target, rounds=rounds or chosen.rounds, epsilon=eps,
-            eval_fold=eval_fold, overrides=overrides,
-        )
         try:
-            result = run_simulation(chosen, settings)
+            summary = run_folds(
+                chosen, run_dir=target, rounds=rounds or chosen.rounds, epsilon=eps,
+                folds=folds, overrides=overrides, echo=typer.echo,
+            )
         except KeyboardInterrupt:
             typer.echo("[fedrank] interrupted; Flower processes stopped", err=True)
             raise typer.Exit(130) from None
-        final = result.metrics.get("final")
-        if not final:
-            typer.echo(
-                f"error: the run produced no metrics (flwr exit {result.returncode}); "
-                f"see {target / 'flower.log'}",
-                err=True,
-            )
-            raise typer.Exit(1)
+        except RuntimeError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from None
         typer.echo("")
-        typer.echo(f"{'run':<28} {'rounds':>6} {'ndcg@10':>8} {'mrr':>7} {'auc':>7} {'eps':>8}")
-        typer.echo(
-            f"{target.name:<28} {final['round']:>6} {final['ndcg@10']:>8.4f} "
-            f"{final['mrr']:>7.4f} {final['auc']:>7.4f} {_fmt(final['epsilon_max']):>8}"
-        )
-        typer.echo(f"wall time {result.wall_seconds:.0f}s; run directory {target}")
+        typer.echo(f"{'run':<34} {'rounds':>6} {'ndcg@10':>8} {'mrr':>7} {'auc':>7} {'eps':>8}")
+        for name, final in summary["rows"]:
+            typer.echo(
+                f"{name:<34} {final['round']:>6} {final['ndcg@10']:>8.4f} "
+                f"{final['mrr']:>7.4f} {final['auc']:>7.4f} {_fmt(final['epsilon_max']):>8}"
+            )
+        typer.echo(f"wall time {summary['wall_seconds']:.0f}s; run directory {target}")
 
     @app.command("compare")
     def compare(
@@ -96,3 +93,15 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                 f"{_fmt(row.get('fraction_of_central', '-')):>6}"
             )
         typer.echo(f"plot: {table['plot']}")
+
+    @bench_app.command("train")
+    def bench_train_cmd(
+        as_json: bool = typer.Option(False, "--json", help="JSON on stdout."),
+        repeats: int = typer.Option(5, "--repeats"),
+        users: int = typer.Option(2000, "--users"),
+    ) -> None:
+        """Examples/s of the node's DP step vs non-private vs Opacus' hooks mode."""
+        from simulations.bench import bench_train
+
+        result = bench_train(users=users, repeats=repeats)
+        typer.echo(json.dumps(result, indent=None if as_json else 2))

@@ -12,7 +12,24 @@ BASELINES = ("bm25", "minilm_zero_shot", "central_head")
 
 
 def load_run(run_dir: Path) -> dict[str, Any]:
-    """A run's config and metrics; ``FileNotFoundError`` names the missing file."""
+    """A run's config and metrics; ``FileNotFoundError`` names the missing file.
+
+    A multi-fold run (``summary.json``, one ``fold-K`` run per fold) reads as its mean, with
+    the rounds of every fold kept for the plot.
+    """
+    summary_path = run_dir / "summary.json"
+    if summary_path.exists():
+        summary = json.loads(summary_path.read_text())
+        folds = sorted(run_dir.glob("fold-*"))
+        first = load_run(folds[0])
+        return {
+            "config": {**first["config"], "eval-fold": "mean"},
+            "metrics": {
+                "final": summary["mean"],
+                "rounds": _mean_rounds([load_run(f)["metrics"]["rounds"] for f in folds]),
+                "wall_seconds": summary.get("wall_seconds"),
+            },
+        }
     metrics_path = run_dir / "metrics.json"
     config_path = run_dir / "config.json"
     for path in (metrics_path, config_path):
@@ -22,6 +39,15 @@ def load_run(run_dir: Path) -> dict[str, Any]:
     if not metrics.get("rounds"):
         raise ValueError(f"{metrics_path} has no rounds yet")
     return {"config": json.loads(config_path.read_text()), "metrics": metrics}
+
+
+def _mean_rounds(per_fold: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    n = min(len(r) for r in per_fold)
+    return [
+        {"round": per_fold[0][i]["round"],
+         "ndcg@10": sum(r[i]["ndcg@10"] for r in per_fold) / len(per_fold)}
+        for i in range(n)
+    ]
 
 
 def _eps(value: Any) -> float:
@@ -52,7 +78,7 @@ def compare_runs(
 ) -> dict[str, Any]:
     """Rows for each baseline and run on the runs' held-out fold, plus an NDCG@10 plot."""
     runs = [(d, load_run(d)) for d in run_dirs]
-    folds = {int(r["config"]["eval-fold"]) for _, r in runs}
+    folds = {str(r["config"]["eval-fold"]) for _, r in runs}
     if len(folds) != 1:
         raise ValueError(f"runs were evaluated on different folds {sorted(folds)}")
     fold = folds.pop()
@@ -63,7 +89,10 @@ def compare_runs(
     rows: list[dict[str, Any]] = []
     for name in BASELINES:
         b = baselines[name]
-        rows.append({"name": name, **{m: b[f"{m}_per_fold"][fold] for m in METRICS}})
+        if fold == "mean":
+            rows.append({"name": name, **{m: b[m] for m in METRICS}})
+        else:
+            rows.append({"name": name, **{m: b[f"{m}_per_fold"][int(fold)] for m in METRICS}})
     central = rows[-1]["ndcg@10"]
     zero_shot = rows[1]["ndcg@10"]
     for run_dir, run in runs:

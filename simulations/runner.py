@@ -235,3 +235,57 @@ def parse_epsilon(text: str) -> float:
     if not (value > 0 or math.isinf(value)):
         raise ValueError(f"epsilon must be > 0 or inf, got {text!r}")
     return value
+
+
+def run_folds(
+    scenario: Scenario,
+    *,
+    run_dir: Path,
+    rounds: int,
+    epsilon: float,
+    folds: list[int] | None,
+    overrides: dict[str, Any] | None = None,
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """One run per held-out fold (``folds=None``: all of them, into ``run_dir/fold-K``).
+
+    A single fold runs straight into ``run_dir``. With several, ``run_dir/summary.json``
+    holds each fold's final metrics and their mean (what ``fedrank compare`` reads).
+    """
+    num_folds = int((overrides or {}).get("num-folds", RunSettings.num_folds))
+    chosen = folds if folds is not None else list(range(num_folds))
+    rows: list[tuple[str, dict[str, Any]]] = []
+    started = time.perf_counter()
+    for fold in chosen:
+        target = run_dir if folds is not None and len(chosen) == 1 else run_dir / f"fold-{fold}"
+        echo(f"{PROGRESS} preparing {scenario.name} fold {fold} in {target} ...")
+        settings = prepare_run(
+            scenario, run_dir=target, rounds=rounds, epsilon=epsilon, eval_fold=fold,
+            overrides=overrides,
+        )
+        result = run_simulation(scenario, settings, echo=echo)
+        final = result.metrics.get("final")
+        if not final:
+            raise RuntimeError(
+                f"fold {fold} produced no metrics (flwr exit {result.returncode}); "
+                f"see {target / 'flower.log'}"
+            )
+        rows.append((target.name if len(chosen) > 1 else run_dir.name, final))
+    wall = time.perf_counter() - started
+    if len(chosen) > 1:
+        mean = {
+            m: sum(float(f[m]) for _, f in rows) / len(rows) for m in ("ndcg@10", "mrr", "auc")
+        }
+        eps_values = [f["epsilon_max"] for _, f in rows]
+        mean["epsilon_max"] = "inf" if "inf" in eps_values else max(map(float, eps_values))
+        mean["round"] = rounds
+        rows.append(("mean over folds", mean))
+        summary_json = {
+            "scenario": scenario.name,
+            "epsilon": "inf" if math.isinf(epsilon) else epsilon,
+            "folds": {str(f): final for f, (_, final) in zip(chosen, rows, strict=False)},
+            "mean": mean,
+            "wall_seconds": round(wall, 1),
+        }
+        (run_dir / "summary.json").write_text(json.dumps(summary_json, indent=2))
+    return {"rows": rows, "wall_seconds": wall}

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import functools
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -17,7 +17,7 @@ from privacy.verify import TOLERANCE, verify_run
 
 DELTA = 1e-5
 # Cheap but realistic DP-SGD parameters per node: (sigma, q, steps per round).
-NODE_PARAMS = {"node-0": (1.1, 0.1, 8), "node-1": (0.9, 0.08, 10)}
+NODE_PARAMS = {"node-0": (1.0, 0.02, 10), "node-1": (1.2, 0.05, 6)}
 ROUNDS = 3
 
 
@@ -29,6 +29,12 @@ def _dp_sgd(node: str, round_: int, sigma: float, q: float, steps: int, eps: flo
     )  # fmt: skip
 
 
+@functools.cache
+def honest_epsilon(sigma: float, q: float, total_steps: int) -> float:
+    """What a node's Opacus RDP accountant reports after ``total_steps`` identical steps."""
+    return epsilon_from_history(history=[(sigma, q, total_steps)], delta=DELTA)
+
+
 def make_run(root: Path, *, rounds: int = ROUNDS, refuse_last: bool = False) -> Path:
     """A regional run whose ledgers hold honest (Opacus RDP) ε, written with the real Ledger."""
     run = root / "run"
@@ -37,24 +43,37 @@ def make_run(root: Path, *, rounds: int = ROUNDS, refuse_last: bool = False) -> 
     (run / "config.json").write_text(json.dumps(config))
     for node, (sigma, q, steps) in NODE_PARAMS.items():
         ledger = Ledger(run / "ledger" / f"{node}.jsonl")
-        history: list[tuple[float, float, int]] = []
         eps = 0.0
         for round_ in range(1, rounds + 1):
-            history.append((sigma, q, steps))
-            eps = epsilon_from_history(history=history, delta=DELTA)
+            eps = honest_epsilon(sigma, q, steps * round_)
             ledger.append(_dp_sgd(node, round_, sigma, q, steps, eps))
         if refuse_last:
             ledger.append(
                 LedgerEvent(
-                    node=node, round=rounds + 1, mechanism="refusal", unit_of_privacy="user",
-                    noise_multiplier=sigma, sample_rate=q, steps=0, clip_norm=1.0, delta=DELTA,
-                    accountant="rdp", epsilon_after=eps, detail="over budget",
+                    node=node,
+                    round=rounds + 1,
+                    mechanism="refusal",
+                    unit_of_privacy="user",
+                    noise_multiplier=sigma,
+                    sample_rate=q,
+                    steps=0,
+                    clip_norm=1.0,
+                    delta=DELTA,
+                    accountant="rdp",
+                    epsilon_after=eps,
+                    detail="over budget",
                 )  # fmt: skip
             )
     metrics = {
         "rounds": [
-            {"round": r, "ndcg@10": 0.5 + 0.01 * r, "mrr": 0.4, "auc": 0.6,
-             "epsilon_max": 1.0, "seconds": 1.0}  # fmt: skip
+            {
+                "round": r,
+                "ndcg@10": 0.5 + 0.01 * r,
+                "mrr": 0.4,
+                "auc": 0.6,
+                "epsilon_max": 1.0,
+                "seconds": 1.0,
+            }  # fmt: skip
             for r in range(1, rounds + 1)
         ],
         "final": {"ndcg@10": 0.53, "mrr": 0.4, "auc": 0.6},
@@ -162,8 +181,266 @@ def test_recomputation_equals_epsilon_dp_accounting(tmp_path: Path) -> None:
     # Assert: the incremental recomputation is dp_accounting's RDP of the node's history so far
     for node, (sigma, q, steps) in NODE_PARAMS.items():
         rows = [r for r in report.rows if r.node == node]
-        for index, row in enumerate(rows, start=1):
+        assert [r.round for r in rows] == list(range(1, ROUNDS + 1))
+        for index in (1, ROUNDS):
             expected = epsilon_dp_accounting(
                 history=[(sigma, q, steps)] * index, delta=DELTA, method="rdp"
             )
-            assert row.recomputed_epsilon == pytest.approx(expected, rel=1e-9)
+            assert rows[index - 1].recomputed_epsilon == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("tamper", sorted(TAMPERINGS))
+def test_verify_run_catches_tampering(tmp_path: Path, tamper: str) -> None:
+    # Prepare
+    run = make_run(tmp_path)
+    path = run / "ledger" / "node-1.jsonl"
+    line = TAMPERINGS[tamper](path)
+
+    # Execute
+    report = verify_run(run, pld_reference=False)
+
+    # Assert
+    assert not report.ok
+    assert (str(path), line) in {(p.file, p.line) for p in report.problems}
+    assert all(p.file == str(path) for p in report.problems)  # node-0 is untouched
+    if tamper == "understate-5pct-rechained":
+        (problem,) = report.problems
+        assert "over-claimed" in problem.problem
+        assert [r.status for r in report.rows if r.file == str(path)] == [
+            "ok",
+            "over-claim",
+            "ok",
+        ]
+
+
+@pytest.mark.parametrize("tamper", sorted(TAMPERINGS))
+def test_cli_verify_fails_on_tampering_naming_file_and_line(tmp_path: Path, tamper: str) -> None:
+    # Prepare
+    run = make_run(tmp_path)
+    path = run / "ledger" / "node-1.jsonl"
+    line = TAMPERINGS[tamper](path)
+
+    # Execute
+    result = CliRunner().invoke(cli(), ["audit", "verify", str(run), "--no-pld"])
+
+    # Assert
+    assert result.exit_code == 1, result.output
+    assert f"{path}:{line}: " in result.output
+    assert result.output.strip().splitlines()[-1].startswith("FAIL")
+
+
+def test_cli_verify_passes_untouched_run(tmp_path: Path) -> None:
+    # Prepare
+    run = make_run(tmp_path, refuse_last=True)
+
+    # Execute
+    result = CliRunner().invoke(cli(), ["audit", "verify", str(run)])
+
+    # Assert
+    assert result.exit_code == 0, result.output
+    assert "PASS" in result.output
+    assert "node-0: ε claimed" in result.output and "PLD reference" in result.output
+
+
+def test_cli_verify_json_and_missing_run_dir(tmp_path: Path) -> None:
+    # Prepare
+    run = make_run(tmp_path)
+
+    # Execute
+    ok = CliRunner().invoke(cli(), ["audit", "verify", str(run), "--json", "--no-pld"])
+    missing = CliRunner().invoke(cli(), ["audit", "verify", str(tmp_path / "nope")])
+
+    # Assert
+    assert ok.exit_code == 0, ok.output
+    assert json.loads(ok.output)["ok"] is True
+    assert missing.exit_code == 2
+
+
+def _append(path: Path, **overrides: object) -> None:
+    fields: dict[str, object] = {
+        "node": "node-1", "round": ROUNDS + 1, "mechanism": "dp-sgd",
+        "unit_of_privacy": "user", "noise_multiplier": 1.2, "sample_rate": 0.05, "steps": 6,
+        "clip_norm": 1.0, "delta": DELTA, "accountant": "rdp", "epsilon_after": 99.0,
+    }  # fmt: skip
+    fields.update(overrides)
+    Ledger(path).append(LedgerEvent(**fields))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({"steps": 0}, "steps=0"),
+        ({"epsilon_after": 0.01}, "epsilon decreased"),
+        ({"delta": 1e-6}, "delta changed"),
+    ],
+    ids=["zero-steps", "epsilon-decreases", "delta-changes"],
+)
+def test_flags_inconsistent_events_with_valid_chain(
+    tmp_path: Path, overrides: dict[str, object], expected: str
+) -> None:
+    # Prepare
+    run = make_run(tmp_path)
+    path = run / "ledger" / "node-1.jsonl"
+    _append(path, **overrides)
+
+    # Execute
+    report = verify_run(run, pld_reference=False)
+
+    # Assert
+    assert verify_chain(path) == []
+    assert not report.ok
+    hits = [p for p in report.problems if expected in p.problem]
+    assert hits and all((p.file, p.line) == (str(path), ROUNDS + 1) for p in hits)
+
+
+def test_refusal_with_zero_steps_is_chain_only(tmp_path: Path) -> None:
+    # Prepare
+    run = make_run(tmp_path)
+    path = run / "ledger" / "node-1.jsonl"
+    claimed = read_ledger(path)[-1]["epsilon_after"]
+    _append(path, mechanism="refusal", steps=0, epsilon_after=claimed)
+
+    # Execute
+    report = verify_run(run, pld_reference=False)
+
+    # Assert
+    assert report.ok, [str(p) for p in report.problems]
+    assert report.rows[-1].status == "chain-only"
+    assert report.rows[-1].recomputed_epsilon is None
+
+
+def test_claim_above_recomputation_is_fine(tmp_path: Path) -> None:
+    # Prepare: a conservative claim (2x) appended with a valid chain
+    run = make_run(tmp_path)
+    path = run / "ledger" / "node-1.jsonl"
+    _append(path, epsilon_after=2 * honest_epsilon(1.2, 0.05, 6 * (ROUNDS + 1)))
+
+    # Execute
+    report = verify_run(run, pld_reference=False)
+
+    # Assert
+    assert report.ok, [str(p) for p in report.problems]
+
+
+def test_private_run_without_ledgers_fails(tmp_path: Path) -> None:
+    # Prepare
+    run = make_run(tmp_path)
+    for path in (run / "ledger").glob("*.jsonl"):
+        path.unlink()
+
+    # Execute
+    report = verify_run(run)
+
+    # Assert
+    assert not report.ok
+    assert "no ledger files" in report.problems[0].problem
+
+
+# --------------------------------------------------------------------------------------------
+# client-level DP (device shape): server.jsonl, accountant "rdp-wor"
+# --------------------------------------------------------------------------------------------
+def _wor_epsilons(z: float, sampled: int, population: int, rounds: int) -> list[float]:
+    """ε after each round, as Flower's RdpAccountant (dp_accounting, WOR, replace-one) does."""
+    import dp_accounting
+
+    acc = dp_accounting.rdp.RdpAccountant(
+        neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE
+    )
+    out = []
+    for _ in range(rounds):
+        acc.compose(
+            dp_accounting.SampledWithoutReplacementDpEvent(
+                population, sampled, dp_accounting.GaussianDpEvent(z)
+            )
+        )
+        out.append(float(acc.get_epsilon(DELTA)))
+    return out
+
+
+def make_device_run(root: Path, *, understate_round: int | None = None) -> Path:
+    run = root / "device-run"
+    (run / "ledger").mkdir(parents=True)
+    config = {"privacy-shape": "device", "epsilon": "10.0", "delta": DELTA, "secagg": True}
+    (run / "config.json").write_text(json.dumps(config))
+    ledger = Ledger(run / "ledger" / "server.jsonl")
+    for round_, eps in enumerate(_wor_epsilons(0.8, 10, 50, 4), start=1):
+        claimed = eps * 0.95 if round_ == understate_round else eps
+        ledger.append(
+            LedgerEvent(
+                node="server",
+                round=round_,
+                mechanism="client-level-gaussian",
+                unit_of_privacy="client",
+                noise_multiplier=0.8,
+                sample_rate=10 / 50,
+                steps=1,
+                clip_norm=0.5,
+                delta=DELTA,
+                accountant="rdp-wor",
+                epsilon_after=claimed,
+                detail="sampled=10 population=50",
+            )  # fmt: skip
+        )
+    ledger.append(
+        LedgerEvent(
+            node="eu-west",
+            round=4,
+            mechanism="refusal",
+            unit_of_privacy="client",
+            noise_multiplier=0.8,
+            sample_rate=0.2,
+            steps=0,
+            clip_norm=0.5,
+            delta=DELTA,
+            accountant="rdp-wor",
+            epsilon_after=1.5,
+            detail="region cap 1.5",
+        )  # fmt: skip
+    )
+    return run
+
+
+def test_client_level_run_passes_and_catches_understatement(tmp_path: Path) -> None:
+    # Prepare
+    honest = make_device_run(tmp_path / "a")
+    lying = make_device_run(tmp_path / "b", understate_round=3)
+
+    # Execute
+    good = verify_run(honest)
+    bad = verify_run(lying)
+
+    # Assert
+    assert good.ok, [str(p) for p in good.problems]
+    rows = [r for r in good.rows if r.mechanism != "refusal"]
+    assert len(rows) == 4 and all(r.status == "ok" for r in rows)
+    assert all(r.recomputed_epsilon == pytest.approx(r.claimed_epsilon, rel=1e-12) for r in rows)
+    assert "without replacement" in (rows[0].method or "")
+    assert [(p.line, "over-claimed" in p.problem) for p in bad.problems] == [(3, True)]
+
+
+def test_client_level_recomputation_matches_flower_rdp_accountant() -> None:
+    # Prepare: the accountant the server really uses (flwr is allowed in tests, not in privacy/)
+    privacy_accounting = pytest.importorskip("flwr.supercore.privacy_accounting")
+    from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
+
+    flower = RdpAccountant(
+        privacy_accounting.PrivacyConfig(
+            DELTA,
+            50,
+            privacy_accounting.NeighboringRelation.REPLACE_ONE,
+            privacy_accounting.SamplingMethod.WITHOUT_REPLACEMENT,
+        )
+    )
+
+    # Execute
+    flower_eps = []
+    for _ in range(4):
+        flower.compose(
+            privacy_accounting.GaussianPrivacyEvent(
+                noise_multiplier=0.8, sample_size=10, population_size=50
+            )
+        )
+        flower_eps.append(flower.get_privacy_spent().epsilon)
+
+    # Assert
+    assert flower_eps == pytest.approx(_wor_epsilons(0.8, 10, 50, 4), rel=1e-12)
