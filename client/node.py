@@ -23,6 +23,7 @@ post-processing.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from collections.abc import Mapping
@@ -38,6 +39,7 @@ from privacy.ledger import Ledger, LedgerEvent
 from shared_model.catalog import cached_feature_builder
 from shared_model.clicklog import read_click_logs
 from shared_model.ranker import HeadConfig, RankerHead
+from shared_model.release import ReleaseError, ReleaseStore, load_public_key
 from shared_model.settings import RunSettings
 from shared_model.state import head_state, load_head_state
 from shared_model.training import (
@@ -47,6 +49,8 @@ from shared_model.training import (
     steps_per_round,
     train_head,
 )
+
+log = logging.getLogger("fedrank.node")
 
 # node_config keys (deployment: `flower-supernode --node-config`; simulation: derived).
 NODE_NAME = "node-name"
@@ -161,6 +165,25 @@ def head_config(run: RunSettings) -> HeadConfig:
     return HeadConfig(hidden_dim=run.hidden_dim)
 
 
+def install_latest_release(node: NodeSettings, run: RunSettings) -> float:
+    """File-drop delivery: verify and install the newest release the server published.
+
+    Returns the round of the node's current release (0 = none). A release that fails
+    verification is refused (logged) and the node keeps its last good one.
+    """
+    drop = Path(run.run_dir) / "releases"
+    key_path = Path(run.run_dir) / "keys" / "server-signing.pub"
+    store = ReleaseStore(node.state_dir)
+    candidates = sorted(drop.glob("round-*")) if drop.is_dir() else []
+    if candidates and key_path.exists() and store.current_version() != candidates[-1].name:
+        try:
+            store.install(candidates[-1], load_public_key(key_path))
+        except ReleaseError as exc:
+            log.warning("node %s refused release %s: %s", node.name, candidates[-1], exc)
+    current = store.current_version()
+    return float(current.split("-")[1]) if current else 0.0
+
+
 def train_round(
     *,
     run: RunSettings,
@@ -171,6 +194,7 @@ def train_round(
     """One round of local training; raises :class:`BudgetRefusal` when over budget."""
     head = RankerHead(head_config(run))
     load_head_state(head, global_state)
+    release_round = install_latest_release(node, run)
     builder = cached_feature_builder(str(node.catalog_dir), run.cache_dir)
     clicks = read_click_logs(node.click_files())
     seed = run.seed * 1_000_003 + server_round * 7919 + _stable_hash(node.name)
@@ -189,7 +213,8 @@ def train_round(
         result, _ = train_head(head, groups, config)
         # Device shape: ε is the server's (client-level DP); the node reports none of its own.
         epsilon = 0.0 if run.private else math.inf
-        return RoundOutcome(head_state(head), _metrics(result, epsilon=epsilon))
+        metrics = _metrics(result, epsilon=epsilon, release_round=release_round)
+        return RoundOutcome(head_state(head), metrics)
 
     plan = load_or_make_plan(node, run, groups.num_users)
     accountant = PersistentAccountant(
@@ -235,7 +260,8 @@ def train_round(
                 delta=run.delta, accountant=accountant.accountant, epsilon_after=epsilon,
             )
         )
-    return RoundOutcome(head_state(head), _metrics(result, epsilon=epsilon))
+    metrics = _metrics(result, epsilon=epsilon, release_round=release_round)
+    return RoundOutcome(head_state(head), metrics)
 
 
 def _stable_hash(text: str) -> int:
@@ -243,8 +269,9 @@ def _stable_hash(text: str) -> int:
     return int.from_bytes(text.encode()[:8].ljust(8, b"\0"), "little") % 1_000_003
 
 
-def _metrics(result: Any, *, epsilon: float) -> dict[str, float]:
+def _metrics(result: Any, *, epsilon: float, release_round: float) -> dict[str, float]:
     return {
+        "release-round": release_round,
         "num-examples": float(result.num_users),
         "num-impressions": float(result.num_impressions),
         "steps": float(result.steps),

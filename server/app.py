@@ -19,6 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 from server.checkpoint import RunDirectory
 from server.evaluator import CentralEvaluator
 from server.recorder import PROGRESS, RoundRecorder
+from server.releases import ReleasePublisher
 from server.strategies import build_strategy, restore_strategy_state, strategy_state
 from server.validation import ValidatingStrategy
 from shared_model.ranker import HeadConfig, RankerHead
@@ -75,6 +76,10 @@ def run_regional(grid: Grid, settings: RunSettings) -> None:
             PROGRESS, settings.run_dir, offset, checkpoint.weights_sha256[:12],
         )
     remaining = settings.num_server_rounds - offset
+    head_config = HeadConfig(hidden_dim=settings.hidden_dim)
+    publisher = ReleasePublisher(
+        run_dir.root, every=settings.release_every, head_config=head_config
+    )
     recorder = RoundRecorder(
         run_dir,
         evaluate=evaluator,
@@ -83,6 +88,9 @@ def run_regional(grid: Grid, settings: RunSettings) -> None:
         total_rounds=settings.num_server_rounds,
         offset=offset,
         previous_rounds=previous,
+        after_round=lambda rnd, weights, metrics: publisher.maybe_publish(
+            rnd, weights, metrics=metrics, epsilon_per_node=strategy.node_epsilon
+        ),
     )
     if remaining <= 0:
         log.info("%s run already complete (%d rounds)", PROGRESS, offset)

@@ -35,6 +35,7 @@ class RoundRecorder:
         total_rounds: int,
         offset: int = 0,
         previous_rounds: list[dict[str, Any]] | None = None,
+        after_round: Callable[[int, dict[str, np.ndarray], dict[str, float]], Any] | None = None,
     ) -> None:
         self.run_dir = run_dir
         self.evaluate = evaluate
@@ -45,6 +46,7 @@ class RoundRecorder:
         self.rounds: list[dict[str, Any]] = list(previous_rounds or [])
         self.epsilon_max = max((r["epsilon_max"] for r in self.rounds), default=0.0)
         self.initial: dict[str, float] | None = None
+        self.after_round = after_round
         self._round_started = time.perf_counter()
 
     def note_epsilon(self, epsilon: float) -> None:
@@ -72,6 +74,8 @@ class RoundRecorder:
             config=self.config,
             metrics=self.metrics_json(),
         )
+        if self.after_round is not None:
+            self.after_round(true_round, arrays, metrics)
         log.info(
             "%s round %d/%d: %s eps_max=%s %.1fs weights=%s",
             PROGRESS, true_round, self.total_rounds, _fmt(metrics), _eps(eps), seconds, digest[:12],

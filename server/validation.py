@@ -76,6 +76,7 @@ class ValidatingStrategy(Strategy):
         self.max_update_norm = max_update_norm
         self._sent: dict[str, np.ndarray] = {}
         self.rejected: list[tuple[int, int, str]] = []  # (round, node id, reason)
+        self.node_epsilon: dict[str, float] = {}  # latest ε each node reported
 
     def summary(self) -> None:
         self.inner.summary()
@@ -104,6 +105,8 @@ class ValidatingStrategy(Strategy):
                 self.rejected.append((server_round, node, reason))
                 continue
             good.append(msg)
+            metrics = next(iter(msg.content.metric_records.values()))
+            self.node_epsilon[f"node-{node}"] = float(metrics["epsilon"])
         if not good:
             log.warning("round %s: no valid replies; global model unchanged", server_round)
             return None, None

@@ -64,7 +64,7 @@ def test_reported_epsilon_matches_independent_recomputation(tmp_path: Path) -> N
     assert eps[1] == pytest.approx(_recomputed(node, run.delta), rel=0.01)
     assert verify_chain(node.ledger_dir / "region-a.jsonl") == []
     assert set(outcomes[1].metrics) == {
-        "num-examples", "num-impressions", "steps", "train-loss", "epsilon"
+        "num-examples", "num-impressions", "steps", "train-loss", "epsilon", "release-round"
     }
 
 

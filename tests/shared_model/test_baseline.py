@@ -102,11 +102,11 @@ def _app() -> typer.Typer:
     return app
 
 
-def _canned(num_folds: int) -> dict:
-    block = {}
+def _canned(num_folds: int) -> dict[str, object]:
+    block: dict[str, object] = {}
     for m, v in zip(METRICS, (0.5, 0.25, 0.75), strict=True):
         block |= {m: v, f"{m}_std": 0.125, f"{m}_per_fold": [v] * num_folds}
-    out = {model: dict(block) for model in MODELS}
+    out: dict[str, object] = {model: dict(block) for model in MODELS}
     out["split"] = {"num_folds": num_folds, "fold_sizes": [20, 20], "seed": 0, "clicks_rows": 7}
     return out
 
@@ -115,7 +115,7 @@ def test_cli_baseline_table(monkeypatch):
     # Prepare: the CLI with canned baselines (the real ones are covered above).
     import shared_model.baseline as baseline_module
 
-    seen = {}
+    seen: dict[str, int] = {}
 
     def fake_run_baselines(builder, clicks, *, num_folds, seed):
         seen.update(num_folds=num_folds, seed=seed, rows=clicks.num_rows)

@@ -6,6 +6,8 @@ The model is loaded once for the module (``minilm`` fixture); cache tests hand t
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 import pytest
 
@@ -129,8 +131,8 @@ def test_cache_key_depends_on_fingerprint(tmp_path):
     new = _FakeEncoder("b" * 64, value=-1.0)
 
     # Execute
-    old_vec = CachedEncoder(old, cache_dir=tmp_path).encode([SOFA])
-    new_vec = CachedEncoder(new, cache_dir=tmp_path).encode([SOFA])
+    old_vec = CachedEncoder(cast(MiniLMEncoder, old), cache_dir=tmp_path).encode([SOFA])
+    new_vec = CachedEncoder(cast(MiniLMEncoder, new), cache_dir=tmp_path).encode([SOFA])
 
     # Assert: different keys, and the new model is never served the old model's vector.
     assert text_key(SOFA, "a" * 64) != text_key(SOFA, "b" * 64)

@@ -8,6 +8,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from shared_model.features import NUM_FEATURES
 from shared_model.ranker import HeadConfig, RankerHead, score
@@ -113,19 +114,28 @@ def test_untrained_head_ranks_exactly_like_feature_zero(hidden_dim):
 # --- golden outputs ---------------------------------------------------------------------
 
 
+def _mlp_layers(head: RankerHead) -> tuple[nn.Linear, nn.Linear]:
+    """The MLP's hidden and output ``Linear`` layers."""
+    mlp = head.relevance_tower.mlp
+    assert mlp is not None
+    hidden, out = mlp[0], mlp[2]
+    assert isinstance(hidden, nn.Linear) and isinstance(out, nn.Linear)
+    return hidden, out
+
+
 def test_golden_output_hand_set_weights():
     # Prepare: hidden_dim=2 with every weight set by hand.
     torch.manual_seed(0)
     head = RankerHead(HeadConfig(hidden_dim=2))
     rt = head.relevance_tower
-    assert rt.mlp is not None
+    hidden, out = _mlp_layers(head)
     with torch.no_grad():
         rt.linear.weight.copy_(torch.tensor([[0.5, -1.0, 0.25, 2.0]]))
         rt.linear.bias.fill_(0.1)
-        rt.mlp[0].weight.copy_(torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, -1.0, 0.0, 0.0]]))
-        rt.mlp[0].bias.copy_(torch.tensor([0.0, 0.5]))
-        rt.mlp[2].weight.copy_(torch.tensor([[1.0, -2.0]]))
-        rt.mlp[2].bias.fill_(0.0)
+        hidden.weight.copy_(torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, -1.0, 0.0, 0.0]]))
+        hidden.bias.copy_(torch.tensor([0.0, 0.5]))
+        out.weight.copy_(torch.tensor([[1.0, -2.0]]))
+        out.bias.fill_(0.0)
         head.position_tower.logit.weight.fill_(0.0)
         head.position_tower.logit.weight[2, 0] = 1.0
     x = torch.tensor([[1.0, 2.0, -4.0, 0.5], [0.0, -1.0, 0.0, 0.0]])
@@ -153,9 +163,9 @@ def test_golden_output_seeded_init():
     # hand for row 0: hidden = relu([0.39960, -0.82146, 0.95794]) -> 1.35754, + 1*x0 = 2.35754.
     torch.manual_seed(0)
     head = RankerHead(HeadConfig(hidden_dim=3))
-    assert head.relevance_tower.mlp is not None
+    hidden, out_layer = _mlp_layers(head)
     with torch.no_grad():
-        head.relevance_tower.mlp[2].weight.fill_(1.0)
+        out_layer.weight.fill_(1.0)
     x = torch.tensor([[1.0, 2.0, -4.0, 0.5], [0.0, -1.0, 0.0, 0.0], [0.3, 0.3, 0.3, 0.3]])
 
     # Execute
@@ -163,7 +173,7 @@ def test_golden_output_seeded_init():
 
     # Assert
     assert out.tolist() == pytest.approx([2.35753703, 1.38263845, 0.88839811], abs=1e-6)
-    assert head.relevance_tower.mlp[0].weight[0, 0].item() == pytest.approx(0.13230628, abs=1e-7)
+    assert hidden.weight[0, 0].item() == pytest.approx(0.13230628, abs=1e-7)
 
 
 # --- HeadConfig validation --------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import numpy as np
 import pyarrow as pa
@@ -87,6 +88,11 @@ class FakeBuilder:
         return out
 
 
+def _fake() -> FeatureBuilder:
+    """A FakeBuilder, typed as the FeatureBuilder it stands in for."""
+    return cast(FeatureBuilder, FakeBuilder())
+
+
 def _kept(groups: UserGroups, user_row: int) -> list[float]:
     n = int(groups.mask[user_row].sum())
     return groups.features[user_row, :n, 0].tolist()
@@ -106,7 +112,7 @@ def test_groups_exploration_sessions_per_user_with_cap():
 
     # Execute
     groups = build_user_groups(
-        table, FakeBuilder(), max_sessions_per_user=2, rng=np.random.default_rng(0)
+        table, _fake(), max_sessions_per_user=2, rng=np.random.default_rng(0)
     )
 
     # Assert: users 1 and 2 have exploration sessions (user 3 has none).
@@ -133,7 +139,7 @@ def test_session_cap_is_respected_for_every_user(cap):
     # Execute
     groups = build_user_groups(
         table,
-        FakeBuilder(),
+        _fake(),
         max_sessions_per_user=cap,
         rng=np.random.default_rng(1),
         exploration_only=False,
@@ -157,7 +163,7 @@ def test_session_choice_is_random_across_seeds():
                 _kept(
                     build_user_groups(
                         click_table(),
-                        FakeBuilder(),
+                        _fake(),
                         max_sessions_per_user=1,
                         rng=np.random.default_rng(seed),
                     ),
@@ -179,17 +185,17 @@ def test_exploration_filter_on_and_off():
 
     # Execute
     explore = build_user_groups(
-        table, FakeBuilder(), max_sessions_per_user=5, rng=np.random.default_rng(0)
+        table, _fake(), max_sessions_per_user=5, rng=np.random.default_rng(0)
     )
     everything = build_user_groups(
         table,
-        FakeBuilder(),
+        _fake(),
         max_sessions_per_user=5,
         rng=np.random.default_rng(0),
         exploration_only=False,
     )
     empty = build_user_groups(
-        only_logged, FakeBuilder(), max_sessions_per_user=5, rng=np.random.default_rng(0)
+        only_logged, _fake(), max_sessions_per_user=5, rng=np.random.default_rng(0)
     )
 
     # Assert: logging-ranker rows (e*, f*) only appear without the filter.

@@ -1,0 +1,265 @@
+"""Tests for privacy.audit and `fedrank audit RUN_DIR`: offline HTML + JSON with the same ε."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import typer
+from typer.testing import CliRunner
+
+from privacy.accounting import epsilon_from_history
+from privacy.audit import (
+    CAVEAT_EVALUATION,
+    CAVEAT_RDP_UPPER_BOUND,
+    CAVEAT_SECAGG,
+    CAVEAT_SECURE_MODE,
+    build_audit,
+    write_audit,
+)
+from privacy.commands import register
+from privacy.ledger import Ledger, LedgerEvent, read_ledger
+
+DELTA = 1e-5
+NODE_PARAMS = {"node-0": (1.0, 0.02, 10), "node-1": (1.2, 0.05, 6)}
+ROUNDS = 3
+CONFIG = {"privacy-shape": "regional", "epsilon": "3.0", "delta": DELTA, "secagg": False}
+
+
+@functools.cache
+def _honest_epsilon(sigma: float, q: float, total_steps: int) -> float:
+    return epsilon_from_history(history=[(sigma, q, total_steps)], delta=DELTA)
+
+
+def make_run(root: Path) -> Path:
+    """A regional run: two nodes' honest ledgers (real Ledger), a refusal, config, metrics."""
+    run = root / "run"
+    (run / "ledger").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps(CONFIG, indent=2))
+    for node, (sigma, q, steps) in NODE_PARAMS.items():
+        ledger = Ledger(run / "ledger" / f"{node}.jsonl")
+        eps = 0.0
+        for round_ in range(1, ROUNDS + 1):
+            eps = _honest_epsilon(sigma, q, steps * round_)
+            ledger.append(
+                LedgerEvent(
+                    node=node,
+                    round=round_,
+                    mechanism="dp-sgd",
+                    unit_of_privacy="user",
+                    noise_multiplier=sigma,
+                    sample_rate=q,
+                    steps=steps,
+                    clip_norm=1.0,
+                    delta=DELTA,
+                    accountant="rdp",
+                    epsilon_after=eps,
+                )  # fmt: skip
+            )
+    Ledger(run / "ledger" / "node-1.jsonl").append(
+        LedgerEvent(
+            node="node-1",
+            round=ROUNDS + 1,
+            mechanism="refusal",
+            unit_of_privacy="user",
+            noise_multiplier=1.2,
+            sample_rate=0.05,
+            steps=0,
+            clip_norm=1.0,
+            delta=DELTA,
+            accountant="rdp",
+            epsilon_after=eps,
+            detail="over budget",
+        )  # fmt: skip
+    )
+    metrics = {
+        "rounds": [
+            {
+                "round": r,
+                "ndcg@10": 0.5 + 0.01 * r,
+                "mrr": 0.4,
+                "auc": 0.6,
+                "epsilon_max": 1.0,
+                "seconds": 1.0,
+            }  # fmt: skip
+            for r in range(1, ROUNDS + 1)
+        ],
+        "final": {"ndcg@10": 0.53, "mrr": 0.4, "auc": 0.6},
+    }
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    return run
+
+
+def cli() -> typer.Typer:
+    app = typer.Typer()
+    bench = typer.Typer()
+    app.add_typer(bench, name="bench")
+    register(app, bench)
+    return app
+
+
+def test_write_audit_writes_offline_html_and_json(tmp_path: Path) -> None:
+    # Prepare
+    run = make_run(tmp_path)
+
+    # Execute
+    html_path, json_path = write_audit(run)
+
+    # Assert
+    assert (html_path, json_path) == (run / "audit.html", run / "audit.json")
+    html = html_path.read_text(encoding="utf-8")
+    assert html.count("data:image/png;base64,") == 2  # ε per node, NDCG@10 per round
+    assert "http://" not in html and "https://" not in html
+    assert not re.search(r"<(script|link|iframe)\b", html, re.IGNORECASE)
+    assert not re.search(r"""src=["'](?!data:)""", html)  # every src is inline
+    audit = json.loads(json_path.read_text(encoding="utf-8"))
+    assert audit["verify"]["ok"] is True
+    assert "PASS" in html
+
+
+def test_audit_json_has_the_ledger_epsilons_and_html_shows_them(tmp_path: Path) -> None:
+    # Prepare
+    run = make_run(tmp_path)
+
+    # Execute
+    html_path, json_path = write_audit(run)
+
+    # Assert
+    audit = json.loads(json_path.read_text(encoding="utf-8"))
+    html = html_path.read_text(encoding="utf-8")
+    nodes = {n["node"]: n for n in audit["nodes"]}
+    assert sorted(nodes) == sorted(NODE_PARAMS)
+    for node, (sigma, q, steps) in NODE_PARAMS.items():
+        spent = [
+            r for r in read_ledger(run / "ledger" / f"{node}.jsonl") if r["mechanism"] == "dp-sgd"
+        ]
+        entry = nodes[node]
+        assert entry["epsilon_per_round"] == [[r["round"], r["epsilon_after"]] for r in spent]
+        assert entry["final_epsilon"] == spent[-1]["epsilon_after"]
+        assert (entry["noise_multiplier"], entry["sample_rate"]) == (sigma, q)
+        assert (entry["steps_per_round"], entry["clip_norm"], entry["delta"]) == (steps, 1.0, DELTA)
+        assert entry["accountant"] == "rdp"
+        assert entry["pld_reference_epsilon"] < entry["final_epsilon"]
+        for _, eps in entry["epsilon_per_round"]:
+            assert f"{eps:.4f}" in html
+    assert (nodes["node-0"]["refusals"], nodes["node-1"]["refusals"]) == (0, 1)
+    assert nodes["node-1"]["refused_rounds"] == [ROUNDS + 1]
+    assert audit["budget_epsilon"] == 3.0
+    assert [r["ndcg@10"] for r in audit["metrics"]["rounds"]] == [0.51, 0.52, 0.53]
+
+
+def test_audit_provenance_unit_and_caveats(tmp_path: Path) -> None:
+    # Prepare
+    run = make_run(tmp_path)
+    canonical = json.dumps(CONFIG, sort_keys=True, separators=(",", ":"))
+
+    # Execute
+    audit = build_audit(run)
+
+    # Assert
+    assert audit["config_hash"] == hashlib.sha256(canonical.encode()).hexdigest()
+    assert audit["code_version"]["fedrank_version"]
+    assert re.fullmatch(r"[0-9a-f]{40}|unknown", audit["code_version"]["git_commit"])
+    assert list(audit["units_of_privacy"]) == ["user"]
+    assert "one user's whole click history" in audit["units_of_privacy"]["user"]
+    for caveat in (CAVEAT_SECURE_MODE, CAVEAT_EVALUATION, CAVEAT_RDP_UPPER_BOUND):
+        assert caveat in audit["caveats"]
+    assert CAVEAT_SECAGG not in audit["caveats"]
+
+
+def test_device_run_audit_has_client_level_caveats(tmp_path: Path) -> None:
+    # Prepare: a server ledger whose claim is the recomputation itself (device shape)
+    from privacy.verify import verify_run
+
+    run = tmp_path / "device"
+    (run / "ledger").mkdir(parents=True)
+    config = {"privacy-shape": "device", "epsilon": "inf", "delta": DELTA, "secagg": True}
+    (run / "config.json").write_text(json.dumps(config))
+    ledger = Ledger(run / "ledger" / "server.jsonl")
+    event = {
+        "node": "server", "round": 1, "mechanism": "client-level-gaussian",
+        "unit_of_privacy": "client", "noise_multiplier": 2.0, "sample_rate": 0.5, "steps": 1,
+        "clip_norm": 0.5, "delta": DELTA, "accountant": "rdp-wor", "epsilon_after": 1e9,
+        "detail": "sampled=5 population=10",
+    }  # fmt: skip
+    ledger.append(LedgerEvent(**event))  # type: ignore[arg-type]
+
+    # Execute
+    audit = build_audit(run, report=verify_run(run))
+
+    # Assert
+    assert audit["verify"]["ok"] is True  # a claim above the recomputation is conservative
+    assert list(audit["units_of_privacy"]) == ["client"]
+    assert CAVEAT_SECAGG in audit["caveats"]
+    assert CAVEAT_SECURE_MODE not in audit["caveats"]  # no Opacus in this run
+    assert audit["budget_epsilon"] == "inf"
+    assert audit["nodes"][0]["recompute_method"].endswith("replace-one")
+
+
+def test_audit_of_tampered_run_embeds_the_failure(tmp_path: Path) -> None:
+    # Prepare: delete line 2 of node-0's ledger
+    run = make_run(tmp_path)
+    path = run / "ledger" / "node-0.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text(lines[0] + "".join(lines[2:]))
+
+    # Execute
+    html_path, json_path = write_audit(run)
+
+    # Assert
+    audit = json.loads(json_path.read_text(encoding="utf-8"))
+    assert audit["verify"]["ok"] is False
+    texts = [p["text"] for p in audit["verify"]["problems"]]
+    assert any(t.startswith(f"{path}:2: ") for t in texts)
+    html = html_path.read_text(encoding="utf-8")
+    assert 'class="fail"' in html and f"{path}:2: " in html
+
+
+def test_cli_audit_run_dir_and_report_and_verify(tmp_path: Path) -> None:
+    # Prepare
+    run = make_run(tmp_path)
+    runner = CliRunner()
+
+    # Execute
+    short = runner.invoke(cli(), ["audit", str(run)])
+    (run / "audit.html").unlink()
+    (run / "audit.json").unlink()
+    long = runner.invoke(cli(), ["audit", "report", str(run)])
+    verify = runner.invoke(cli(), ["audit", "verify", str(run), "--no-pld"])
+
+    # Assert
+    assert short.exit_code == 0, short.output
+    assert f"wrote {run / 'audit.html'}" in short.output
+    assert f"wrote {run / 'audit.json'}" in short.output
+    assert long.exit_code == 0, long.output
+    assert (run / "audit.html").is_file() and (run / "audit.json").is_file()
+    assert verify.exit_code == 0, verify.output
+    assert "PASS" in verify.output
+
+
+def test_cli_audit_strict_fails_on_tampered_run_and_missing_dir_is_an_error(
+    tmp_path: Path,
+) -> None:
+    # Prepare
+    run = make_run(tmp_path)
+    path = run / "ledger" / "node-1.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    lines[0], lines[1] = lines[1], lines[0]
+    path.write_text("".join(lines))
+    runner = CliRunner()
+
+    # Execute
+    lenient = runner.invoke(cli(), ["audit", str(run)])
+    strict = runner.invoke(cli(), ["audit", str(run), "--strict"])
+    missing = runner.invoke(cli(), ["audit", str(tmp_path / "nope")])
+    bare = runner.invoke(cli(), ["audit"])
+
+    # Assert
+    assert lenient.exit_code == 0, lenient.output
+    assert "verify: FAIL" in lenient.output and f"{path}:1: " in lenient.output
+    assert strict.exit_code == 1
+    assert missing.exit_code == 2
+    assert "verify" in bare.output and "report" in bare.output  # help lists subcommands
