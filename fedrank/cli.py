@@ -14,10 +14,14 @@ app.add_typer(bench_app, name="bench")
 
 def _register() -> None:
     # Imported here so `fedrank --help` shows every command while each module stays separate.
+    from privacy import commands as privacy_commands
     from shared_model import commands as shared_model_commands
+    from shared_model import release_commands
     from simulations import commands as simulations_commands
 
     shared_model_commands.register(app, bench_app)
+    release_commands.register(app, bench_app)
+    privacy_commands.register(app, bench_app)
     simulations_commands.register(app, bench_app)
 
 

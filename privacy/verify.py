@@ -45,6 +45,7 @@ ledger's head hash elsewhere; see :mod:`privacy.ledger`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -56,7 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from privacy.accounting import epsilon_dp_accounting, validate_event
-from privacy.ledger import ChainProblem, verify_chain
+from privacy.ledger import MECHANISMS, ChainProblem, verify_chain
 
 __all__ = [
     "TOLERANCE",
@@ -205,7 +206,9 @@ def config_budget(config: Any) -> float | None:
             return float(value)
         except ValueError:
             return None
-    return float(value) if _number(value) else None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return None
 
 
 def ledger_files(run_dir: Path) -> list[Path]:
@@ -334,6 +337,14 @@ runs in a process (pure function of its key)."""
 _UNIT_CACHE_MAX = 4096
 
 
+@functools.lru_cache(maxsize=256)
+def _pld_epsilon(history: tuple[tuple[float, float, int], ...], delta: float) -> float:
+    """PLD epsilon of a (merged) history; cached, as it is a pure and slow function."""
+    return epsilon_dp_accounting(
+        history=history, delta=delta, method="pld", value_discretization_interval=_PLD_INTERVAL
+    )
+
+
 def _merge_runs(history: list[tuple[float, float, int]]) -> list[tuple[float, float, int]]:
     """Merge consecutive events with the same ``(sigma, q)`` (the same composition; PLD
     self-composes a merged event far faster than it composes its pieces one by one)."""
@@ -418,12 +429,7 @@ def verify_run(run_dir: Path | str, *, pld_reference: bool = True) -> VerifyRepo
                 if wor or not acc.history:
                     continue
                 try:
-                    reference[node] = epsilon_dp_accounting(
-                        history=_merge_runs(acc.history),
-                        delta=acc.delta,
-                        method="pld",
-                        value_discretization_interval=_PLD_INTERVAL,
-                    )
+                    reference[node] = _pld_epsilon(tuple(_merge_runs(acc.history)), acc.delta)
                 except ValueError:
                     continue
 
@@ -479,6 +485,8 @@ def _check_line(
 
     node = str(record["node"])
     mechanism = str(record["mechanism"])
+    if mechanism not in MECHANISMS:
+        return None, [_problem(file, number, f"unknown mechanism {mechanism!r}")]
     claimed = float(record["epsilon_after"])
     delta = float(record["delta"])
     steps = record["steps"]

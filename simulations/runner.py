@@ -159,6 +159,8 @@ def stop_flower(run_dir: Path, *, grace: float = 5.0) -> list[int]:
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline and any(_alive(p) for p in pids):
         time.sleep(0.1)
+    # Processes started while we were signalling (SuperExec spawns children): sweep again.
+    pids += [p for p in _flower_processes(flwr_home) if p not in pids]
     for pid in pids:
         if _alive(pid):
             with contextlib.suppress(ProcessLookupError):
@@ -176,6 +178,50 @@ def _alive(pid: int) -> bool:
         return state.read_text().split()[2] != "Z"
     except OSError:
         return False
+
+
+LOCAL_SUPERLINK_PORTS = (39091, 39093)  # Flower's local simulation SuperLink (flwr 1.42)
+
+
+def _port_busy(port: int) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def wait_for_local_superlink_ports(timeout: float = 30.0) -> None:
+    """Flower's local SuperLink has fixed ports: a SuperLink still running (another run, or
+    one shutting down) would silently receive this run. Wait for the ports, then refuse."""
+    deadline = time.monotonic() + timeout
+    while any(_port_busy(p) for p in LOCAL_SUPERLINK_PORTS):
+        if time.monotonic() > deadline:
+            holders = [
+                pid for pid in _all_flower_pids() if _alive(pid)
+            ]
+            raise RuntimeError(
+                f"ports {LOCAL_SUPERLINK_PORTS} are in use (another Flower simulation is "
+                f"running; Flower processes: {holders or 'unknown'}); wait for it or stop it"
+            )
+        time.sleep(0.5)
+
+
+def _all_flower_pids() -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmd = (entry / "cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if "flower-superlink" in cmd:
+                pids.append(int(entry.name))
+    return pids
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def run_simulation(
@@ -199,9 +245,13 @@ def run_simulation(
         "--federation-config",
         f"num-supernodes={scenario.num_nodes} client-resources-num-cpus=1",
     ]
+    wait_for_local_superlink_ports()
     started = time.perf_counter()
     returncode = -1
     log_path = run_dir / "flower.log"
+    # SIGTERM must run the clean-up below, as Ctrl-C does.
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    proc: subprocess.Popen[str] | None = None
     try:
         with log_path.open("a") as log_file:
             proc = subprocess.Popen(
@@ -218,8 +268,13 @@ def run_simulation(
                     echo(f"{PROGRESS} timed out after {timeout:.0f}s")
                     break
             returncode = proc.wait()
+    except KeyboardInterrupt:
+        if proc is not None:
+            proc.kill()
+        raise
     finally:
         stop_flower(run_dir)
+        signal.signal(signal.SIGTERM, previous)
     metrics_path = run_dir / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
     wall = time.perf_counter() - started
