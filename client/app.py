@@ -17,6 +17,7 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 
+from client.faults import corrupt, fault_of, recording_mod  # deployment test hooks (inert)
 from client.node import BudgetRefusal, NodeSettings, torch_threads, train_round
 from shared_model.settings import RunSettings
 
@@ -26,7 +27,9 @@ LEGACY_FIT_PARAMS = "fitins.parameters"
 LEGACY_FIT_CONFIG = "fitins.config"
 ROUND_OFFSET = "round-offset"
 
-app = ClientApp()
+# recording_mod: test hook (client/faults.py), a pass-through unless the node config sets
+# `record-messages`; app-wide so it sees every reply exactly as it leaves the node.
+app = ClientApp(mods=[recording_mod])
 
 
 def _secaggplus_if_legacy(msg: Message, ctxt: Context, call_next):  # type: ignore[no-untyped-def]
@@ -63,9 +66,14 @@ def train(msg: Message, context: Context) -> Message:
         )
     except BudgetRefusal as refusal:
         return Message(Error(code=BUDGET_EXHAUSTED, reason=str(refusal)), reply_to=msg)
+    reply_state = outcome.state
+    # Test hook (client/faults.py): corrupts the reply only if the node config sets `fault`.
+    fault = fault_of(context.node_config)
+    if fault is not None:
+        reply_state = corrupt(reply_state, fault)
     content = RecordDict(
         {
-            "arrays": ArrayRecord({k: Array(v) for k, v in outcome.state.items()}),
+            "arrays": ArrayRecord({k: Array(v) for k, v in reply_state.items()}),
             "metrics": MetricRecord(outcome.metrics),
         }
     )

@@ -23,6 +23,12 @@ def _register() -> None:
     release_commands.register(app, bench_app)
     privacy_commands.register(app, bench_app)
     simulations_commands.register(app, bench_app)
+    # Deployment Engine: `certs`, `server` (server/commands.py), `node` (client/commands.py).
+    from client import commands as client_commands
+    from server import commands as server_commands
+
+    server_commands.register(app, bench_app)
+    client_commands.register(app, bench_app)
 
 
 def main() -> None:

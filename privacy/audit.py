@@ -58,9 +58,9 @@ CAVEAT_SECURE_MODE = (
 )
 CAVEAT_EVALUATION = "ε accounts only for the training clicks; evaluation uses public judgments."
 CAVEAT_RDP_UPPER_BOUND = (
-    "RDP accounting is an upper bound: the true ε of the mechanism is at most the reported "
-    "value (the PLD reference in the table is tighter)."
+    "RDP accounting is an upper bound: the true ε of the mechanism is at most the reported value."
 )
+_PLD_NOTE = " The PLD reference ε in the table is a tighter bound for the same mechanism."
 CAVEAT_SECAGG = (
     "SecAgg+ hides individual updates from the server; the adaptive-clipping bit per client "
     "is sent in the clear."
@@ -210,7 +210,7 @@ def _caveats(report: VerifyReport, config: dict[str, Any], budget: float | None)
         caveats.append(CAVEAT_SECURE_MODE)
     caveats.append(CAVEAT_EVALUATION)
     if mechanisms - {"refusal"} or accountants:
-        caveats.append(CAVEAT_RDP_UPPER_BOUND)
+        caveats.append(CAVEAT_RDP_UPPER_BOUND + (_PLD_NOTE if report.reference_epsilon else ""))
     if device:
         secagg = config.get("secagg")
         caveats.append(CAVEAT_SECAGG if secagg in (True, "true", 1) else CAVEAT_NO_SECAGG)
