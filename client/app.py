@@ -10,7 +10,16 @@ One ClientApp serves both privacy shapes:
 
 from __future__ import annotations
 
-from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.client.mod import adaptiveclipping_mod, secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
@@ -26,6 +35,7 @@ BUDGET_EXHAUSTED = 4001
 LEGACY_FIT_PARAMS = "fitins.parameters"
 LEGACY_FIT_CONFIG = "fitins.config"
 ROUND_OFFSET = "round-offset"
+NODE_RECORD = "node"
 
 # recording_mod: test hook (client/faults.py), a pass-through unless the node config sets
 # `record-messages`; app-wide so it sees every reply exactly as it leaves the node.
@@ -75,6 +85,8 @@ def train(msg: Message, context: Context) -> Message:
         {
             "arrays": ArrayRecord({k: Array(v) for k, v in reply_state.items()}),
             "metrics": MetricRecord(outcome.metrics),
+            # The node's operator-chosen name (a region), so per-region policy can apply.
+            NODE_RECORD: ConfigRecord({"name": node.name}),
         }
     )
     return Message(content=content, reply_to=msg)

@@ -16,6 +16,7 @@ from pathlib import Path
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
+from privacy.ledger import Ledger, LedgerEvent
 from server.checkpoint import RunDirectory
 from server.evaluator import CentralEvaluator
 from server.recorder import PROGRESS, RoundRecorder
@@ -63,7 +64,24 @@ def run_regional(grid: Grid, settings: RunSettings) -> None:
     run_dir.write_config(config)
     evaluator = CentralEvaluator(settings)
     inner = build_strategy(settings)
-    strategy = ValidatingStrategy(inner, max_update_norm=MAX_UPDATE_NORM)
+    ledger = Ledger(run_dir.root / "ledger" / "server.jsonl")
+
+    def record_cap_refusal(rnd: int, name: str, predicted: float, cap: float) -> None:
+        ledger.append(
+            LedgerEvent(
+                node=name, round=rnd + recorder.offset, mechanism="refusal",
+                unit_of_privacy="user", noise_multiplier=0.0, sample_rate=0.0, steps=0,
+                clip_norm=settings.clip_norm, delta=settings.delta, accountant="rdp",
+                epsilon_after=strategy.node_epsilon.get(name, 0.0),
+                detail=f"server did not schedule {name}: predicted ε {predicted:.4f} > "
+                f"region cap {cap:g}",
+            )
+        )
+
+    strategy = ValidatingStrategy(
+        inner, max_update_norm=MAX_UPDATE_NORM, region_caps=settings.region_caps(),
+        on_cap_refusal=record_cap_refusal,
+    )
     checkpoint = run_dir.load_latest()
     if checkpoint is None:
         arrays = head_state(RankerHead(HeadConfig(hidden_dim=settings.hidden_dim)))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -69,11 +69,22 @@ class ValidatingStrategy(Strategy):
     Error replies (a node that refused, e.g. on budget) are logged with their reason.
     """
 
-    def __init__(self, inner: Strategy, *, max_update_norm: float) -> None:
+    def __init__(
+        self,
+        inner: Strategy,
+        *,
+        max_update_norm: float,
+        region_caps: Mapping[str, float] | None = None,
+        on_cap_refusal: Callable[[int, str, float, float], None] | None = None,
+    ) -> None:
         if not max_update_norm > 0:
             raise ValueError(f"max_update_norm must be > 0, got {max_update_norm!r}")
         self.inner = inner
         self.max_update_norm = max_update_norm
+        self.region_caps = dict(region_caps or {})
+        self.on_cap_refusal = on_cap_refusal
+        self.node_names: dict[int, str] = {}  # Flower node id -> the node's own name
+        self._eps_history: dict[str, list[float]] = {}
         self._sent: dict[str, np.ndarray] = {}
         self.rejected: list[tuple[int, int, str]] = []  # (round, node id, reason)
         self.node_epsilon: dict[str, float] = {}  # latest ε each node reported
@@ -85,7 +96,36 @@ class ValidatingStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._sent = {k: v.numpy() for k, v in arrays.items()}
-        return self.inner.configure_train(server_round, arrays, config, grid)
+        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
+        if not self.region_caps:
+            return messages
+        scheduled = []
+        for msg in messages:
+            name = self.node_names.get(msg.metadata.dst_node_id)
+            predicted = self.predicted_epsilon(name) if name else None
+            cap = self.region_caps.get(name or "")
+            if cap is not None and predicted is not None and predicted > cap:
+                log.warning(
+                    "round %s: not scheduling %s: its ε would reach about %.4f, past its "
+                    "region cap %g", server_round, name, predicted, cap,
+                )
+                if self.on_cap_refusal is not None:
+                    self.on_cap_refusal(server_round, str(name), predicted, cap)
+                continue
+            scheduled.append(msg)
+        return scheduled
+
+    def predicted_epsilon(self, name: str) -> float | None:
+        """ε a node would report after one more round: last ε plus its last increment.
+
+        ε composes sub-additively over rounds, so the last increment over-estimates the
+        next one: the prediction errs on the side of not scheduling.
+        """
+        history = self._eps_history.get(name, [])
+        if not history:
+            return None
+        step = history[-1] - history[-2] if len(history) > 1 else history[-1]
+        return history[-1] + step
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -106,11 +146,20 @@ class ValidatingStrategy(Strategy):
                 continue
             good.append(msg)
             metrics = next(iter(msg.content.metric_records.values()))
-            self.node_epsilon[f"node-{node}"] = float(metrics["epsilon"])
+            name = self._name_of(msg)
+            self.node_epsilon[name] = float(metrics["epsilon"])
+            self._eps_history.setdefault(name, []).append(float(metrics["epsilon"]))
         if not good:
             log.warning("round %s: no valid replies; global model unchanged", server_round)
             return None, None
         return self.inner.aggregate_train(server_round, good)
+
+    def _name_of(self, msg: Message) -> str:
+        node = msg.metadata.src_node_id
+        record = msg.content.config_records.get("node")
+        if record is not None and isinstance(record.get("name"), str):
+            self.node_names[node] = str(record["name"])
+        return self.node_names.get(node, f"node-{node}")
 
     def _problems(self, msg: Message) -> list[str]:
         content = msg.content
