@@ -20,6 +20,7 @@ setup: $(BIN)/fedrank
 
 run: setup
 	$(BIN)/fedrank simulate regional-5 --epsilon 1 --run-dir runs/regional-5-eps1
+	$(BIN)/fedrank audit runs/regional-5-eps1
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -18,6 +18,25 @@ Gaussian noise σC. The accountant composes every step of every round (persisted
 restarts), so the node's reported ε bounds what the whole run reveals about any one user
 (add/remove-one-user neighbouring relation), at δ. Server-side aggregation is
 post-processing.
+
+**Online learning** (run config ``online = true`` and a *folder* data path; ``client.inbox``).
+Each round trains only on the click files that arrived since the node's last round, plus the
+last ``replay-files`` files it already consumed; a round with nothing new is refused ("no new
+clicks since round N"). A single-file data path, or ``online = false``, is a static log:
+every round trains on all of it, as before. Files are marked consumed only after the round's
+DP steps are in the accountant, so a crash in between re-trains (and re-accounts) them.
+
+*Why ε stays a valid user-level bound across rounds.* Round r runs DP-SGD on the data set
+D_r = the users in that round's files (new + replay), each user one sample (their sessions
+in D_r, at most ``max_sessions_per_user``), with Poisson rate q_r = batch / |D_r|; the
+accountant records (σ, q_r, steps) for every round. For any one user u, round r is the
+subsampled Gaussian mechanism on D_r: if u has clicks in D_r, its RDP is the recorded
+curve; if not, the round reveals nothing about u (RDP 0 <= the recorded curve). RDP
+composes adaptively over rounds (each round's input weights depend on earlier outputs), so
+the sum of the recorded curves bounds what the whole run reveals about u, however u's clicks
+are spread over files and rounds, replays included (a replayed file is simply in D_r again
+and is paid for again). It is conservative for users absent from some rounds. As in
+standard DP-SGD, the round's user count |D_r| (hence q_r) is treated as public.
 """
 
 from __future__ import annotations
@@ -34,6 +53,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from client.inbox import Inbox
 from privacy.accountant_store import PersistentAccountant, plan_noise_multiplier
 from privacy.ledger import Ledger, LedgerEvent
 from shared_model.catalog import cached_feature_builder
@@ -99,6 +119,38 @@ class NodeSettings:
             catalog_dir=Path(str(node_config.get(CATALOG_DIR, run.catalog_path()))),
         )
 
+    def uses_inbox(self, run: RunSettings) -> bool:
+        """Inbox semantics (``client.inbox``): online runs whose data path is a folder."""
+        return run.online and self.data_path.is_dir()
+
+    def inbox(self) -> Inbox:
+        """The node's inbox over its data folder; bookkeeping in its state folder."""
+        return Inbox(self.data_path, self.state_dir)
+
+    def round_click_files(
+        self, run: RunSettings, server_round: int
+    ) -> tuple[list[Path], list[Path]]:
+        """(files to train on this round, files to mark consumed after it).
+
+        Static log: every file, nothing to mark. Inbox: the files consumed by this round if
+        it is being repeated (a resumed run), else the pending ones (available by
+        ``server_round``), plus the replay buffer; :class:`NoNewClicks` when none are new.
+        """
+        if not self.uses_inbox(run):
+            return self.click_files(), []
+        inbox = self.inbox()
+        new = inbox.consumed_in(server_round) or inbox.pending(server_round)
+        if not new:
+            raise NoNewClicks(
+                f"node {self.name} has no new clicks since round {inbox.last_round} "
+                f"(round {server_round}; inbox {self.data_path})"
+            )
+        replay = [
+            p for p in inbox.replay(run.replay_files, before_round=server_round)
+            if p not in new
+        ]
+        return replay + new, new
+
     def click_files(self) -> list[Path]:
         """The node's Parquet click logs: a file, or every ``*.parquet`` under a folder."""
         if self.data_path.is_dir():
@@ -125,6 +177,14 @@ class PrivacyPlan:
 
 class BudgetRefusal(Exception):
     """The node will not train: its next round would pass its ε budget."""
+
+
+class NoNewClicks(BudgetRefusal):
+    """Online node with no click file newer than its last round: nothing to train on.
+
+    A :class:`BudgetRefusal` so the ClientApp answers it the same way (an error reply the
+    server logs before carrying on); the reason names the last round that had data.
+    """
 
 
 @dataclass(frozen=True)
@@ -196,12 +256,21 @@ def train_round(
     load_head_state(head, global_state)
     release_round = install_latest_release(node, run)
     builder = cached_feature_builder(str(node.catalog_dir), run.cache_dir)
-    clicks = read_click_logs(node.click_files())
+    files, to_consume = node.round_click_files(run, server_round)
+    clicks = read_click_logs(files)
     seed = run.seed * 1_000_003 + server_round * 7919 + _stable_hash(node.name)
     rng = np.random.default_rng(seed)
     groups = build_user_groups(
         clicks, builder, max_sessions_per_user=run.max_sessions_per_user, rng=rng
     )
+    if groups.num_users == 0 and run.privacy_shape == "device":
+        # A device whose user saw no exploration traffic would send a zero update, which
+        # Flower's adaptive clipping cannot normalise (and one failed device fails the whole
+        # round): it learns from its logged sessions instead.
+        groups = build_user_groups(
+            clicks, builder, max_sessions_per_user=run.max_sessions_per_user, rng=rng,
+            exploration_only=False,
+        )
     if run.privacy_shape == "device" or not run.private:
         config = TrainConfig(
             learning_rate=run.learning_rate,
@@ -214,6 +283,7 @@ def train_round(
         # Device shape: ε is the server's (client-level DP); the node reports none of its own.
         epsilon = 0.0 if run.private else math.inf
         metrics = _metrics(result, epsilon=epsilon, release_round=release_round)
+        _consume(node, to_consume, server_round)
         return RoundOutcome(head_state(head), metrics)
 
     plan = load_or_make_plan(node, run, groups.num_users)
@@ -260,8 +330,15 @@ def train_round(
                 delta=run.delta, accountant=accountant.accountant, epsilon_after=epsilon,
             )
         )
+    # After the accountant has the round: a crash before this re-trains and re-accounts.
+    _consume(node, to_consume, server_round)
     metrics = _metrics(result, epsilon=epsilon, release_round=release_round)
     return RoundOutcome(head_state(head), metrics)
+
+
+def _consume(node: NodeSettings, files: list[Path], server_round: int) -> None:
+    if files:
+        node.inbox().mark_consumed(files, round=server_round)
 
 
 def _stable_hash(text: str) -> int:

@@ -9,7 +9,9 @@ import typer
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:  # noqa: ARG001
     """Attach the ``certs`` and ``server`` groups to the `fedrank` app."""
-    certs_app = typer.Typer(no_args_is_help=True, help="Development TLS certificates and node keys.")
+    certs_app = typer.Typer(
+        no_args_is_help=True, help="Development TLS certificates and node keys."
+    )
     server_app = typer.Typer(no_args_is_help=True, help="Run a SuperLink (Deployment Engine).")
     app.add_typer(certs_app, name="certs")
     app.add_typer(server_app, name="server")

@@ -496,11 +496,12 @@ class Deployment:
         for key in self.cfg.public_keys:
             self.register(key)
 
-    def submit(self, run_config: Mapping[str, Any], *, stream_to: Path | None = None
+    def submit(self, run_config: Mapping[str, Any], *, app: Path = PROJECT_ROOT
                ) -> subprocess.Popen[str]:
-        """``flwr run PROJECT CONNECTION --stream --run-config ...`` (a child process)."""
-        cmd = [flower_bin("flwr"), "run", str(PROJECT_ROOT), CONNECTION, "--stream",
-               "--run-config", run_config_arg(run_config)]
+        """``flwr run APP CONNECTION --stream --run-config ...`` (a child process)."""
+        cmd = [flower_bin("flwr"), "run", str(app), CONNECTION, "--stream"]
+        if run_config:
+            cmd += ["--run-config", run_config_arg(run_config)]
         self.run_proc = subprocess.Popen(
             cmd, env=self.env, cwd=PROJECT_ROOT, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True,

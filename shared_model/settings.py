@@ -36,6 +36,8 @@ RELEASE_EVERY = "release-every"
 REGION_CAPS = "region-epsilon-caps"
 CATALOG_DIR = "catalog-dir"
 CACHE_DIR = "cache-dir"
+ONLINE = "online"
+REPLAY_FILES = "replay-files"
 
 STRATEGIES = ("fedavg", "fedadam")
 PRIVACY_SHAPES = ("regional", "device")
@@ -50,6 +52,10 @@ class RunSettings:
     ``catalog_dir`` / ``cache_dir``: absolute paths of the judged catalog and the embedding
     cache ("" = the bundled WANDS data and ``.cache/embeddings``); Flower installs the app
     from a package that carries code only, so a run passes these explicitly.
+    ``online``: a node whose data path is a folder treats it as an inbox (``client.inbox``):
+    each round trains on the files that arrived since its last round, plus the last
+    ``replay_files`` files it consumed (0 = no replay). Off: every round trains on the whole
+    log, as a static data set.
     """
 
     scenario: str = "regional-5"
@@ -77,6 +83,8 @@ class RunSettings:
     region_epsilon_caps: str = ""
     catalog_dir: str = ""
     cache_dir: str = ""
+    online: bool = False
+    replay_files: int = 0
 
     def __post_init__(self) -> None:
         if self.num_server_rounds < 1:
@@ -97,6 +105,8 @@ class RunSettings:
             raise ValueError(
                 f"{EVAL_FOLD} must be in [0, {self.num_folds}), got {self.eval_fold!r}"
             )
+        if self.replay_files < 0:
+            raise ValueError(f"{REPLAY_FILES} must be >= 0, got {self.replay_files!r}")
         self.region_caps()  # validates the format
 
     def catalog_path(self) -> Path:

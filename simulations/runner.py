@@ -180,7 +180,13 @@ def _alive(pid: int) -> bool:
         return False
 
 
-LOCAL_SUPERLINK_PORTS = (39091, 39093)  # Flower's local simulation SuperLink (flwr 1.42)
+def local_superlink_ports() -> tuple[int, int]:
+    """Ports of Flower's local simulation SuperLink (flwr 1.42 defaults 39091/39093; Flower
+    reads the same two environment variables, so setting them moves a run elsewhere)."""
+    return (
+        int(os.environ.get("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "39091")),
+        int(os.environ.get("FLWR_LOCAL_CONTROL_API_PORT", "39093")),
+    )
 
 
 def _port_busy(port: int) -> bool:
@@ -195,13 +201,14 @@ def wait_for_local_superlink_ports(timeout: float = 30.0) -> None:
     """Flower's local SuperLink has fixed ports: a SuperLink still running (another run, or
     one shutting down) would silently receive this run. Wait for the ports, then refuse."""
     deadline = time.monotonic() + timeout
-    while any(_port_busy(p) for p in LOCAL_SUPERLINK_PORTS):
+    ports = local_superlink_ports()
+    while any(_port_busy(p) for p in ports):
         if time.monotonic() > deadline:
             holders = [
                 pid for pid in _all_flower_pids() if _alive(pid)
             ]
             raise RuntimeError(
-                f"ports {LOCAL_SUPERLINK_PORTS} are in use (another Flower simulation is "
+                f"ports {ports} are in use (another Flower simulation is "
                 f"running; Flower processes: {holders or 'unknown'}); wait for it or stop it"
             )
         time.sleep(0.5)

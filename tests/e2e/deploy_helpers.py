@@ -48,6 +48,7 @@ class Cluster:
             task_poll_interval=0.1,
         )
         self.lines: list[str] = []
+        self.stamps: list[tuple[float, str]] = []  # (monotonic time, run-stream line)
         self.deployment = Deployment(self.cfg, tag=self.tag, echo=self.lines.append)
         self.nodes: dict[str, subprocess.Popen[Any]] = {}
         self.node_ports: dict[str, int] = {}
@@ -75,8 +76,9 @@ class Cluster:
             if "serverapp" in cmd or "--runtime-api-address" in cmd and f":{self.port}" in cmd:
                 kill_tree(pid, sig=signal.SIGKILL, grace=2)
 
-    def submit(self, run_config: dict[str, Any]) -> None:
-        proc = self.deployment.submit(run_config)
+    def submit(self, run_config: dict[str, Any], *, app: Path | None = None) -> None:
+        proc = (self.deployment.submit(run_config, app=app) if app is not None
+                else self.deployment.submit(run_config))
         log_path = self.root / "run.log"
 
         def follow() -> None:
@@ -86,6 +88,7 @@ class Cluster:
                     fh.write(line)
                     fh.flush()
                     self.lines.append(line.rstrip("\n"))
+                    self.stamps.append((time.monotonic(), line.rstrip("\n")))
             self.run_rc = proc.wait()
 
         self.run_rc = None

@@ -1,0 +1,1 @@
+"""No-op Flower app: measures the Deployment Engine's per-round floor."""
