@@ -197,7 +197,7 @@ def _port_busy(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
-def wait_for_local_superlink_ports(timeout: float = 30.0) -> None:
+def wait_for_local_superlink_ports(timeout: float = 120.0) -> None:
     """Flower's local SuperLink has fixed ports: a SuperLink still running (another run, or
     one shutting down) would silently receive this run. Wait for the ports, then refuse."""
     deadline = time.monotonic() + timeout
@@ -282,6 +282,10 @@ def run_simulation(
     finally:
         stop_flower(run_dir)
         signal.signal(signal.SIGTERM, previous)
+    # The next run must find the fixed ports free, not a SuperLink still shutting down.
+    deadline = time.monotonic() + 60
+    while any(_port_busy(p) for p in local_superlink_ports()) and time.monotonic() < deadline:
+        time.sleep(0.5)
     metrics_path = run_dir / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
     wall = time.perf_counter() - started
