@@ -65,10 +65,11 @@ def train(msg: Message, context: Context) -> Message:
     node = NodeSettings.from_node_config(context.node_config, run)
     if LEGACY_FIT_PARAMS in msg.content.array_records:
         return _train_legacy(msg, run, node)
-    config = msg.content["config"]
-    server_round = int(config["server-round"]) + int(config.get(ROUND_OFFSET, 0))
-    state = msg.content["arrays"].to_numpy_ndarrays()
-    keys = list(msg.content["arrays"].keys())
+    config = msg.content.config_records["config"]
+    server_round = _as_int(config["server-round"]) + _as_int(config.get(ROUND_OFFSET, 0))
+    record = msg.content.array_records["arrays"]
+    state = record.to_numpy_ndarrays()
+    keys = list(record.keys())
     try:
         outcome = train_round(
             run=run, node=node, global_state=dict(zip(keys, state, strict=True)),
@@ -84,7 +85,7 @@ def train(msg: Message, context: Context) -> Message:
     content = RecordDict(
         {
             "arrays": ArrayRecord({k: Array(v) for k, v in reply_state.items()}),
-            "metrics": MetricRecord(outcome.metrics),
+            "metrics": MetricRecord(_metric_values(outcome.metrics)),
             # The node's operator-chosen name (a region), so per-region policy can apply.
             NODE_RECORD: ConfigRecord({"name": node.name}),
         }
@@ -110,3 +111,13 @@ def _train_legacy(msg: Message, run: RunSettings, node: NodeSettings) -> Message
         metrics={},
     )
     return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
+
+
+def _as_int(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"expected an integer in the train config, got {value!r}")
+    return int(value)
+
+
+def _metric_values(metrics: dict[str, float]) -> dict[str, int | float | list[int] | list[float]]:
+    return dict(metrics)

@@ -63,7 +63,8 @@ def run_regional(grid: Grid, settings: RunSettings) -> None:
     config = settings.to_config()
     run_dir.write_config(config)
     evaluator = CentralEvaluator(settings)
-    inner = build_strategy(settings)
+    # Nodes' ε (max over a round's replies) goes to the recorder, created below.
+    inner = build_strategy(settings, on_epsilon=lambda eps: recorder.note_epsilon(eps))
     ledger = Ledger(run_dir.root / "ledger" / "server.jsonl")
 
     def record_cap_refusal(rnd: int, name: str, predicted: float, cap: float) -> None:
@@ -114,18 +115,11 @@ def run_regional(grid: Grid, settings: RunSettings) -> None:
         log.info("%s run already complete (%d rounds)", PROGRESS, offset)
         return
 
-    original_aggr = inner.train_metrics_aggr_fn
-
-    def aggregate_and_note(records, key):  # type: ignore[no-untyped-def]
-        out = original_aggr(records, key)
-        if "epsilon" in out:
-            recorder.note_epsilon(float(out["epsilon"]))
-        return out
-
-    inner.train_metrics_aggr_fn = aggregate_and_note
-
     def evaluate_fn(server_round: int, record: ArrayRecord) -> MetricRecord:
-        return MetricRecord(recorder(server_round, {k: v.numpy() for k, v in record.items()}))
+        values: dict[str, int | float | list[int] | list[float]] = dict(
+            recorder(server_round, {k: v.numpy() for k, v in record.items()})
+        )
+        return MetricRecord(values)
 
     strategy.start(
         grid=grid,

@@ -147,8 +147,10 @@ class ValidatingStrategy(Strategy):
             good.append(msg)
             metrics = next(iter(msg.content.metric_records.values()))
             name = self._name_of(msg)
-            self.node_epsilon[name] = float(metrics["epsilon"])
-            self._eps_history.setdefault(name, []).append(float(metrics["epsilon"]))
+            epsilon = metrics["epsilon"]
+            if isinstance(epsilon, int | float):  # validated above; narrows the type
+                self.node_epsilon[name] = float(epsilon)
+                self._eps_history.setdefault(name, []).append(float(epsilon))
         if not good:
             log.warning("round %s: no valid replies; global model unchanged", server_round)
             return None, None

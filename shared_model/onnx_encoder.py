@@ -178,7 +178,7 @@ def export_minilm_onnx(model_dir: Path, destination: Path) -> Path:
             )
             fused.save_model_to_file(fused_name)
             final_name = fused_name
-        except Exception:  # noqa: BLE001 - fusion is a speed-up only; the plain graph is exact
+        except Exception:  # fusion is a speed-up only; the plain graph is exact
             final_name = raw_name
 
         session = _session(Path(final_name))
@@ -274,10 +274,16 @@ class OnnxMiniLMEncoder:
         return out
 
 
-@functools.lru_cache(maxsize=4)
 def shared_onnx_encoder(
     model_dir: Path | None = None, cache_dir: Path | None = None
 ) -> OnnxMiniLMEncoder:
     """One :class:`OnnxMiniLMEncoder` per process and folders (its session is thread-safe),
     so several rankers (e.g. one per installed release) share one loaded graph."""
+    model = Path(model_dir) if model_dir is not None else default_model_dir()
+    cache = Path(cache_dir) if cache_dir is not None else default_onnx_cache_dir()
+    return _shared(model.resolve(), cache.resolve())
+
+
+@functools.lru_cache(maxsize=4)
+def _shared(model_dir: Path, cache_dir: Path) -> OnnxMiniLMEncoder:
     return OnnxMiniLMEncoder(model_dir, cache_dir=cache_dir)

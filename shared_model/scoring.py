@@ -3,6 +3,10 @@
 :class:`OnnxScorer` runs ``head.onnx`` in onnxruntime on one thread; :class:`DeviceRanker`
 encodes a query, computes the features of the candidates and ranks them.
 
+Queries are encoded by :class:`~shared_model.onnx_encoder.OnnxMiniLMEncoder` (MiniLM in
+onnxruntime, one thread; several times faster than torch, same embeddings within 1e-5) when it
+can be built, else by the builder's torch MiniLM (:func:`query_encoder_for`).
+
 Queries never touch the disk here: :func:`encode_query` reads the embedding cache when the
 text is already in it but never writes a query to it (``FeatureBuilder.query_vector`` would
 persist every search text's embedding), and :func:`candidate_features` keeps no per-query memo,
@@ -12,8 +16,10 @@ so a long-running node does not grow with the number of searches. Both give exac
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal, Protocol
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -31,7 +37,23 @@ from shared_model.release import (
     verify_release,
 )
 
-__all__ = ["DeviceRanker", "OnnxScorer", "candidate_features", "encode_query", "top_by_bm25"]
+__all__ = [
+    "DeviceRanker",
+    "OnnxScorer",
+    "QueryEncoder",
+    "candidate_features",
+    "encode_query",
+    "query_encoder_for",
+    "top_by_bm25",
+]
+
+
+class QueryEncoder(Protocol):
+    """What encodes queries: ``encode(texts) -> [N, 384]`` and the model's ``fingerprint``."""
+
+    fingerprint: str
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray: ...
 
 
 class OnnxScorer:
@@ -110,13 +132,51 @@ class OnnxScorer:
         return np.asarray(out, dtype=np.float32).reshape(x.shape[0])
 
 
-def encode_query(builder: FeatureBuilder, text: str) -> np.ndarray:
-    """``[384]`` embedding of a query: from the cache when present, else MiniLM; never stored."""
-    encoder = builder.encoder
-    vectors, missing = encoder.cache.get([text_key(text, encoder.fingerprint)])
+def encode_query(
+    builder: FeatureBuilder, text: str, encoder: QueryEncoder | None = None
+) -> np.ndarray:
+    """``[384]`` embedding of a query: from the cache when present, else ``encoder`` (the
+    builder's torch MiniLM when ``None``); never stored."""
+    cached = builder.encoder
+    vectors, missing = cached.cache.get([text_key(text, cached.fingerprint)])
     if not missing:
         return vectors[0]
-    return encoder.encoder.encode([text])[0]
+    if encoder is None:
+        return cached.encoder.encode([text])[0]
+    return encoder.encode([text])[0]
+
+
+def query_encoder_for(
+    builder: FeatureBuilder, kind: Literal["onnx", "torch"] = "onnx"
+) -> QueryEncoder | None:
+    """The encoder for ``builder``'s queries: ``"onnx"`` gives the process's shared
+    :class:`~shared_model.onnx_encoder.OnnxMiniLMEncoder` (exported and cached on first use) of
+    the model the builder's catalog was embedded with, or ``None`` with a warning when it cannot
+    be built; ``"torch"`` (or ``None``) means the builder's own torch MiniLM."""
+    if kind == "torch":
+        return None
+    if kind != "onnx":
+        raise ValueError(f"query encoder must be 'onnx' or 'torch', got {kind!r}")
+    try:
+        from shared_model.onnx_encoder import shared_onnx_encoder
+
+        model_dir = getattr(builder.encoder, "_model_dir", None)
+        encoder = shared_onnx_encoder(Path(model_dir) if model_dir is not None else None)
+    except Exception as exc:  # any failure falls back to the exact torch path
+        warnings.warn(
+            f"ONNX query encoder unavailable ({type(exc).__name__}: {exc}); using torch MiniLM",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
+    if encoder.fingerprint != builder.encoder.fingerprint:
+        warnings.warn(
+            "ONNX query encoder's model differs from the catalog embeddings'; using torch MiniLM",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
+    return encoder
 
 
 def candidate_features(
@@ -163,6 +223,10 @@ class DeviceRanker:
         Catalog embeddings and BM25 (``FeatureBuilder``); its encoder encodes queries.
     public_key
         Verify the release first (recommended; see :class:`OnnxScorer`).
+    query_encoder
+        What encodes queries that are not in the embedding cache: ``"onnx"`` (default; MiniLM
+        in onnxruntime, falling back to torch when unavailable), ``"torch"`` (the builder's
+        MiniLM) or an encoder object with the builder's ``fingerprint``.
     """
 
     def __init__(
@@ -170,9 +234,19 @@ class DeviceRanker:
         release_dir: Path,
         builder: FeatureBuilder,
         public_key: Ed25519PublicKey | None = None,
+        *,
+        query_encoder: QueryEncoder | Literal["onnx", "torch"] = "onnx",
     ) -> None:
         self.scorer = OnnxScorer(release_dir, public_key)
         self.builder = builder
+        if isinstance(query_encoder, str):
+            self.query_encoder = query_encoder_for(builder, query_encoder)
+        else:
+            if query_encoder.fingerprint != builder.encoder.fingerprint:
+                raise ValueError(
+                    "query_encoder's model fingerprint differs from the catalog embeddings'"
+                )
+            self.query_encoder = query_encoder
         manifest = self.scorer.manifest
         if manifest is not None and manifest.feature_names != tuple(FEATURE_NAMES):
             raise ReleaseError(
@@ -187,7 +261,7 @@ class DeviceRanker:
 
     def scores(self, query_text: str, candidate_ids: Sequence[str]) -> np.ndarray:
         """Relevance logits ``[len(candidate_ids)]`` (candidates standardised as one pool)."""
-        q = encode_query(self.builder, query_text)
+        q = encode_query(self.builder, query_text, self.query_encoder)
         return self.scorer.scores(candidate_features(self.builder, query_text, q, candidate_ids))
 
     def rank(

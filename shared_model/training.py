@@ -373,7 +373,9 @@ def _dp_epochs(
                 # per-sample gradient for every parameter: here, none (zero rows).
                 for p in model.parameters():
                     if p.requires_grad:
-                        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+                        p.grad_sample = torch.zeros(  # type: ignore[attr-defined]
+                            (0, *p.shape), dtype=p.dtype
+                        )
                 dp_optimizer.step()
                 continue
             feats, rank, target = _batch(groups, idx.numpy())

@@ -207,7 +207,9 @@ def make_users(
     return SimulatedUsers(session_user, session_query, uniform, arm, tuple(query_ids))
 
 
-def pool_features(builder: Any, query_ids: Sequence[str]) -> dict[str, tuple[list[str], np.ndarray]]:
+def pool_features(
+    builder: Any, query_ids: Sequence[str]
+) -> dict[str, tuple[list[str], np.ndarray]]:
     """Each query's judged pool (sorted ids) and its ``[N, F]`` features, computed once."""
     out = {}
     for q in query_ids:
@@ -365,7 +367,8 @@ def run_ab(
     vs_prev = make_users(test, users=users, seed=seed * 7_919 + 2)
     pools = pool_features(builder, test)
     bm25 = shown_relevance(bm25_scores, pools, judged, test)
-    previous = shown_relevance(model_scorer("checkpoint", None, hidden_dim=hidden), pools, judged, test)
+    initial = model_scorer("checkpoint", None, hidden_dim=hidden)
+    previous = shown_relevance(initial, pools, judged, test)
     previous_round = 0
     rounds: list[dict[str, Any]] = []
     for rnd, (kind, path) in sources.items():

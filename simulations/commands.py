@@ -1,4 +1,4 @@
-"""CLI commands that drive `simulations`: simulate, compare, bench train."""
+"""CLI commands that drive `simulations`: simulate, compare, drift, ab, bench train."""
 
 from __future__ import annotations
 
@@ -16,6 +16,10 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return "inf" if math.isinf(value) else f"{value:.4f}"
     return str(value)
+
+
+def _pct(value: float, ci: list[float]) -> str:
+    return f"{value * 100:+.2f}% [{ci[0] * 100:+.2f}, {ci[1] * 100:+.2f}]"
 
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
@@ -93,6 +97,87 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                 f"{_fmt(row.get('fraction_of_central', '-')):>6}"
             )
         typer.echo(f"plot: {table['plot']}")
+
+    @app.command("drift")
+    def drift(
+        run_dir: Path = typer.Option(..., "--run-dir", help="Run directory (new or resumed)."),
+        rounds: int = typer.Option(12, "--rounds", help="Server rounds."),
+        drift_round: int = typer.Option(6, "--drift-round", help="First round of new taste."),
+        epsilon: str = typer.Option("1", "--epsilon", help="Per-node ε budget, or 'inf'."),
+        engine: str = typer.Option(
+            "flower", "--engine", help="flower (Simulation Engine) or inprocess (no Flower)."
+        ),
+        as_json: bool = typer.Option(False, "--json", help="JSON on stdout."),
+    ) -> None:
+        """Online federation whose taste drifts at --drift-round: rounds to recover vs frozen."""
+        from simulations.drift import DriftConfig, run_drift
+        from simulations.runner import parse_epsilon
+
+        try:
+            config = DriftConfig(rounds=rounds, drift_round=drift_round)
+            eps = parse_epsilon(epsilon)
+        except ValueError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        echo = (lambda line: typer.echo(line, err=True)) if as_json else typer.echo
+        try:
+            report = run_drift(
+                run_dir=run_dir, config=config, epsilon=eps, engine=engine, echo=echo
+            )
+        except KeyboardInterrupt:
+            typer.echo("[fedrank] interrupted; Flower processes stopped", err=True)
+            raise typer.Exit(130) from None
+        except (RuntimeError, ValueError) as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from None
+        if as_json:
+            typer.echo(json.dumps(report, indent=2))
+            return
+        rec = report["recovery_rounds"]
+        typer.echo(
+            f"pre-drift NDCG@10 {report['pre_drift_ndcg@10']:.4f} (target "
+            f"{report['target_ndcg@10']:.4f}); frozen at round {drift_round - 1} on the new "
+            f"taste {report['frozen_ndcg@10_new_truth']:.4f}; federated final "
+            f"{report['final_ndcg@10_new_truth']:.4f}"
+        )
+        typer.echo(
+            "recovery: " + (f"{rec} round(s) after the drift" if rec is not None
+                            else f"not within {rounds} rounds")
+            + f"; frozen model {'recovers' if report['frozen_recovers'] else 'never recovers'}"
+        )
+        typer.echo(f"report {run_dir / 'drift.json'}; plot {run_dir / 'drift.png'}")
+
+    @app.command("ab")
+    def ab(
+        run_dir: Path = typer.Argument(..., help="Run directory with checkpoints/ or releases/."),
+        users: int = typer.Option(20_000, "--users", help="Simulated users per experiment."),
+        bootstrap: int = typer.Option(
+            0, "--bootstrap", help="Bootstrap resamples for the intervals (0 = delta method)."
+        ),
+        out: Path | None = typer.Option(None, "--out", help="Folder for ab.json/ab.png."),
+        as_json: bool = typer.Option(False, "--json", help="JSON on stdout."),
+    ) -> None:
+        """Simulated online A/B: each round's model vs BM25 and vs the previous round (CTR)."""
+        from simulations.ab import run_ab
+
+        try:
+            result = run_ab(run_dir, users=users, resamples=bootstrap, out_dir=out)
+        except (FileNotFoundError, ValueError, KeyError) as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        if as_json:
+            typer.echo(json.dumps(result, indent=2))
+            return
+        typer.echo(f"{'round':>5} {'ctr':>7} {'bm25':>7} {'lift vs bm25 (95% CI)':>28} "
+                   f"{'lift vs prev (95% CI)':>28}")
+        for r in result["rounds"]:
+            b, p = r["vs_bm25"], r["vs_previous"]
+            typer.echo(
+                f"{r['round']:>5} {b['ctr_a']:>7.4f} {b['ctr_b']:>7.4f} "
+                f"{_pct(b['relative_lift'], b['relative_lift_ci']):>28} "
+                f"{_pct(p['relative_lift'], p['relative_lift_ci']):>28}"
+            )
+        typer.echo(f"json: {result['json']}; plot: {result['plot']}")
 
     @bench_app.command("train")
     def bench_train_cmd(

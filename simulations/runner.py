@@ -339,7 +339,7 @@ def run_folds(
         rows.append((target.name if len(chosen) > 1 else run_dir.name, final))
     wall = time.perf_counter() - started
     if len(chosen) > 1:
-        mean = {
+        mean: dict[str, Any] = {
             m: sum(float(f[m]) for _, f in rows) / len(rows) for m in ("ndcg@10", "mrr", "auc")
         }
         eps_values = [f["epsilon_max"] for _, f in rows]

@@ -91,6 +91,26 @@ SCENARIOS: dict[str, Scenario] = {
             description="small 3-region federation for tests and demos",
         ),
         Scenario(
+            name="regional-3-drift",
+            world=WorldConfig(num_users=3_000, num_regions=3, seed=0),
+            partition="regional",
+            rounds=12,
+            run_config={
+                "privacy-shape": "regional",
+                "strategy": "fedavg",
+                "min-train-nodes": 2,
+                "batch-size": 128,
+                "learning-rate": 0.5,
+                "delta": 1e-4,
+                "online": True,
+                "replay-files": 0,
+            },
+            description=(
+                "regional-3 as an online federation whose taste drifts mid-run "
+                "(run it with `fedrank drift`: it writes the per-round inbox traffic)"
+            ),
+        ),
+        Scenario(
             name="device-500",
             world=WorldConfig(num_users=500, num_regions=5, sessions_per_user=8.0, seed=0),
             partition="device",

@@ -22,6 +22,7 @@ from shared_model.scoring import (
     OnnxScorer,
     candidate_features,
     encode_query,
+    query_encoder_for,
     top_by_bm25,
 )
 from shared_model.state import head_state, load_head_state
@@ -96,6 +97,70 @@ def test_encode_query_reads_cache_without_writing(builder: FeatureBuilder) -> No
         encode_query(builder, fresh), builder.encoder.encoder.encode([fresh])[0], atol=1e-6
     )
     assert len(builder.encoder.cache) == size  # neither query was written to the cache
+
+
+class _CountingEncoder:
+    """A query encoder with the builder's fingerprint that records what it encodes."""
+
+    def __init__(self, fingerprint: str) -> None:
+        self.fingerprint = fingerprint
+        self.texts: list[str] = []
+
+    def encode(self, texts):
+        self.texts.extend(texts)
+        out = np.zeros((len(texts), 384), dtype=np.float32)
+        out[:, 0] = 1.0
+        return out
+
+
+def test_encode_query_uses_given_encoder_on_cache_miss(builder: FeatureBuilder) -> None:
+    text, _ = catalog_query(builder, 3)
+    builder.query_vector(text)
+    encoder = _CountingEncoder(builder.encoder.fingerprint)
+    np.testing.assert_array_equal(encode_query(builder, text, encoder), builder.query_vector(text))
+    assert encoder.texts == []  # a cache hit encodes nothing
+    assert encode_query(builder, f"{text} unseen", encoder)[0] == 1.0
+    assert encoder.texts == [f"{text} unseen"]
+
+
+def test_query_encoder_falls_back_to_torch(
+    builder: FeatureBuilder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shared_model.onnx_encoder as onnx_module
+
+    assert query_encoder_for(builder, "torch") is None
+    with pytest.raises(ValueError, match="onnx"):
+        query_encoder_for(builder, "tensorflow")  # type: ignore[arg-type]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no exporter here")
+
+    monkeypatch.setattr(onnx_module, "shared_onnx_encoder", broken)
+    with pytest.warns(RuntimeWarning, match="no exporter here"):
+        assert query_encoder_for(builder) is None
+
+    monkeypatch.setattr(
+        onnx_module, "shared_onnx_encoder", lambda *a, **k: _CountingEncoder("other-model")
+    )
+    with pytest.warns(RuntimeWarning, match="differs"):
+        assert query_encoder_for(builder) is None
+
+
+def test_device_ranker_query_encoder(
+    tmp_path: Path, key: Ed25519PrivateKey, builder: FeatureBuilder
+) -> None:
+    release = release_for(tmp_path / "r", key, trained_like_head())
+    encoder = _CountingEncoder(builder.encoder.fingerprint)
+    ranker = DeviceRanker(release, builder, query_encoder=encoder)
+    text, pool = catalog_query(builder, 6)
+    ranker.rank(f"{text} unseen", pool)
+    assert encoder.texts == [f"{text} unseen"]
+    with pytest.raises(ValueError, match="fingerprint"):
+        DeviceRanker(release, builder, query_encoder=_CountingEncoder("other-model"))
+    default = DeviceRanker(release, builder)  # ONNX MiniLM (shared), or torch as a fallback
+    assert default.query_encoder is None or (
+        default.query_encoder.fingerprint == builder.encoder.fingerprint
+    )
 
 
 def test_top_by_bm25(builder: FeatureBuilder) -> None:
@@ -215,6 +280,7 @@ def test_cli_bench_score(cli: typer.Typer) -> None:
         torch.set_num_threads(threads)
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    for name in ("encode_and_score", "head", "torch_head"):
+    for name in ("encode_and_score", "encode", "torch_encode", "head", "torch_head"):
         assert 0 < report[f"{name}_p50_ms"] <= report[f"{name}_p99_ms"]
+    assert report["query_encoder"] == "onnx"
     assert report["repeats"] == 5 and report["candidates"] == 100 and report["threads"] == 1
