@@ -17,8 +17,8 @@ adding/removing one canary, then for every ``v``::
 canary). :func:`p_value` computes that right-hand side; :func:`epsilon_lower_bound` returns
 the largest ε whose p-value is still below ``1 - confidence`` (default: confidence 0.95, i.e.
 p-value < 0.05): "with 95 % confidence, the mechanism is not (ε', δ)-DP for any ε' below this
-number". The p-value is decreasing in ε... strictly, increasing: larger ε makes ``v`` correct
-guesses *less* surprising; the search bisects on that monotone function. With ``v <= r / 2``
+number". The p-value increases with ε (a larger ε makes ``v`` correct guesses less
+surprising); the search bisects on that monotone function. With ``v <= r / 2``
 correct guesses the bound is 0.
 
 All functions are keyword-only and pure (numpy/scipy only).

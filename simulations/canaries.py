@@ -139,7 +139,11 @@ def _clipped_grads(head: RankerHead, canaries: UserGroups, clip: float) -> np.nd
         out = head(torch.from_numpy(canaries.features[i : i + 1]),
                    torch.from_numpy(canaries.rank[i : i + 1]))
         crit(out, target).sum().backward()
-        rows.append(torch.cat([p.grad.reshape(-1) for p in head.parameters()]).numpy().copy())
+        grads = [
+            (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+            for p in head.parameters()
+        ]
+        rows.append(torch.cat(grads).numpy().copy())
     head.zero_grad()
     g = np.asarray(rows)
     norms = np.linalg.norm(g, axis=1, keepdims=True)

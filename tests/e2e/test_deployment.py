@@ -95,7 +95,11 @@ def test_faulty_unregistered_and_plaintext_nodes_are_refused(cluster: Cluster) -
     assert lines and all(not ln["has_error"] for ln in lines)
     for line in lines:
         content = line["content"]
-        assert set(content) == {"arrays", "metrics"}
+        # arrays, aggregate metrics, and the node's own operator-chosen name (for the
+        # server's per-region policy): nothing else
+        assert set(content) == {"arrays", "metrics", "node"}
+        assert content["node"]["type"] == "ConfigRecord"
+        assert content["node"]["keys"] == ["name"]
         assert content["arrays"]["type"] == "ArrayRecord"
         assert content["arrays"]["keys"] and all(
             k.endswith((".weight", ".bias")) for k in content["arrays"]["keys"]
