@@ -270,13 +270,18 @@ def train_head(
 
 
 def sample_rate_for(config: TrainConfig, num_users: int) -> float:
-    """Poisson sampling rate q = batch_size / users, capped at 1."""
-    return min(1.0, config.batch_size / max(1, num_users))
+    """Poisson sampling rate exactly as Opacus' DPDataLoader sets it: 1 / batches per epoch.
+
+    Planning with ``batch_size / users`` instead over-estimates q whenever the last batch is
+    partial, so σ came out larger than the budget needs (measured: nodes ended their planned
+    run at ε 0.85 of a budget of 1).
+    """
+    return 1.0 / max(1, math.ceil(max(1, num_users) / config.batch_size))
 
 
 def steps_per_round(config: TrainConfig, num_users: int) -> int:
-    """DP-SGD steps one round takes: epochs / q (Opacus' DPDataLoader length)."""
-    return config.local_epochs * max(1, math.ceil(1.0 / sample_rate_for(config, num_users)))
+    """DP-SGD steps one round takes: epochs x batches per epoch (Opacus' loader length)."""
+    return config.local_epochs * max(1, math.ceil(max(1, num_users) / config.batch_size))
 
 
 def _train_private(
@@ -291,7 +296,8 @@ def _train_private(
     sample_rate = sample_rate_for(config, n_users)
     loader = DataLoader(
         _UserIndex(n_users),
-        batch_size=max(1, round(sample_rate * n_users)),
+        # Opacus turns this into Poisson sampling at q = 1 / len(loader) = sample_rate_for().
+        batch_size=config.batch_size,
         generator=torch.Generator().manual_seed(config.seed),
         collate_fn=_collate_indices,
     )
