@@ -104,9 +104,6 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         rounds: int = typer.Option(12, "--rounds", help="Server rounds."),
         drift_round: int = typer.Option(6, "--drift-round", help="First round of new taste."),
         epsilon: str = typer.Option("1", "--epsilon", help="Per-node ε budget, or 'inf'."),
-        engine: str = typer.Option(
-            "flower", "--engine", help="flower (Simulation Engine) or inprocess (no Flower)."
-        ),
         as_json: bool = typer.Option(False, "--json", help="JSON on stdout."),
     ) -> None:
         """Online federation whose taste drifts at --drift-round: rounds to recover vs frozen."""
@@ -122,7 +119,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         echo = (lambda line: typer.echo(line, err=True)) if as_json else typer.echo
         try:
             report = run_drift(
-                run_dir=run_dir, config=config, epsilon=eps, engine=engine, echo=echo
+                run_dir=run_dir, config=config, epsilon=eps, echo=echo
             )
         except KeyboardInterrupt:
             typer.echo("[fedrank] interrupted; Flower processes stopped", err=True)

@@ -27,10 +27,7 @@ Measure
     reference. Recovery = the first round r >= R whose model is within ``tolerance`` (2%) of
     ``pre``; reported as r - R + 1 rounds of drifted traffic (``None`` = not within the run).
 
-Engines: ``flower`` runs the scenario on Flower's Simulation Engine (``simulations.runner``);
-``inprocess`` calls the same node code (``client.node.train_round``) for each node in turn
-and averages replies weighted by ``num-examples`` as Flower's FedAvg does, writing the same
-checkpoints — for when the fixed local-SuperLink ports are taken by another run.
+Training runs on Flower's Simulation Engine (``simulations.runner``), as every scenario does.
 """
 
 from __future__ import annotations
@@ -145,61 +142,6 @@ def write_drift_traffic(
     return info
 
 
-def run_inprocess(
-    scenario: Any, settings: Any, *, echo: Callable[[str], None] = print
-) -> dict[str, Any]:
-    """FedAvg over the scenario's nodes in this process (same node code, no Flower)."""
-    from client.node import BudgetRefusal, NodeSettings, head_config, torch_threads, train_round
-    from server.checkpoint import RunDirectory
-    from server.evaluator import CentralEvaluator
-    from shared_model.ranker import RankerHead
-    from shared_model.state import head_state
-
-    torch_threads(1)
-    run_dir = RunDirectory(Path(settings.run_dir))
-    config = settings.to_config()
-    run_dir.write_config(config)
-    evaluator = CentralEvaluator(settings)
-    state = head_state(RankerHead(head_config(settings)))
-    nodes = [
-        NodeSettings.from_node_config({"partition-id": i}, settings)
-        for i in range(scenario.num_nodes)
-    ]
-    rounds: list[dict[str, Any]] = []
-    initial = evaluator(state)
-    eps_max = 0.0
-    for rnd in range(1, settings.num_server_rounds + 1):
-        started = time.perf_counter()
-        replies = []
-        for node in nodes:
-            try:
-                replies.append(train_round(run=settings, node=node, global_state=state,
-                                           server_round=rnd))
-            except BudgetRefusal as refusal:
-                echo(f"[fedrank] round {rnd}: {refusal}")
-        if replies:
-            counts = np.array([o.metrics["num-examples"] for o in replies], dtype=np.float64)
-            weights = counts / counts.sum() if counts.sum() > 0 else None
-            state = {
-                k: np.average([o.state[k] for o in replies], axis=0, weights=weights).astype(
-                    np.float32
-                )
-                for k in state
-            }
-            eps_max = max([eps_max] + [o.metrics["epsilon"] for o in replies])
-        metrics = evaluator(state)
-        eps = eps_max if settings.private else "inf"
-        rounds.append({"round": rnd, **metrics, "epsilon_max": eps,
-                       "seconds": round(time.perf_counter() - started, 3)})
-        run_dir.save(round=rnd, arrays=state, strategy_state={},
-                     rng_state={"numpy_seed": rnd}, config=config,
-                     metrics={"rounds": rounds, "final": rounds[-1], "initial": initial})
-        echo(f"[fedrank] round {rnd}/{settings.num_server_rounds}: "
-             f"ndcg@10={metrics['ndcg@10']:.4f} replies={len(replies)} "
-             f"{time.perf_counter() - started:.1f}s")
-    return {"rounds": rounds, "final": rounds[-1], "initial": initial}
-
-
 def evaluate_drift(run_dir: Path, config: DriftConfig, *, builder: Any = None) -> dict[str, Any]:
     """NDCG@10 per round on the old and the drifted ground truth; recovery vs frozen."""
     from server.checkpoint import STRATEGY_PREFIX
@@ -273,16 +215,13 @@ def run_drift(
     run_dir: Path,
     config: DriftConfig,
     epsilon: float,
-    engine: str = "flower",
     scenario_name: str = "regional-3-drift",
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Prepare, write the traffic, train (Flower or in-process), evaluate; ``drift.json``."""
+    """Prepare, write the traffic, train on Flower's Simulation Engine, evaluate."""
     from simulations.runner import prepare_run, run_simulation
     from simulations.scenarios import get_scenario
 
-    if engine not in ("flower", "inprocess"):
-        raise ValueError(f"engine must be 'flower' or 'inprocess', got {engine!r}")
     scenario = get_scenario(scenario_name)
     started = time.perf_counter()
     settings = prepare_run(
@@ -290,20 +229,16 @@ def run_drift(
         overrides={"online": True},
     )
     write_drift_traffic(scenario, settings, config)
-    echo(f"[fedrank] drift traffic written; training {config.rounds} rounds ({engine})")
-    if engine == "flower":
-        result = run_simulation(scenario, settings, echo=echo)
-        if not result.metrics.get("final"):
-            raise RuntimeError(
-                f"no metrics (flwr exit {result.returncode}); see {run_dir / 'flower.log'}"
-            )
-    else:
-        run_inprocess(scenario, settings, echo=echo)
+    echo(f"[fedrank] drift traffic written; training {config.rounds} rounds on Flower")
+    result = run_simulation(scenario, settings, echo=echo)
+    if not result.metrics.get("final"):
+        raise RuntimeError(
+            f"no metrics (flwr exit {result.returncode}); see {run_dir / 'flower.log'}"
+        )
     report = evaluate_drift(run_dir, config)
     report.update(
         {
             "scenario": scenario_name,
-            "engine": engine,
             "epsilon": "inf" if math.isinf(epsilon) else epsilon,
             "config": asdict(config),
             "wall_seconds": round(time.perf_counter() - started, 1),
