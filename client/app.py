@@ -10,6 +10,7 @@ One ClientApp serves both privacy shapes:
 
 from __future__ import annotations
 
+import numpy as np
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -95,7 +96,8 @@ def train(msg: Message, context: Context) -> Message:
 
 def _train_legacy(msg: Message, run: RunSettings, node: NodeSettings) -> Message:
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
-    arrays = parameters_to_ndarrays(fitins.parameters)
+    # Flower's server-side DP noise arrives as float64; the model is float32.
+    arrays = [np.asarray(a, dtype=np.float32) for a in parameters_to_ndarrays(fitins.parameters)]
     keys = str(fitins.config.get("keys", "")).split(",")
     server_round = int(fitins.config.get("server-round", 0))
     outcome = train_round(

@@ -123,7 +123,9 @@ def run_device(grid: Grid, context: Context, settings: RunSettings) -> None:
     log.info("%s device shape: %d devices, %d sampled per round", PROGRESS, population, sampled)
 
     def evaluate_fn(server_round: int, ndarrays: list[np.ndarray], _cfg: dict) -> tuple:
-        metrics = recorder(server_round, dict(zip(keys, ndarrays, strict=True)))
+        # Flower's DP wrapper adds float64 noise: the model itself is float32.
+        weights = {k: np.asarray(a, dtype=np.float32) for k, a in zip(keys, ndarrays, strict=True)}
+        metrics = recorder(server_round, weights)
         return metrics["ndcg@10"], metrics
 
     def fit_config(server_round: int) -> dict[str, Any]:
