@@ -27,6 +27,8 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.analysis import rdp as opacus_rdp
 
 __all__ = [
+    "calibrate_client_level_noise",
+    "epsilon_client_level",
     "ACCOUNTANTS",
     "DEFAULT_ORDERS",
     "MAX_NOISE_MULTIPLIER",
@@ -449,3 +451,69 @@ def epsilon_dp_accounting(
     acc.compose(dp_event)
     eps = float(acc.get_epsilon(delta))
     return math.inf if math.isnan(eps) else eps
+
+
+def epsilon_client_level(
+    *, noise_multiplier: float, population: int, sample_size: int, rounds: int, delta: float
+) -> float:
+    """ε of ``rounds`` rounds of client-level DP with fixed-size sampling without replacement.
+
+    The construction Flower's ``RdpAccountant`` uses for its DP wrappers (dp-accounting RDP,
+    ``SampledWithoutReplacementDpEvent`` of a Gaussian, replace-one neighbouring relation).
+    """
+    import dp_accounting
+
+    if not 0 < sample_size <= population:
+        raise ValueError(
+            f"sample_size must be in (0, population={population}], got {sample_size!r}"
+        )
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds!r}")
+    if noise_multiplier <= 0:
+        return math.inf
+    accountant = dp_accounting.rdp.RdpAccountant(
+        neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE
+    )
+    event = dp_accounting.SampledWithoutReplacementDpEvent(
+        population, sample_size, dp_accounting.GaussianDpEvent(noise_multiplier)
+    )
+    accountant.compose(event, rounds)
+    return float(accountant.get_epsilon(delta))
+
+
+def calibrate_client_level_noise(
+    *,
+    target_epsilon: float,
+    delta: float,
+    population: int,
+    sample_size: int,
+    rounds: int,
+    tolerance: float = 0.01,
+) -> float:
+    """Smallest noise multiplier z (to ``tolerance``) whose whole-run ε stays <= target.
+
+    ``target_epsilon = inf`` gives 0.0 (no noise).
+    """
+    if math.isinf(target_epsilon):
+        return 0.0
+    if not target_epsilon > 0:
+        raise ValueError(f"target_epsilon must be > 0, got {target_epsilon!r}")
+
+    def eps(z: float) -> float:
+        return epsilon_client_level(
+            noise_multiplier=z, population=population, sample_size=sample_size,
+            rounds=rounds, delta=delta,
+        )
+
+    low, high = 0.05, 1.0
+    while eps(high) > target_epsilon:
+        low, high = high, high * 2
+        if high > MAX_NOISE_MULTIPLIER:
+            raise ValueError(f"no noise multiplier reaches ε={target_epsilon} at δ={delta}")
+    while high - low > tolerance:
+        mid = (low + high) / 2
+        if eps(mid) > target_epsilon:
+            low = mid
+        else:
+            high = mid
+    return high

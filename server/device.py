@@ -34,6 +34,7 @@ from flwr.serverapp import (
     SamplingMethod,
 )
 
+from privacy.accounting import calibrate_client_level_noise
 from privacy.ledger import Ledger, LedgerEvent
 from server.checkpoint import RunDirectory
 from server.evaluator import CentralEvaluator
@@ -44,8 +45,8 @@ from shared_model.state import head_state
 
 log = logging.getLogger("fedrank.server")
 
-# Client-level DP parameters of the device shape (documented in README).
-DEVICE_NOISE_MULTIPLIER = 0.8
+# Client-level DP parameters of the device shape (documented in README); the noise
+# multiplier itself is calibrated from the run's ε budget (privacy.accounting).
 INITIAL_CLIP_NORM = 0.5
 TARGET_CLIPPED_QUANTILE = 0.5
 CLIP_NORM_LR = 0.2
@@ -141,8 +142,15 @@ def run_device(grid: Grid, context: Context, settings: RunSettings) -> None:
         initial_parameters=ndarrays_to_parameters([initial[k] for k in keys]),
     )
     if settings.private:
+        # The whole planned run meets the budget (hard cap, as nodes do in the regional shape).
+        z = calibrate_client_level_noise(
+            target_epsilon=settings.epsilon, delta=settings.delta, population=population,
+            sample_size=sampled, rounds=settings.num_server_rounds,
+        )
+        log.info("%s client-level DP: noise multiplier %.3f for ε=%g over %d rounds",
+                 PROGRESS, z, settings.epsilon, settings.num_server_rounds)
         strategy: Any = AccountedAdaptiveClipping(
-            fedavg, DEVICE_NOISE_MULTIPLIER, sampled,
+            fedavg, z, sampled,
             population=population, delta=settings.delta,
             ledger=Ledger(Path(settings.run_dir) / "ledger" / "server.jsonl"),
             recorder=recorder,
@@ -150,7 +158,7 @@ def run_device(grid: Grid, context: Context, settings: RunSettings) -> None:
             target_clipped_quantile=TARGET_CLIPPED_QUANTILE,
             clip_norm_lr=CLIP_NORM_LR,
             # z must stay below 2 x this (Flower's adaptive-clipping constraint).
-            clipped_count_stddev=max(sampled / 20.0, DEVICE_NOISE_MULTIPLIER),
+            clipped_count_stddev=max(sampled / 20.0, z),
         )
     else:
         strategy = fedavg

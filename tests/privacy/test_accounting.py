@@ -264,3 +264,36 @@ def test_event_validation_names_history_index() -> None:
 
 def test_default_orders_are_opacus_orders() -> None:
     assert list(DEFAULT_ORDERS) == [float(a) for a in RDPAccountant.DEFAULT_ALPHAS]
+
+
+def test_client_level_calibration_meets_budget_and_matches_flower() -> None:
+    # Prepare
+    from flwr.serverapp import (
+        GaussianPrivacyEvent,
+        NeighboringRelation,
+        PrivacyConfig,
+        RdpAccountant,
+        SamplingMethod,
+    )
+
+    from privacy.accounting import calibrate_client_level_noise, epsilon_client_level
+
+    # Execute
+    z = calibrate_client_level_noise(
+        target_epsilon=1.0, delta=1e-3, population=500, sample_size=50, rounds=20
+    )
+    ours = epsilon_client_level(
+        noise_multiplier=z, population=500, sample_size=50, rounds=20, delta=1e-3
+    )
+    flower = RdpAccountant(
+        PrivacyConfig(
+            1e-3, 500, NeighboringRelation.REPLACE_ONE, SamplingMethod.WITHOUT_REPLACEMENT
+        )
+    )
+    for _ in range(20):
+        flower.compose(
+            GaussianPrivacyEvent(noise_multiplier=z, sample_size=50, population_size=500)
+        )
+    # Assert: within budget, tight, and the same number Flower's accountant reports
+    assert 0.97 <= ours <= 1.0
+    assert flower.get_privacy_spent().epsilon == pytest.approx(ours, rel=1e-9)
