@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -57,7 +58,7 @@ def test_node_with_spent_budget_refuses_and_the_run_finishes(tmp_path: Path) -> 
     settings = prepare_run(scenario, run_dir=tmp_path / "run", rounds=2, epsilon=1.0)
     spent = PersistentAccountant(
         Path(settings.run_dir) / "nodes" / "node-0" / "accountant.json",
-        delta=settings.delta, budget_epsilon=1.0,
+        delta=settings.delta, budget_epsilon=math.inf,  # an earlier run with no cap
     )
     spent.record(noise_multiplier=0.9, sample_rate=0.1, steps=400)
     lines: list[str] = []
