@@ -58,6 +58,7 @@ from privacy.accounting import (
     validate_delta,
     validate_event,
 )
+from privacy.ledger import fsync_dir
 
 __all__ = [
     "AccountantStateError",
@@ -497,23 +498,10 @@ class PersistentAccountant:
             except BaseException:
                 Path(tmp_name).unlink(missing_ok=True)
                 raise
-            _fsync_dir(self._path.parent)
+            fsync_dir(self._path.parent)
         except BaseException:
             self._history = old
             raise
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def plan_noise_multiplier(

@@ -88,13 +88,14 @@ class LedgerError(RuntimeError):
 # --------------------------------------------------------------------------------------------
 # canonical form
 # --------------------------------------------------------------------------------------------
-def _encode_nonfinite(value: Any) -> Any:
+def encode_nonfinite(value: Any) -> Any:
+    """``value`` with non-finite floats as ``"inf"``/``"-inf"``/``"nan"`` (strict JSON)."""
     if isinstance(value, float) and not math.isfinite(value):
         return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
     if isinstance(value, Mapping):
-        return {str(k): _encode_nonfinite(v) for k, v in value.items()}
+        return {str(k): encode_nonfinite(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_encode_nonfinite(v) for v in value]
+        return [encode_nonfinite(v) for v in value]
     return value
 
 
@@ -225,7 +226,7 @@ class LedgerEvent:
         data = dataclasses.asdict(self)
         if data["detail"] is None:
             del data["detail"]
-        return _encode_nonfinite(data)
+        return encode_nonfinite(data)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> LedgerEvent:
@@ -382,7 +383,7 @@ class Ledger:
         clash = sorted(set(fields) & set(RESERVED_FIELDS))
         if clash:
             raise ValueError(f"event may not contain the reserved field(s) {clash}")
-        fields = _encode_nonfinite(fields)
+        fields = encode_nonfinite(fields)
         with self._lock:
             self._path.parent.mkdir(parents=True, exist_ok=True)
             created = not self._path.exists()
@@ -405,12 +406,13 @@ class Ledger:
                 finally:
                     fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
             if created:
-                _fsync_dir(self._path.parent)
+                fsync_dir(self._path.parent)
             self._head = record
         return dict(record)
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """fsync a folder so a rename inside it survives a crash (best effort)."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:

@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from privacy.accounting import epsilon_dp_accounting, validate_event
-from privacy.ledger import MECHANISMS, ChainProblem, verify_chain
+from privacy.ledger import MECHANISMS, ChainProblem, encode_nonfinite, verify_chain
 
 __all__ = [
     "TOLERANCE",
@@ -177,15 +177,8 @@ class VerifyReport:
 # --------------------------------------------------------------------------------------------
 # helpers shared with the audit report
 # --------------------------------------------------------------------------------------------
-def to_jsonable(value: Any) -> Any:
-    """``value`` with non-finite floats as ``"inf"``/``"-inf"``/``"nan"`` (strict JSON)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, dict):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_jsonable(v) for v in value]
-    return value
+# Strict-JSON form of ε values (non-finite floats as strings), shared with the ledger.
+to_jsonable = encode_nonfinite
 
 
 def load_json(path: Path) -> Any:
