@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import re
 from pathlib import Path
 
-import typer
+from privacy_runs import CONFIG, DELTA, NODE_PARAMS, ROUNDS, cli
+from privacy_runs import make_run as _make_run
 from typer.testing import CliRunner
 
-from privacy.accounting import epsilon_from_history
 from privacy.audit import (
     CAVEAT_EVALUATION,
     CAVEAT_RDP_UPPER_BOUND,
@@ -20,85 +19,12 @@ from privacy.audit import (
     build_audit,
     write_audit,
 )
-from privacy.commands import register
 from privacy.ledger import Ledger, LedgerEvent, read_ledger
-
-DELTA = 1e-5
-NODE_PARAMS = {"node-0": (1.0, 0.02, 10), "node-1": (1.2, 0.05, 6)}
-ROUNDS = 3
-CONFIG = {"privacy-shape": "regional", "epsilon": "3.0", "delta": DELTA, "secagg": False}
-
-
-@functools.cache
-def _honest_epsilon(sigma: float, q: float, total_steps: int) -> float:
-    return epsilon_from_history(history=[(sigma, q, total_steps)], delta=DELTA)
 
 
 def make_run(root: Path) -> Path:
-    """A regional run: two nodes' honest ledgers (real Ledger), a refusal, config, metrics."""
-    run = root / "run"
-    (run / "ledger").mkdir(parents=True)
-    (run / "config.json").write_text(json.dumps(CONFIG, indent=2))
-    for node, (sigma, q, steps) in NODE_PARAMS.items():
-        ledger = Ledger(run / "ledger" / f"{node}.jsonl")
-        eps = 0.0
-        for round_ in range(1, ROUNDS + 1):
-            eps = _honest_epsilon(sigma, q, steps * round_)
-            ledger.append(
-                LedgerEvent(
-                    node=node,
-                    round=round_,
-                    mechanism="dp-sgd",
-                    unit_of_privacy="user",
-                    noise_multiplier=sigma,
-                    sample_rate=q,
-                    steps=steps,
-                    clip_norm=1.0,
-                    delta=DELTA,
-                    accountant="rdp",
-                    epsilon_after=eps,
-                )  # fmt: skip
-            )
-    Ledger(run / "ledger" / "node-1.jsonl").append(
-        LedgerEvent(
-            node="node-1",
-            round=ROUNDS + 1,
-            mechanism="refusal",
-            unit_of_privacy="user",
-            noise_multiplier=1.2,
-            sample_rate=0.05,
-            steps=0,
-            clip_norm=1.0,
-            delta=DELTA,
-            accountant="rdp",
-            epsilon_after=eps,
-            detail="over budget",
-        )  # fmt: skip
-    )
-    metrics = {
-        "rounds": [
-            {
-                "round": r,
-                "ndcg@10": 0.5 + 0.01 * r,
-                "mrr": 0.4,
-                "auc": 0.6,
-                "epsilon_max": 1.0,
-                "seconds": 1.0,
-            }  # fmt: skip
-            for r in range(1, ROUNDS + 1)
-        ],
-        "final": {"ndcg@10": 0.53, "mrr": 0.4, "auc": 0.6},
-    }
-    (run / "metrics.json").write_text(json.dumps(metrics))
-    return run
-
-
-def cli() -> typer.Typer:
-    app = typer.Typer()
-    bench = typer.Typer()
-    app.add_typer(bench, name="bench")
-    register(app, bench)
-    return app
+    """A regional run: two nodes' honest ledgers, node-1 refusing one more round."""
+    return _make_run(root, refusing=["node-1"])
 
 
 def test_write_audit_writes_offline_html_and_json(tmp_path: Path) -> None:

@@ -7,18 +7,13 @@ import json
 from pathlib import Path
 
 import pytest
-import typer
+from privacy_runs import DELTA, NODE_PARAMS, ROUNDS, cli, honest_epsilon
+from privacy_runs import make_run as _make_run
 from typer.testing import CliRunner
 
-from privacy.accounting import epsilon_dp_accounting, epsilon_from_history
-from privacy.commands import register
+from privacy.accounting import epsilon_dp_accounting
 from privacy.ledger import Ledger, LedgerEvent, read_ledger, verify_chain
 from privacy.verify import TOLERANCE, verify_run
-
-DELTA = 1e-5
-# Cheap but realistic DP-SGD parameters per node: (sigma, q, steps per round).
-NODE_PARAMS = {"node-0": (1.0, 0.02, 10), "node-1": (1.2, 0.05, 6)}
-ROUNDS = 3
 
 
 def _dp_sgd(node: str, round_: int, sigma: float, q: float, steps: int, eps: float) -> LedgerEvent:
@@ -29,65 +24,9 @@ def _dp_sgd(node: str, round_: int, sigma: float, q: float, steps: int, eps: flo
     )  # fmt: skip
 
 
-@functools.cache
-def honest_epsilon(sigma: float, q: float, total_steps: int) -> float:
-    """What a node's Opacus RDP accountant reports after ``total_steps`` identical steps."""
-    return epsilon_from_history(history=[(sigma, q, total_steps)], delta=DELTA)
-
-
 def make_run(root: Path, *, rounds: int = ROUNDS, refuse_last: bool = False) -> Path:
-    """A regional run whose ledgers hold honest (Opacus RDP) ε, written with the real Ledger."""
-    run = root / "run"
-    (run / "ledger").mkdir(parents=True)
-    config = {"privacy-shape": "regional", "epsilon": "3.0", "delta": DELTA, "secagg": False}
-    (run / "config.json").write_text(json.dumps(config))
-    for node, (sigma, q, steps) in NODE_PARAMS.items():
-        ledger = Ledger(run / "ledger" / f"{node}.jsonl")
-        eps = 0.0
-        for round_ in range(1, rounds + 1):
-            eps = honest_epsilon(sigma, q, steps * round_)
-            ledger.append(_dp_sgd(node, round_, sigma, q, steps, eps))
-        if refuse_last:
-            ledger.append(
-                LedgerEvent(
-                    node=node,
-                    round=rounds + 1,
-                    mechanism="refusal",
-                    unit_of_privacy="user",
-                    noise_multiplier=sigma,
-                    sample_rate=q,
-                    steps=0,
-                    clip_norm=1.0,
-                    delta=DELTA,
-                    accountant="rdp",
-                    epsilon_after=eps,
-                    detail="over budget",
-                )  # fmt: skip
-            )
-    metrics = {
-        "rounds": [
-            {
-                "round": r,
-                "ndcg@10": 0.5 + 0.01 * r,
-                "mrr": 0.4,
-                "auc": 0.6,
-                "epsilon_max": 1.0,
-                "seconds": 1.0,
-            }  # fmt: skip
-            for r in range(1, rounds + 1)
-        ],
-        "final": {"ndcg@10": 0.53, "mrr": 0.4, "auc": 0.6},
-    }
-    (run / "metrics.json").write_text(json.dumps(metrics))
-    return run
-
-
-def cli() -> typer.Typer:
-    app = typer.Typer()
-    bench = typer.Typer()
-    app.add_typer(bench, name="bench")
-    register(app, bench)
-    return app
+    """A regional run whose ledgers hold honest (Opacus RDP) ε; every node may refuse last."""
+    return _make_run(root, rounds=rounds, refusing=NODE_PARAMS if refuse_last else ())
 
 
 def _lines(path: Path) -> list[str]:
