@@ -47,7 +47,9 @@ from typing import Any, BinaryIO
 __all__ = [
     "GENESIS_HASH",
     "MECHANISMS",
+    "NEIGHBOURINGS",
     "RESERVED_FIELDS",
+    "SAMPLINGS",
     "UNITS_OF_PRIVACY",
     "ChainProblem",
     "Ledger",
@@ -67,6 +69,12 @@ MECHANISMS = ("dp-sgd", "client-level-gaussian", "refusal")
 
 UNITS_OF_PRIVACY = ("user", "client")
 """Allowed values of :attr:`LedgerEvent.unit_of_privacy`."""
+
+SAMPLINGS = ("poisson", "without-replacement")
+"""Allowed values of :attr:`LedgerEvent.sampling`."""
+
+NEIGHBOURINGS = ("add-remove", "replace-one")
+"""Allowed values of :attr:`LedgerEvent.neighbouring`."""
 
 RESERVED_FIELDS = ("seq", "prev_hash", "hash", "timestamp")
 """Fields the ledger adds; an event may not carry them."""
@@ -181,6 +189,11 @@ class LedgerEvent:
         Cumulative epsilon after this event (``math.inf`` allowed; written as ``"inf"``).
     detail : str or None
         Free text.
+    sampling : {"poisson", "without-replacement"} or None
+        How the event's participants were sampled (stated by client-level events; DP-SGD
+        events are Poisson-sampled). Omitted when ``None``.
+    neighbouring : {"add-remove", "replace-one"} or None
+        The neighbouring relation the ε is stated under. Omitted when ``None``.
 
     Raises
     ------
@@ -200,8 +213,16 @@ class LedgerEvent:
     accountant: str
     epsilon_after: float
     detail: str | None = None
+    sampling: str | None = None
+    neighbouring: str | None = None
 
     def __post_init__(self) -> None:
+        if self.sampling is not None and self.sampling not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {SAMPLINGS}, got {self.sampling!r}")
+        if self.neighbouring is not None and self.neighbouring not in NEIGHBOURINGS:
+            raise ValueError(
+                f"neighbouring must be one of {NEIGHBOURINGS}, got {self.neighbouring!r}"
+            )
         if self.mechanism not in MECHANISMS:
             raise ValueError(f"mechanism must be one of {MECHANISMS}, got {self.mechanism!r}")
         if self.unit_of_privacy not in UNITS_OF_PRIVACY:
@@ -224,8 +245,9 @@ class LedgerEvent:
             One key per field; ``detail`` is omitted when ``None``.
         """
         data = dataclasses.asdict(self)
-        if data["detail"] is None:
-            del data["detail"]
+        for optional in ("detail", "sampling", "neighbouring"):
+            if data[optional] is None:
+                del data[optional]
         return encode_nonfinite(data)
 
     @classmethod
