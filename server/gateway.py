@@ -19,8 +19,10 @@ Run as ``python -m server.gateway --listen HOST:PORT --upstream 127.0.0.1:PORT -
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -67,15 +69,15 @@ def create_app(upstream: str, *, ca: str, max_body: int = DEFAULT_MAX_BODY) -> S
     """The gateway ASGI app forwarding Fleet calls to ``https://upstream``."""
     state: dict[str, Any] = {}
 
-    async def startup() -> None:
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
         state["client"] = httpx.AsyncClient(
             base_url=f"https://{upstream}", verify=ca, timeout=httpx.Timeout(60.0, read=None),
         )
-
-    async def shutdown() -> None:
-        client = state.pop("client", None)
-        if client is not None:
-            await client.aclose()
+        try:
+            yield
+        finally:
+            await state.pop("client").aclose()
 
     async def handle(request: Request) -> Response:
         path = request.url.path
@@ -109,8 +111,7 @@ def create_app(upstream: str, *, ca: str, max_body: int = DEFAULT_MAX_BODY) -> S
     methods = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]
     return Starlette(
         routes=[Route("/{path:path}", handle, methods=methods)],
-        on_startup=[startup],
-        on_shutdown=[shutdown],
+        lifespan=lifespan,
     )
 
 
