@@ -110,6 +110,7 @@ def test_outsider_with_only_the_ca_cannot_register_or_run(
         text = out.stdout + out.stderr
         assert out.returncode != 0, text[-2000:]
         assert "registered successfully" not in text.lower()
+        assert "serves the Fleet API only" in text, text[-2000:]  # the gateway's 404
     # ... and the operator (loopback Control API) sees no outsider key and no run
     operator = tmp_path / "flwr_home"
     keys = _flwr(operator, "supernode", "list", "fedrank", "--format", "json", tag=tag)
