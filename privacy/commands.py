@@ -2,7 +2,7 @@
 
 ``fedrank audit RUN_DIR``
     Write ``RUN_DIR/audit.html`` and ``RUN_DIR/audit.json`` (same as ``fedrank audit report``).
-``fedrank audit verify RUN_DIR [--trusted-keys DIR] [--allow-unsigned]``
+``fedrank audit verify RUN_DIR [--trusted-keys DIR] [--allow-unsigned] [--plans DIR]``
     Re-walk the ledgers' hash chains, check every line's signature (against the writers' keys
     pinned in DIR, ``<writer>.pub``, else the keys published in ``RUN_DIR/ledger/keys``),
     cross-check every line against ``config.json`` and the node's privacy plan, and recompute
@@ -84,6 +84,12 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     allow_unsigned_option = typer.Option(
         False, "--allow-unsigned", help="Do not fail unsigned ledger lines (legacy runs)."
     )
+    plans_option = typer.Option(
+        None,
+        "--plans",
+        help="Folder holding each node's <node>/privacy_plan.json (default: RUN_DIR/nodes; "
+        "deployment: a copy of the nodes' state folders).",
+    )
 
     @audit_app.command(DEFAULT_SUBCOMMAND)
     def audit_report(
@@ -93,6 +99,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         ),
         trusted_keys: Path | None = trusted_keys_option,
         allow_unsigned: bool = allow_unsigned_option,
+        plans: Path | None = plans_option,
     ) -> None:
         """Write RUN_DIR/audit.html and RUN_DIR/audit.json (also: `fedrank audit RUN_DIR`)."""
         from privacy.audit import write_audit
@@ -100,7 +107,10 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
 
         run_dir = _run_dir_or_exit(run_dir)
         report = verify_run(
-            run_dir, trusted_keys=trusted_keys, require_signatures=not allow_unsigned
+            run_dir,
+            trusted_keys=trusted_keys,
+            require_signatures=not allow_unsigned,
+            plans_dir=plans,
         )
         html_path, json_path = write_audit(run_dir, report=report)
         typer.echo(f"wrote {html_path}")
@@ -120,6 +130,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         ),
         trusted_keys: Path | None = trusted_keys_option,
         allow_unsigned: bool = allow_unsigned_option,
+        plans: Path | None = plans_option,
     ) -> None:
         """Check chains, signatures, config/plan consistency and every ε; exit 1 on failure."""
         from privacy.verify import verify_run
@@ -133,6 +144,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             pld_reference=pld,
             trusted_keys=trusted_keys,
             require_signatures=not allow_unsigned,
+            plans_dir=plans,
         )
         if as_json:
             typer.echo(json.dumps(report.to_dict(), indent=1, allow_nan=False))

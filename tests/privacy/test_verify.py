@@ -769,3 +769,19 @@ def test_shape_mismatch_fails(tmp_path: Path) -> None:
 
     # Assert
     assert any("privacy-shape='device'" in p.problem for p in report.problems)
+
+
+def test_cli_plans_folder_elsewhere(tmp_path: Path) -> None:
+    # Prepare: a deployment-like layout: the nodes' state folders copied beside the run
+    run = make_run(tmp_path)
+    (run / "nodes").rename(tmp_path / "node-states")
+
+    # Execute
+    without = CliRunner().invoke(cli(), ["audit", "verify", str(run), "--no-pld"])
+    with_plans = CliRunner().invoke(
+        cli(), ["audit", "verify", str(run), "--no-pld", "--plans", str(tmp_path / "node-states")]
+    )
+
+    # Assert
+    assert without.exit_code == 1 and "no privacy plan for node 'node-0'" in without.output
+    assert with_plans.exit_code == 0, with_plans.output
