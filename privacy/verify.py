@@ -770,14 +770,17 @@ def _check_line(
     round_ = record["round"]
     expected = ctx.expected
 
-    # delta: constant within a ledger, and the run's delta
-    if file in ctx.ledger_delta:
+    # delta: constant within a ledger, and the run's delta (refusals spend nothing: a node
+    # refusing a run config weaker than its pinned settings may state either δ)
+    if mechanism == "refusal":
+        pass
+    elif file in ctx.ledger_delta:
         first_delta, first_line = ctx.ledger_delta[file]
         if delta != first_delta:
             flag(f"delta changed: {delta!r} here, {first_delta!r} at line {first_line}")
     else:
         ctx.ledger_delta[file] = (delta, number)
-    if expected.delta is not None and delta != expected.delta:
+    if mechanism != "refusal" and expected.delta is not None and delta != expected.delta:
         flag(f"delta {delta!r} differs from config.json delta {expected.delta!r}")
 
     # epsilon never decreases along one node's entries of one ledger
