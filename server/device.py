@@ -63,6 +63,7 @@ from flwr.serverapp import (
 from privacy.accounting import (
     calibrate_client_level_noise,
     combined_noise_multiplier,
+    epsilon_client_level,
     split_client_level_noise,
 )
 from privacy.ledger import Ledger, LedgerEvent
@@ -293,9 +294,7 @@ class AccountedAdaptiveClipping(DifferentialPrivacyClientSideAdaptiveClipping):
             if KEY_NORM_BIT not in fit_res.metrics:
                 raise KeyError(f"{KEY_NORM_BIT} not returned by client with id {proxy.cid}.")
             clipped += bool(fit_res.metrics[KEY_NORM_BIT])
-        if self.max_epsilon is not None and self.accountant.would_exceed(
-            self.event, max_epsilon=self.max_epsilon
-        ):
+        if self._would_exceed():
             self._refuse(server_round, clip_used)
             return None, {}
         params, metrics = self.strategy.aggregate_fit(server_round, results, failures)
@@ -323,6 +322,25 @@ class AccountedAdaptiveClipping(DifferentialPrivacyClientSideAdaptiveClipping):
         )
         self._account(server_round, clip_used)
         return ndarrays_to_parameters(arrays), metrics
+
+    def _would_exceed(self) -> bool:
+        """Whether one more release would take ε above ``max_epsilon``.
+
+        Every release is the same event, so this is :func:`epsilon_client_level` of one more
+        round (``RdpAccountant.would_exceed`` replays the whole history instead).
+        """
+        if self.max_epsilon is None:
+            return False
+        projected = epsilon_client_level(
+            noise_multiplier=self.effective_noise_multiplier,
+            sample_size=self.num_sampled_clients,
+            population=self.population,
+            rounds=self.accountant.num_releases + 1,
+            delta=self.delta,
+            sampling=SAMPLING,
+            neighbouring=NEIGHBOURING,
+        )
+        return projected > self.max_epsilon
 
     def _ledger_event(self, server_round: int, clip_used: float, **kw: Any) -> LedgerEvent:
         fields: dict[str, Any] = {
