@@ -14,6 +14,12 @@ Two families of accountants are used:
   auditor.  Its RDP result agrees with Opacus' RDP to well under 1 %; its PLD result is tighter
   (lower), so a claimed RDP epsilon must always be ``>=`` the PLD recomputation.
 
+Client-level DP (the device shape: one client = one user) has its own section:
+:func:`epsilon_client_level` (``dp_accounting`` RDP for a stated sampling and neighbouring
+relation, independent of Flower), :func:`combined_noise_multiplier` (update sum + clipped count
+as one Gaussian, with the proof), :func:`calibrate_client_level_noise`,
+:func:`plan_client_level_noise` and :func:`client_level_delta`.
+
 A noise multiplier of ``0.0`` means "no noise" (non-private); its epsilon is ``math.inf``.
 """
 
@@ -30,9 +36,12 @@ __all__ = [
     "CLIENT_NEIGHBOURINGS",
     "CLIENT_SAMPLINGS",
     "CLIPPED_COUNT_SENSITIVITY",
+    "COUNT_NOISE_RATIO",
     "calibrate_client_level_noise",
+    "client_level_delta",
     "combined_noise_multiplier",
     "epsilon_client_level",
+    "plan_client_level_noise",
     "split_client_level_noise",
     "update_noise_for",
     "update_sensitivity",
@@ -831,3 +840,69 @@ def calibrate_client_level_noise(
             f"population={population!r}, rounds={rounds!r})"
         ),
     )
+
+
+COUNT_NOISE_RATIO = 4.0
+"""Default ratio of the clipped-count noise to the effective multiplier in
+:func:`plan_client_level_noise`: the count query takes at most ``1/16`` of each round's RDP."""
+
+
+def client_level_delta(*, delta: float, population: int) -> float:
+    """δ used for client-level DP over ``population`` clients: ``min(delta, 1/(10 population))``.
+
+    A δ near ``1/population`` allows mechanisms that publish one client's data outright.
+
+    Raises
+    ------
+    ValueError
+        On a delta outside (0, 1) or a population below 1.
+    """
+    delta = validate_delta(delta)
+    if isinstance(population, bool) or not isinstance(population, int) or population < 1:
+        raise ValueError(f"population must be an integer >= 1, got population={population!r}")
+    return min(delta, 1.0 / (10.0 * population))
+
+
+def plan_client_level_noise(
+    *,
+    target_epsilon: float,
+    delta: float,
+    population: int,
+    sample_size: int,
+    rounds: int,
+    sampling: str = "without-replacement",
+    neighbouring: str = "replace-one",
+    count_noise_ratio: float = COUNT_NOISE_RATIO,
+) -> tuple[float, float, float]:
+    """Noise plan of an adaptive-clipping client-level run: ``(z, z_u, sigma_b)``.
+
+    ``z`` is :func:`calibrate_client_level_noise` for the whole planned run,
+    ``sigma_b = max(sample_size / 20, count_noise_ratio * z)`` (Andrew et al.'s recommended
+    count noise, or more) and ``z_u = split_client_level_noise(z, sigma_b)``, so that
+    ``combined_noise_multiplier(z_u, sigma_b) >= z`` and the run's ε is ``<= target_epsilon``.
+    ``(0.0, 0.0, 0.0)`` for an infinite budget. Pure: a verifier can recompute a run's plan
+    from its configuration.
+
+    Raises
+    ------
+    ValueError
+        On an out-of-range argument, or ``count_noise_ratio <= 1``.
+    """
+    if not _is_number(count_noise_ratio) or not count_noise_ratio > 1:
+        raise ValueError(f"count_noise_ratio must be > 1, got {count_noise_ratio!r}")
+    z = calibrate_client_level_noise(
+        target_epsilon=target_epsilon,
+        delta=delta,
+        population=population,
+        sample_size=sample_size,
+        rounds=rounds,
+        sampling=sampling,
+        neighbouring=neighbouring,
+    )
+    if z == 0.0:
+        return 0.0, 0.0, 0.0
+    sigma_b = max(sample_size / 20.0, count_noise_ratio * z)
+    z_u = split_client_level_noise(
+        combined_noise_multiplier=z, clipped_count_stddev=sigma_b, neighbouring=neighbouring
+    )
+    return z, z_u, sigma_b

@@ -61,10 +61,11 @@ from flwr.serverapp import (
 )
 
 from privacy.accounting import (
-    calibrate_client_level_noise,
+    COUNT_NOISE_RATIO,
+    client_level_delta,
     combined_noise_multiplier,
     epsilon_client_level,
-    split_client_level_noise,
+    plan_client_level_noise,
 )
 from privacy.ledger import Ledger, LedgerEvent
 from server.checkpoint import RunDirectory
@@ -81,10 +82,6 @@ log = logging.getLogger("fedrank.server")
 INITIAL_CLIP_NORM = 0.5
 TARGET_CLIPPED_QUANTILE = 0.5
 CLIP_NORM_LR = 0.2
-COUNT_NOISE_RATIO = 4.0
-"""The clipped-count noise is at least this many times the effective multiplier, so the count
-query takes at most ``1/COUNT_NOISE_RATIO**2`` (1/16) of each round's RDP (and never less noise
-than Andrew et al.'s ``sampled / 20``)."""
 
 SAMPLING = "without-replacement"
 NEIGHBOURING = "replace-one"
@@ -103,12 +100,9 @@ def csprng_generator() -> np.random.Generator:
 def device_delta(*, configured: float, population: int) -> float:
     """δ of a device-shape run: ``min(configured, 1 / (10 * population))``.
 
-    A δ near ``1/population`` allows mechanisms that publish one device's data outright; the
-    device shape never runs with more than a tenth of that.
+    (:func:`privacy.accounting.client_level_delta`.)
     """
-    if population < 1:
-        raise ValueError(f"population must be >= 1, got {population!r}")
-    return min(float(configured), 1.0 / (10.0 * population))
+    return client_level_delta(delta=configured, population=population)
 
 
 @dataclass(frozen=True)
@@ -130,11 +124,12 @@ def plan_device_noise(
 ) -> DeviceNoisePlan:
     """Calibrate the effective multiplier for the whole planned run and split it.
 
-    ``clipped_count_stddev = max(sample_size / 20, COUNT_NOISE_RATIO * effective)`` and
-    ``update_noise_multiplier`` is the smallest value whose combination with it is at least
-    ``effective`` (:func:`privacy.accounting.split_client_level_noise`).
+    :func:`privacy.accounting.plan_client_level_noise` (sampling without replacement,
+    replace-one): ``clipped_count_stddev = max(sample_size / 20, COUNT_NOISE_RATIO *
+    effective)`` and the smallest ``update_noise_multiplier`` whose combination with it is at
+    least ``effective``.
     """
-    effective = calibrate_client_level_noise(
+    z, z_u, sigma_b = plan_client_level_noise(
         target_epsilon=target_epsilon,
         delta=delta,
         population=population,
@@ -142,16 +137,9 @@ def plan_device_noise(
         rounds=rounds,
         sampling=SAMPLING,
         neighbouring=NEIGHBOURING,
+        count_noise_ratio=COUNT_NOISE_RATIO,
     )
-    if effective == 0.0:
-        return DeviceNoisePlan(0.0, 0.0, 0.0)
-    sigma_b = max(sample_size / 20.0, COUNT_NOISE_RATIO * effective)
-    z_u = split_client_level_noise(
-        combined_noise_multiplier=effective,
-        clipped_count_stddev=sigma_b,
-        neighbouring=NEIGHBOURING,
-    )
-    return DeviceNoisePlan(effective, z_u, sigma_b)
+    return DeviceNoisePlan(z, z_u, sigma_b)
 
 
 class CsprngClientManager(SimpleClientManager):

@@ -521,3 +521,31 @@ def test_client_level_calibration_matches_flower_accountant() -> None:
         )
     assert 0.99 <= ours <= 1.0
     assert flower.get_privacy_spent().epsilon == pytest.approx(ours, rel=1e-9)
+
+
+def test_client_level_delta_is_at_most_a_tenth_of_one_over_the_population() -> None:
+    from privacy.accounting import client_level_delta
+
+    assert client_level_delta(delta=1e-3, population=500) == pytest.approx(2e-4)
+    assert client_level_delta(delta=1e-6, population=500) == 1e-6
+    with pytest.raises(ValueError, match="population"):
+        client_level_delta(delta=1e-3, population=0)
+    with pytest.raises(ValueError, match="delta"):
+        client_level_delta(delta=1.0, population=10)
+
+
+def test_client_level_plan_edges() -> None:
+    from privacy.accounting import plan_client_level_noise
+
+    assert plan_client_level_noise(
+        target_epsilon=math.inf, delta=1e-5, population=10, sample_size=5, rounds=1
+    ) == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="count_noise_ratio"):
+        plan_client_level_noise(
+            target_epsilon=1.0,
+            delta=1e-5,
+            population=10,
+            sample_size=5,
+            rounds=1,
+            count_noise_ratio=1.0,
+        )
