@@ -67,11 +67,12 @@ from privacy.accounting import (
     epsilon_client_level,
     plan_client_level_noise,
 )
-from privacy.ledger import Ledger, LedgerEvent
+from privacy.ledger import Ledger, LedgerEvent, server_signer
 from server.checkpoint import RunDirectory
 from server.evaluator import CentralEvaluator
 from server.recorder import PROGRESS, RoundRecorder
 from shared_model.ranker import HeadConfig, RankerHead
+from shared_model.release import signing_key_dir
 from shared_model.settings import RunSettings
 from shared_model.state import head_state
 
@@ -451,7 +452,10 @@ def run_device(grid: Grid, context: Context, settings: RunSettings) -> None:
             num_sampled_clients=sampled,
             population=population,
             delta=delta,
-            ledger=Ledger(Path(settings.run_dir) / "ledger" / "server.jsonl"),
+            ledger=Ledger(
+                Path(settings.run_dir) / "ledger" / "server.jsonl",
+                signer=server_signer(signing_key_dir(Path(settings.run_dir))),
+            ),
             recorder=recorder,
             max_epsilon=settings.epsilon,
         )
