@@ -209,16 +209,23 @@ def guess_from_scores(
         raise ValueError("scores must be finite")
     m = int(scores.shape[0])
     if k_plus < 0 or k_minus < 0 or k_plus + k_minus > m:
-        raise ValueError(f"need k_plus, k_minus >= 0 and k_plus + k_minus <= m={m}, "
-                         f"got k_plus={k_plus}, k_minus={k_minus}")
+        raise ValueError(
+            f"need k_plus, k_minus >= 0 and k_plus + k_minus <= m={m}, "
+            f"got k_plus={k_plus}, k_minus={k_minus}"
+        )
     order = np.argsort(-scores, kind="stable")  # highest first
     top = order[:k_plus]
     bottom = order[m - k_minus :] if k_minus else order[:0]
     correct_in = int(included[top].sum())
     correct_out = int((~included[bottom]).sum())
     return AuditGuesses(
-        m=m, k_plus=int(k_plus), k_minus=int(k_minus), guesses=int(k_plus + k_minus),
-        correct=correct_in + correct_out, correct_in=correct_in, correct_out=correct_out,
+        m=m,
+        k_plus=int(k_plus),
+        k_minus=int(k_minus),
+        guesses=int(k_plus + k_minus),
+        correct=correct_in + correct_out,
+        correct_in=correct_in,
+        correct_out=correct_out,
     )
 
 
@@ -249,8 +256,13 @@ def guess_above_threshold(
     correct_in = int(included[chosen].sum())
     k_plus = int(chosen.sum())
     return AuditGuesses(
-        m=int(scores.shape[0]), k_plus=k_plus, k_minus=0, guesses=k_plus, correct=correct_in,
-        correct_in=correct_in, correct_out=0,
+        m=int(scores.shape[0]),
+        k_plus=k_plus,
+        k_minus=0,
+        guesses=k_plus,
+        correct=correct_in,
+        correct_in=correct_in,
+        correct_out=0,
     )
 
 
