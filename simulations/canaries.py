@@ -345,7 +345,7 @@ def run_canary_audit(
     epsilon: float,
     delta: float,
     rounds: int,
-    runs: int = 2,
+    runs: int = 4,
     learning_rate: float = 0.5,
     batch_size: int = 256,
     local_epochs: int = 1,

@@ -27,7 +27,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         scenario: str = typer.Argument(..., help="Scenario name (regional-5, ...)."),
         epsilon: str = typer.Option(..., "--epsilon", help="Claimed per-node ε, or 'inf'."),
         runs: int = typer.Option(
-            2, "--runs", min=1, help="Independent training runs (2 x rounds canaries each)."
+            4, "--runs", min=1, help="Independent training runs (2 x rounds canaries each)."
         ),
         rounds: int | None = typer.Option(
             None, "--rounds", min=1, help="Rounds per run (default: the scenario's)."
