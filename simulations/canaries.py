@@ -51,6 +51,7 @@ from __future__ import annotations
 import math
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -279,7 +280,7 @@ def _train_run(
     rounds_of: np.ndarray,
     rounds: int,
     base: TrainConfig,
-    head_factory: Any,
+    head_factory: Callable[[], RankerHead],
 ) -> np.ndarray:
     """Train one run (``rounds`` rounds); return the audited coordinate's change per round."""
     head: RankerHead = head_factory()
@@ -304,10 +305,10 @@ def _variant(
     included: np.ndarray,
     rounds: int,
     base: TrainConfig,
-    sigma_for: Any,
+    sigma_for: Callable[[int], float | None],
     delta: float,
     confidence: float,
-    head_factory: Any,
+    head_factory: Callable[[], RankerHead],
 ) -> VariantOutcome:
     """Train every run with σ = ``sigma_for(users)`` and score and guess all canaries."""
     scores = np.zeros(slots.m)
@@ -353,7 +354,7 @@ def run_canary_audit(
     seed: int = 0,
     scenario: str = "",
     confidence: float = DEFAULT_CONFIDENCE,
-    head_factory: Any = RankerHead,
+    head_factory: Callable[[], RankerHead] = RankerHead,
 ) -> CanaryAuditResult:
     """Audit one node's DP-SGD at the claimed ``epsilon``, with its σ = 0 positive control.
 
@@ -404,21 +405,25 @@ def run_canary_audit(
         )
 
     n = real.num_users + int(included.sum()) // runs
-    common = {
-        "real": real,
-        "slots": slots,
-        "included": included,
-        "rounds": rounds,
-        "base": base,
-        "delta": delta,
-        "confidence": confidence,
-        "head_factory": head_factory,
-    }
+
+    def variant(sigma_for: Callable[[int], float | None]) -> VariantOutcome:
+        return _variant(
+            real=real,
+            slots=slots,
+            included=included,
+            rounds=rounds,
+            base=base,
+            sigma_for=sigma_for,
+            delta=delta,
+            confidence=confidence,
+            head_factory=head_factory,
+        )
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a 16-parameter head: threads only add contention (4x measured)
     try:
-        audited = _variant(sigma_for=planned_sigma, **common)
-        control = _variant(sigma_for=lambda users: 0.0, **common)
+        audited = variant(planned_sigma)
+        control = variant(lambda users: 0.0)  # the positive control: no noise
     finally:
         torch.set_num_threads(threads)
     return CanaryAuditResult(
