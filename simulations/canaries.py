@@ -451,7 +451,13 @@ def run_canary_audit(
         sample_rate=sample_rate_for(base, n),
         steps_per_round=steps_per_round(base, n),
         wall_seconds=time.perf_counter() - start,
-        extra={"audited": audited.summary(), "positive_control": control.summary()},
+        extra={
+            "audited": audited.summary(),
+            "positive_control": control.summary(),
+            "audited_coordinate": "position_tower.logit.weight[0] (padding position)",
+            "guess_rule": f"in if score > {GUESS_THRESHOLD} clipped steps, else abstain",
+            "canary_impressions": {"up": UP_IMPRESSIONS, "down": DOWN_IMPRESSIONS},
+        },
     )
 
 
