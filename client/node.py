@@ -403,6 +403,31 @@ def _refuse(
     )
 
 
+def _ledger_delta(node: NodeSettings) -> float:
+    """δ a refusal line states: the one the node's history is kept at (else the node's)."""
+    path = _accountant_path(node)
+    try:
+        stored = json.loads(path.read_text()).get("delta") if path.exists() else None
+    except (ValueError, AttributeError):
+        stored = None
+    return float(stored) if isinstance(stored, int | float) else node.privacy.delta
+
+
+def _check_stored_delta(node: NodeSettings, privacy: EffectivePrivacy) -> None:
+    """The node's accountant keeps one δ for life: a run asking another one is refused."""
+    path = _accountant_path(node)
+    if not privacy.private or not path.exists():
+        return
+    try:
+        stored = json.loads(path.read_text()).get("delta")
+    except (ValueError, AttributeError):
+        return  # PersistentAccountant names the corrupt file when it loads it
+    if isinstance(stored, int | float) and stored != privacy.delta:
+        raise PrivacyRequestRefused(
+            f"delta={privacy.delta:g} but the node's accountant keeps delta={stored:g}"
+        )
+
+
 def _spent_epsilon(node: NodeSettings, delta: float) -> float:
     path = _accountant_path(node)
     if not path.exists():
@@ -444,9 +469,10 @@ def train_round(
     """
     try:
         privacy = effective_privacy(node.privacy, run, stored_budget=stored_budget(node))
+        _check_stored_delta(node, privacy)
     except PrivacyRequestRefused as exc:
         reason = f"node {node.name} refuses round {server_round}: run config asks {exc}"
-        _refuse(node, server_round, reason, delta=node.privacy.delta,
+        _refuse(node, server_round, reason, delta=_ledger_delta(node),
                 unit="client" if node.privacy.privacy_shape == "device" else "user")
         raise PrivacyRefusal(reason) from None
     head = RankerHead(head_config(run))

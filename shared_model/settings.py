@@ -232,9 +232,11 @@ def _parse_epsilon(key: str, raw: Any) -> float:
 class NodePrivacy:
     """A node's pinned privacy settings (node_config keys ``NODE_PRIVACY_KEYS``).
 
-    ``epsilon_budget`` is the node's whole-life ε budget at ``delta`` (``math.inf``: a
-    non-private node, which still refuses nothing but trains with DP when a run asks for it).
-    Defaults equal :class:`RunSettings`' defaults, so a default run and a default node agree.
+    ``epsilon_budget`` is the node's whole-life ε budget (``math.inf``: a non-private node,
+    which trains with DP when a run asks for it). ``delta``, ``clip_norm`` and
+    ``max_sessions_per_user`` are the largest values the node accepts; ``privacy_shape`` the
+    only shape. Defaults equal :class:`RunSettings`' defaults, so a default run and a
+    default node agree.
     """
 
     epsilon_budget: float = 1.0
@@ -319,9 +321,9 @@ class PrivacyRequestRefused(ValueError):
 class EffectivePrivacy:
     """What a node actually uses for one run: its pinned settings, tightened by the run's.
 
-    ``epsilon`` is min(node budget, stored budgets, run's ε); ``clip_norm`` and
-    ``max_sessions_per_user`` the smaller of node's and run's; ``delta`` and the shape the
-    node's (the run's must equal them).
+    ``epsilon`` is min(node budget, stored budgets, run's ε); ``delta``, ``clip_norm`` and
+    ``max_sessions_per_user`` the run's, which are at most the node's; the shape is the
+    node's (the run's must equal it).
     """
 
     epsilon: float
@@ -342,10 +344,12 @@ def effective_privacy(
     """The node's privacy for ``run``; :class:`PrivacyRequestRefused` if ``run`` is weaker.
 
     Refused (the reason names the key and both values): another privacy shape; ``epsilon =
-    inf`` on a private node; a δ other than the node's (its accountant keeps one δ, so a
-    larger δ is weaker and a smaller one could not be reported honestly); a larger clip
-    norm; more sessions per user. A larger finite ε is not refused but capped: the effective
-    budget is min(node's, ``stored_budget`` (what the node's state already pinned), run's).
+    inf`` on a private node; a larger δ, clip norm or sessions per user than the node's
+    (each node value is the largest it accepts; a smaller one is used as asked). A larger
+    finite ε is not refused but capped: the effective budget is min(node's,
+    ``stored_budget`` (what the node's state already pinned), run's). The node's accountant
+    keeps one δ for life: ``client.node`` also refuses a δ other than the one its stored
+    history was accounted at.
     """
     problems = []
     if run.privacy_shape != node.privacy_shape:
@@ -356,8 +360,8 @@ def effective_privacy(
     if math.isinf(run.epsilon) and math.isfinite(cap):
         problems.append(f"{EPSILON}=inf (no DP) but the node's budget is {cap:g}")
     epsilon = min(cap, run.epsilon)
-    if math.isfinite(epsilon) and run.delta != node.delta:
-        problems.append(f"{DELTA}={run.delta:g} but the node accounts at {node.delta:g}")
+    if math.isfinite(epsilon) and run.delta > node.delta:
+        problems.append(f"{DELTA}={run.delta:g} exceeds the node's {node.delta:g}")
     if run.clip_norm > node.clip_norm:
         problems.append(f"{CLIP_NORM}={run.clip_norm:g} exceeds the node's {node.clip_norm:g}")
     if run.max_sessions_per_user > node.max_sessions_per_user:
@@ -369,7 +373,7 @@ def effective_privacy(
         raise PrivacyRequestRefused("; ".join(problems))
     return EffectivePrivacy(
         epsilon=epsilon,
-        delta=node.delta,
+        delta=run.delta if math.isfinite(epsilon) else node.delta,
         clip_norm=min(node.clip_norm, run.clip_norm),
         max_sessions_per_user=min(node.max_sessions_per_user, run.max_sessions_per_user),
         privacy_shape=node.privacy_shape,

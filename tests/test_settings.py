@@ -78,6 +78,7 @@ def test_effective_privacy_caps_epsilon_and_tightens_only() -> None:
     assert (got.epsilon, got.clip_norm, got.max_sessions_per_user) == (1.0, 0.5, 1)
     assert effective_privacy(node, RunSettings(epsilon=0.3)).epsilon == 0.3
     assert effective_privacy(node, run, stored_budget=0.7).epsilon == 0.7
+    assert effective_privacy(node, RunSettings(delta=1e-7)).delta == 1e-7
     # A non-private node trains privately when a run asks for it, and not otherwise.
     open_node = NodePrivacy(epsilon_budget=math.inf)
     assert effective_privacy(open_node, RunSettings(epsilon=2.0)).epsilon == 2.0
@@ -89,8 +90,7 @@ def test_effective_privacy_caps_epsilon_and_tightens_only() -> None:
     [
         (RunSettings(epsilon=math.inf), "epsilon=inf"),
         (RunSettings(privacy_shape="device"), "privacy-shape=device"),
-        (RunSettings(delta=1e-3), "delta=0.001 but the node accounts at 1e-05"),
-        (RunSettings(delta=1e-7), "delta=1e-07"),
+        (RunSettings(delta=1e-3), "delta=0.001 exceeds the node's 1e-05"),
         (RunSettings(clip_norm=2.0), "clip-norm=2 exceeds"),
         (RunSettings(max_sessions_per_user=9), "max-sessions-per-user=9 exceeds"),
     ],

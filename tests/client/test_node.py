@@ -322,3 +322,18 @@ def test_a_stored_budget_is_enforced_against_a_larger_request(tmp_path: Path) ->
         train_round(run=greedy, node=node, global_state=head_state(RankerHead()),
                     server_round=1)
     assert read_ledger(node.ledger_dir / "region-a.jsonl")[-1]["mechanism"] == "refusal"
+
+
+def test_a_smaller_delta_is_used_but_the_stored_history_keeps_its_delta(tmp_path: Path) -> None:
+    # Prepare: a node accepting δ up to 1e-4 trains one round at 1e-4.
+    _node(tmp_path / "shared", users=120)
+    run, node = _fresh_node(tmp_path, tmp_path / "shared", "n")
+    train_round(run=run, node=node, global_state=head_state(RankerHead()), server_round=1)
+    stricter = RunSettings.from_config({**run.to_config(), "delta": 1e-5})
+    # Execute / Assert: δ=1e-5 is within what the node accepts, but its accountant's
+    # history is at 1e-4: reported ε would mix two δ, so the run is refused.
+    with pytest.raises(PrivacyRefusal, match="accountant keeps delta=0.0001"):
+        train_round(run=stricter, node=node, global_state=head_state(RankerHead()),
+                    server_round=2)
+    last = read_ledger(node.ledger_dir / "region-a.jsonl")[-1]
+    assert last["mechanism"] == "refusal" and last["delta"] == 1e-4
