@@ -64,7 +64,7 @@ import torch
 
 from client.inbox import Inbox
 from privacy.accountant_store import PersistentAccountant, plan_noise_multiplier
-from privacy.ledger import Ledger, LedgerEvent
+from privacy.ledger import Ledger, LedgerEvent, node_signer
 from shared_model.catalog import cached_feature_builder
 from shared_model.clicklog import read_click_logs
 from shared_model.ranker import HeadConfig, RankerHead
@@ -393,7 +393,7 @@ def _refuse(
     """Write the refusal to the node's ledger (the reply carries the same reason)."""
     if epsilon is None:
         epsilon = _spent_epsilon(node, delta)
-    Ledger(node.ledger_dir / f"{node.name}.jsonl").append(
+    node_ledger(node).append(
         LedgerEvent(
             node=node.name, round=server_round, mechanism="refusal", unit_of_privacy=unit,
             noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=0,
@@ -539,7 +539,7 @@ def train_round(
             clip_norm=privacy.clip_norm, epsilon=accountant.epsilon(),
         )
         raise BudgetRefusal(reason)
-    ledger = Ledger(node.ledger_dir / f"{node.name}.jsonl")
+    ledger = node_ledger(node)
     result, history = train_head(head, groups, config, generator=gen)
     epsilon = accountant.epsilon()
     for sigma, rate, n in history:
@@ -555,6 +555,12 @@ def train_round(
     _consume(node, to_consume, server_round)
     metrics = _metrics(result, epsilon=epsilon, release_round=release_round)
     return RoundOutcome(head_state(head), metrics, groups.num_users)
+
+
+def node_ledger(node: NodeSettings) -> Ledger:
+    """The node's own ledger file, each line signed with the node's key (kept in its state
+    folder, never sent anywhere; the public half is published beside the ledger)."""
+    return Ledger(node.ledger_dir / f"{node.name}.jsonl", signer=node_signer(node.state_dir))
 
 
 def _consume(node: NodeSettings, files: list[Path], server_round: int) -> None:
