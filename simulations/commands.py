@@ -35,6 +35,10 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             "0", "--eval-fold", help="Held-out query fold, or 'all' (one run per fold)."
         ),
         strategy: str | None = typer.Option(None, "--strategy", help="fedavg or fedadam."),
+        dropout: float = typer.Option(
+            0.0, "--dropout", min=0.0, max=0.99,
+            help="Device shape: each sampled device vanishes mid-round (after receiving the "
+                 "model) with this probability; SecAgg+ recovers."),
     ) -> None:
         """Run a scenario on Flower's Simulation Engine and print the final table."""
         from simulations.runner import parse_epsilon, run_folds
@@ -52,7 +56,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         try:
             summary = run_folds(
                 chosen, run_dir=target, rounds=rounds or chosen.rounds, epsilon=eps,
-                folds=folds, overrides=overrides, echo=typer.echo,
+                folds=folds, overrides=overrides, echo=typer.echo, dropout=dropout,
             )
         except KeyboardInterrupt:
             typer.echo("[fedrank] interrupted; Flower processes stopped", err=True)
@@ -175,6 +179,25 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                 f"{_pct(p['relative_lift'], p['relative_lift_ci']):>28}"
             )
         typer.echo(f"json: {result['json']}; plot: {result['plot']}")
+
+    @bench_app.command("deploy")
+    def bench_deploy_cmd(
+        as_json: bool = typer.Option(False, "--json", help="JSON on stdout."),
+        rounds: int = typer.Option(3, "--rounds", help="Rounds per app."),
+        port: int = typer.Option(9490, "--port", help="Gateway port (SuperLink +1, nodes +10..)."),
+    ) -> None:
+        """Loopback cluster (TLS, node auth, 3 SuperNodes): fedrank's round vs a no-op app's."""
+        import json as _json
+
+        from simulations.bench_deploy import bench_deploy
+
+        result = bench_deploy(rounds=rounds, port=port,
+                              echo=(lambda s: typer.echo(s, err=True)) if as_json else typer.echo)
+        if as_json:
+            typer.echo(_json.dumps(result))
+        else:
+            typer.echo(f"fedrank {result['fedrank_round_s']}s/round, floor "
+                       f"{result['floor_round_s']}s/round: ratio {result['ratio']}")
 
     @bench_app.command("train")
     def bench_train_cmd(
