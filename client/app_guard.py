@@ -49,9 +49,9 @@ log = logging.getLogger("fedrank.node")
 _HASH = re.compile(r"[0-9a-f]{64}")
 PREWARM_ENV = "FEDRANK_CLIENTAPP_PREWARM"
 # Third-party modules a fedrank ClientApp needs, imported by a warm runner ahead of its task.
-WARM_MODULES = ("numpy", "torch", "opacus", "pyarrow.parquet", "scipy.stats",
-                "flwr.supernode.runtime.run_clientapp", "flwr.supernode.cli",
-                "flwr.client.mod", "flwr.clientapp")
+WARM_MODULES = ("numpy", "torch", "torch._dynamo", "torch.optim", "opacus", "pyarrow.parquet",
+                "pyarrow.dataset", "scipy.stats", "flwr.supernode.runtime.run_clientapp",
+                "flwr.supernode.cli", "flwr.client.mod", "flwr.clientapp")
 
 
 def prewarm_enabled() -> bool:

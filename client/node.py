@@ -65,7 +65,7 @@ import torch
 from client.inbox import Inbox
 from privacy.accountant_store import PersistentAccountant, plan_noise_multiplier
 from privacy.ledger import Ledger, LedgerEvent, node_signer
-from shared_model.catalog import cached_feature_builder
+from shared_model.catalog import node_feature_builder
 from shared_model.clicklog import read_click_logs
 from shared_model.ranker import HeadConfig, RankerHead
 from shared_model.settings import (
@@ -478,8 +478,8 @@ def train_round(
     head = RankerHead(head_config(run))
     load_head_state(head, global_state)
     release_round = install_latest_release(node, run)
-    builder = cached_feature_builder(
-        str(node.catalog_dir), str(node.cache_dir) if node.cache_dir else ""
+    builder = node_feature_builder(
+        str(node.catalog_dir), str(node.cache_dir) if node.cache_dir else "", node.state_dir
     )
     files, to_consume = node.round_click_files(run, server_round)
     clicks = read_click_logs(files)

@@ -190,3 +190,27 @@ def test_cached_fingerprint_is_recorded_and_follows_file_changes(tmp_path: Path)
     _os.utime(model / "config.json", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     changed = cached_model_fingerprint(model, cache)
     assert changed == model_fingerprint(model) != first
+
+
+def test_node_feature_builder_is_prepared_once_in_the_state_dir(tmp_path: Path) -> None:
+    from shared_model import catalog
+    from shared_model.data import DEFAULT_WANDS_DIR
+
+    state = tmp_path / "state"
+    first = catalog.node_feature_builder(str(DEFAULT_WANDS_DIR), "", state)
+    stored = list((state / catalog.PREPARED_DIR).glob("features-*.pkl"))
+    assert len(stored) == 1
+    catalog._node_builder.cache_clear()
+    again = catalog.node_feature_builder(str(DEFAULT_WANDS_DIR), "", state)
+    assert again is not first  # loaded from the state dir, not the process cache
+    assert again.product_ids == first.product_ids
+    assert np.array_equal(again.full, first.full)
+    q = first.data.query_ids[0]
+    pids = first.product_ids[:5]
+    same = again.features_for_query_id(q, pids) == first.features_for_query_id(q, pids)
+    assert same.all()
+    # a file others can write is never unpickled
+    stored[0].chmod(0o666)
+    catalog._node_builder.cache_clear()
+    rebuilt = catalog.node_feature_builder(str(DEFAULT_WANDS_DIR), "", state)
+    assert rebuilt is catalog.cached_feature_builder(str(DEFAULT_WANDS_DIR), "")
