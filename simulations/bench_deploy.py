@@ -40,7 +40,7 @@ def _follow(proc: Any, lines: list[str], log_path: Path) -> threading.Thread:
     return thread
 
 
-def bench_deploy(*, rounds: int = 3, port: int = 9490, root: Path | None = None,
+def bench_deploy(*, rounds: int = 3, port: int = 9600, root: Path | None = None,
                  timeout: float = 900.0, echo: Callable[[str], None] = lambda _s: None,
                  ) -> dict[str, Any]:
     """Run both apps on one cluster; ``{"fedrank_round_s", "floor_round_s", "ratio", ...}``."""

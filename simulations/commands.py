@@ -184,7 +184,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     def bench_deploy_cmd(
         as_json: bool = typer.Option(False, "--json", help="JSON on stdout."),
         rounds: int = typer.Option(3, "--rounds", help="Rounds per app."),
-        port: int = typer.Option(9490, "--port", help="Gateway port (SuperLink +1, nodes +10..)."),
+        port: int = typer.Option(9600, "--port", help="Gateway port (SuperLink +1, nodes +10..)."),
     ) -> None:
         """Loopback cluster (TLS, node auth, 3 SuperNodes): fedrank's round vs a no-op app's."""
         import json as _json
