@@ -349,10 +349,8 @@ def _stable_hash(text: str) -> int:
 def _metrics(result: Any, *, epsilon: float, release_round: float) -> dict[str, float]:
     return {
         "release-round": release_round,
-        "num-examples": float(result.num_users),
-        "num-impressions": float(result.num_impressions),
+        "num-examples": 1.0,  # a constant: exact counts/losses never leave the node
         "steps": float(result.steps),
-        "train-loss": float(result.mean_loss) if result.steps else 0.0,
         "epsilon": float(epsilon) if math.isfinite(epsilon) else 1e9,
     }
 
