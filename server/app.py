@@ -132,4 +132,5 @@ def run_regional(grid: Grid, settings: RunSettings) -> None:
         train_config=ConfigRecord({"round-offset": offset}),
         evaluate_fn=evaluate_fn,
     )
-    log.info("%s done: %s", PROGRESS, recorder.metrics_json()["final"])
+    final = {k: v for k, v in recorder.metrics_json()["final"].items() if k != "replies"}
+    log.info("%s done: %s", PROGRESS, final)
