@@ -59,7 +59,6 @@ from privacy.ledger import Ledger, LedgerEvent
 from shared_model.catalog import cached_feature_builder
 from shared_model.clicklog import read_click_logs
 from shared_model.ranker import HeadConfig, RankerHead
-from shared_model.release import ReleaseError, ReleaseStore, load_public_key
 from shared_model.settings import RunSettings
 from shared_model.state import head_state, load_head_state
 from shared_model.training import (
@@ -226,22 +225,23 @@ def head_config(run: RunSettings) -> HeadConfig:
 
 
 def install_latest_release(node: NodeSettings, run: RunSettings) -> float:
-    """File-drop delivery: verify and install the newest release the server published.
+    """Verify and install the newest release (``client.releases``); returns its round.
 
-    Returns the round of the node's current release (0 = none). A release that fails
-    verification is refused (logged) and the node keeps its last good one.
+    The release folder and the pinned public key are the node's own settings; only a
+    simulated node (state under ``RUN_DIR/nodes/``) whose settings name neither falls back
+    to the run's drop folder and the run's key.
     """
-    drop = Path(run.run_dir) / "releases"
-    key_path = Path(run.run_dir) / "keys" / "server-signing.pub"
-    store = ReleaseStore(node.state_dir)
-    candidates = sorted(drop.glob("round-*")) if drop.is_dir() else []
-    if candidates and key_path.exists() and store.current_version() != candidates[-1].name:
-        try:
-            store.install(candidates[-1], load_public_key(key_path))
-        except ReleaseError as exc:
-            log.warning("node %s refused release %s: %s", node.name, candidates[-1], exc)
-    current = store.current_version()
-    return float(current.split("-")[1]) if current else 0.0
+    from client.releases import install_latest_release as install
+    from shared_model.release import default_public_key_path
+
+    release_dir = getattr(node, "release_dir", None)
+    release_key = getattr(node, "release_key", None)
+    simulated = Path(node.state_dir) == Path(run.run_dir) / "nodes" / node.name
+    if release_dir is None and release_key is None and simulated:
+        release_dir = Path(run.run_dir) / "releases"
+        release_key = default_public_key_path(Path(run.run_dir))
+    return install(release_dir=release_dir, release_key=release_key,
+                   state_dir=node.state_dir, node_name=node.name)
 
 
 def train_round(
