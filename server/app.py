@@ -19,7 +19,7 @@ from pathlib import Path
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from privacy.ledger import Ledger, LedgerEvent
+from privacy.ledger import Ledger, LedgerEvent, server_signer
 from server.checkpoint import RunDirectory
 from server.evaluator import CentralEvaluator
 from server.recorder import PROGRESS, RoundRecorder
@@ -27,6 +27,7 @@ from server.releases import ReleasePublisher
 from server.strategies import build_strategy, restore_strategy_state, strategy_state
 from server.validation import ValidatingStrategy, parse_node_regions
 from shared_model.ranker import HeadConfig, RankerHead
+from shared_model.release import signing_key_dir
 from shared_model.settings import RunSettings
 from shared_model.state import head_state
 
@@ -64,7 +65,11 @@ def run_regional(grid: Grid, settings: RunSettings) -> None:
     evaluator = CentralEvaluator(settings)
     # Nodes' ε (max over a round's replies) goes to the recorder, created below.
     inner = build_strategy(settings, on_epsilon=lambda eps: recorder.note_epsilon(eps))
-    ledger = Ledger(run_dir.root / "ledger" / "server.jsonl")
+    # Signed with the server's key, kept beside the release signing key outside the run dir.
+    ledger = Ledger(
+        run_dir.root / "ledger" / "server.jsonl",
+        signer=server_signer(signing_key_dir(run_dir.root)),
+    )
 
     def record_cap_refusal(rnd: int, name: str, predicted: float, cap: float) -> None:
         ledger.append(
