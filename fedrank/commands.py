@@ -43,7 +43,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             typer.echo(f"error: cannot listen on {host}:{port}: {exc}", err=True)
             raise typer.Exit(2) from None
         bound_port = sock.getsockname()[1]
-        typer.echo(f"[fedrank] dashboard for {run_dir}: {dashboard_url(host, bound_port, used_token)}")
+        url = dashboard_url(host, bound_port, used_token)
+        typer.echo(f"[fedrank] dashboard for {run_dir}: {url}")
         if not is_loopback(host):
             typer.echo("[fedrank] bound beyond loopback: every request needs the token above "
                        "(plain HTTP: put TLS in front of it on an untrusted network)")

@@ -67,7 +67,9 @@ CONFIG_KEYS = (
 _LOG_REJECTED = re.compile(
     r"round (\d+): rejected reply from node (\S+?)(?: \(([^)]{0,200})\))?: (.*)$"
 )
-_LOG_NO_UPDATE = re.compile(r"round (\d+): node (\S+?)(?: \(([^)]{0,200})\))? sent no update: (.*)$")
+_LOG_NO_UPDATE = re.compile(
+    r"round (\d+): node (\S+?)(?: \(([^)]{0,200})\))? sent no update: (.*)$"
+)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
@@ -395,7 +397,7 @@ def collect_state(run_dir: Path, *, release_key: Path | None = None) -> dict[str
     config = config if isinstance(config, dict) else {}
     metrics = _read_json(run_dir / "metrics.json")
     metrics = metrics if isinstance(metrics, dict) else {}
-    raw_rows = metrics.get("rounds") if isinstance(metrics.get("rounds"), list) else []
+    raw_rows: list[Any] = metrics["rounds"] if isinstance(metrics.get("rounds"), list) else []
     rows = [r for r in (_round_row(x) for x in raw_rows if isinstance(x, Mapping)) if r]
     rows.sort(key=lambda r: r["round"])
     planned = config.get("num-server-rounds")

@@ -49,6 +49,9 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             raise typer.Exit(2) from None
         target = run_dir or Path("runs") / f"{scenario}-eps{epsilon}"
         overrides = {"strategy": strategy} if strategy else {}
+        from fedrank.dashboard import url_hint
+
+        typer.echo(url_hint(target))
         try:
             summary = run_folds(
                 chosen, run_dir=target, rounds=rounds or chosen.rounds, epsilon=eps,

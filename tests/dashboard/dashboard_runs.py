@@ -35,7 +35,7 @@ def metrics_row(round_: int) -> dict[str, Any]:
 
 
 def write_metrics(run: Path, rounds: int) -> None:
-    metrics = {
+    metrics: dict[str, Any] = {
         "rounds": [metrics_row(r) for r in range(1, rounds + 1)],
         "initial": {"ndcg@10": 0.45, "mrr": 0.35, "auc": 0.55},
         "baselines": {
@@ -103,8 +103,9 @@ def add_release(run: Path, round_: int, *, tamper: bool = False) -> str:
         priv_path.write_bytes(key.private_bytes(
             serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
             serialization.NoEncryption()))  # fmt: skip
-        pub_path.write_bytes(key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))  # fmt: skip
+        pem = key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        pub_path.write_bytes(pem)
     folder = run / "releases" / f"round-{round_:04d}"
     folder.mkdir(parents=True)
     onnx = b"not really onnx"
