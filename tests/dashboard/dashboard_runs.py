@@ -63,7 +63,8 @@ def append_round(run: Path, round_: int, *, nodes: tuple[str, ...] = NODES) -> N
 
 
 def _safe(name: str) -> str:
-    return hashlib.sha256(name.encode()).hexdigest()[:12] if not name.isalnum() else name
+    plain = name.replace("-", "").replace("_", "").isalnum()
+    return name if plain else hashlib.sha256(name.encode()).hexdigest()[:12]
 
 
 def make_run(root: Path, *, rounds: int = 3, planned: int = 5,

@@ -7,7 +7,6 @@ installed (CI installs them: `.ci/run`).
 
 from __future__ import annotations
 
-import shutil
 import threading
 import time
 import urllib.error
@@ -20,36 +19,8 @@ from dashboard_runs import add_refusal, add_release, append_round, make_run, nod
 
 from fedrank.dashboard import make_server
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(
-    not (CHROMIUM and CHROMEDRIVER),
-    reason="headless browser tests need Debian's chromium and chromium-driver "
-           "(apt-get install -y chromium chromium-driver; .ci/run installs them)",
-)
 WAIT = 20.0  # upper bound only; a page normally renders well under a second
 EVIL = '<img id="pwned" src="x" onerror="document.body.dataset.pwned=1">'
-
-
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory) -> Iterator[object]:
-    webdriver = pytest.importorskip("selenium.webdriver")
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--disable-background-networking", "--disable-component-update",
-                "--disable-sync", "--no-first-run", "--window-size=1280,1400",
-                f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(WAIT)
-    try:
-        yield driver
-    finally:
-        driver.quit()
-
 
 class Dashboard:
     """A dashboard server on a free port, in a thread."""
