@@ -27,7 +27,7 @@ import click
 import typer
 from typer.core import TyperGroup
 
-__all__ = ["AuditGroup", "register"]
+__all__ = ["AuditGroup", "audit_app_of", "register"]
 
 DEFAULT_SUBCOMMAND = "report"
 
@@ -60,6 +60,18 @@ def _fmt_eps(value: Any) -> str:
     if value is None:
         return "-"
     return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def audit_app_of(app: typer.Typer) -> typer.Typer:
+    """The ``audit`` group :func:`register` attached to ``app``.
+
+    Other packages add their audit subcommands to it (``fedrank audit canaries`` lives in
+    ``simulations``: it trains, and ``privacy`` never imports ``simulations``).
+    """
+    for group in app.registered_groups:
+        if group.name == "audit" and group.typer_instance is not None:
+            return group.typer_instance
+    raise LookupError("the `audit` group is not registered yet (call privacy.commands.register)")
 
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
@@ -167,41 +179,3 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             typer.echo(report.summary())
         if not report.ok:
             raise typer.Exit(code=1)
-
-    @audit_app.command("canaries")
-    def audit_canaries(
-        scenario: str = typer.Argument(..., help="Scenario name (regional-5, ...)."),
-        epsilon: str = typer.Option(..., "--epsilon", help="Claimed per-node ε, or 'inf'."),
-        canaries: int = typer.Option(200, "--canaries", help="Canary users m."),
-        rounds: int | None = typer.Option(None, "--rounds", help="Rounds (default: scenario)."),
-        seed: int = typer.Option(0, "--seed", help="Seeds coins, canaries and training."),
-        as_json: Path | None = typer.Option(None, "--json", help="Write the result as JSON."),
-    ) -> None:
-        """One-run canary audit (Steinke et al. 2023): empirical 95% lower bound on ε."""
-        from simulations.canaries import node_groups, run_canary_audit
-        from simulations.scenarios import get_scenario
-
-        try:
-            chosen = get_scenario(scenario)
-            eps = float(epsilon)
-        except (KeyError, ValueError) as exc:
-            typer.echo(f"error: {exc.args[0]}", err=True)
-            raise typer.Exit(2) from None
-        cfg = chosen.run_config
-        result = run_canary_audit(
-            real=node_groups(scenario, seed=seed), epsilon=eps,
-            delta=float(cfg.get("delta", 1e-5)), rounds=rounds or chosen.rounds,
-            canaries=canaries, learning_rate=float(cfg.get("learning-rate", 0.5)),
-            batch_size=int(cfg.get("batch-size", 256)), clip_norm=float(cfg.get("clip-norm", 1.0)),
-            seed=seed, scenario=scenario,
-        )
-        typer.echo(
-            f"{scenario}: claimed ε {epsilon}, empirical lower bound "
-            f"{result.epsilon_lower_bound:.3f} ({result.confidence:.0%}); canaries "
-            f"{result.canaries} ({result.canaries_in} in), guesses {result.guesses}, correct "
-            f"{result.correct}; σ {result.noise_multiplier:.3f}, {result.rounds} rounds, "
-            f"{result.wall_seconds:.0f}s"
-        )
-        if as_json is not None:
-            as_json.write_text(json.dumps(result.to_dict(), indent=1))
-            typer.echo(f"wrote {as_json}")
