@@ -45,6 +45,7 @@ class TrafficGrid:
         self._grid = grid
         self.down: dict[int, int] = defaultdict(int)
         self.up: dict[int, int] = defaultdict(int)
+        self.masked: dict[int, int] = defaultdict(int)
         self.failed: set[int] = set()
         self.sampled: set[int] = set()
 
@@ -69,7 +70,9 @@ class TrafficGrid:
             self.up[nid] += message_bytes(reply)
             cfg = reply.content.config_records.get(RECORD_KEY_CONFIGS)
             if cfg is not None and Key.MASKED_PARAMETERS in cfg:
-                cfg[Key.MASKED_PARAMETERS] = widen(list(cfg[Key.MASKED_PARAMETERS]))  # type: ignore[arg-type]
+                blobs = list(cfg[Key.MASKED_PARAMETERS])  # type: ignore[arg-type]
+                self.masked[nid] += sum(len(b) for b in blobs)  # type: ignore[arg-type]
+                cfg[Key.MASKED_PARAMETERS] = widen(blobs)  # type: ignore[arg-type]
         # A node that never answered (timeout) vanished too.
         self.failed.update(m.metadata.dst_node_id for m in messages
                            if m.metadata.dst_node_id not in answered)
@@ -79,7 +82,11 @@ class TrafficGrid:
         """Mean bytes per device that completed the round (and counts); resets the counters.
 
         ``bytes_up_per_client``/``bytes_down_per_client``: means over the devices that
-        answered every message of the round; ``clients_sampled``, ``clients_dropped``.
+        answered every message of the round (all four SecAgg+ stages);
+        ``bytes_up_model_per_client``: of those, the masked model update alone (the part that
+        grows with the model: 4 bytes per parameter plus NumPy's header per array; the rest
+        is SecAgg+'s key agreement and secret shares, which grow with ``num_shares``);
+        ``clients_sampled``, ``clients_dropped``.
         """
         done = sorted(self.sampled - self.failed)
         out: dict[str, float] = {
@@ -90,8 +97,10 @@ class TrafficGrid:
             out["bytes_up_per_client"] = statistics.fmean(self.up[n] for n in done)
             out["bytes_down_per_client"] = statistics.fmean(self.down[n] for n in done)
             out["bytes_up_per_client_max"] = max(self.up[n] for n in done)
+            out["bytes_up_model_per_client"] = statistics.fmean(self.masked[n] for n in done)
         self.down.clear()
         self.up.clear()
+        self.masked.clear()
         self.failed.clear()
         self.sampled.clear()
         return out
