@@ -478,8 +478,12 @@ def train_round(
     head = RankerHead(head_config(run))
     load_head_state(head, global_state)
     release_round = install_latest_release(node, run)
+    # A deployed node keeps its prepared builder in its state dir; a simulated one (state
+    # under the run dir) shares its Ray worker's.
+    simulated = Path(node.state_dir).parent == Path(run.run_dir) / "nodes"
     builder = node_feature_builder(
-        str(node.catalog_dir), str(node.cache_dir) if node.cache_dir else "", node.state_dir
+        str(node.catalog_dir), str(node.cache_dir) if node.cache_dir else "",
+        None if simulated else node.state_dir,
     )
     files, to_consume = node.round_click_files(run, server_round)
     clicks = read_click_logs(files)

@@ -21,11 +21,17 @@ PREPARED_DIR = "prepared"
 _CODE = ("data.py", "schema.py", "encoder.py", "features.py", "bm25.py", "catalog.py")
 
 
+# (catalog_dir, cache_dir) -> the builder this process already has.
+_IN_PROCESS: dict[tuple[str, str], FeatureBuilder] = {}
+
+
 @functools.lru_cache(maxsize=2)
 def cached_feature_builder(catalog_dir: str, cache_dir: str = "") -> FeatureBuilder:
     """The catalog's feature builder, built once per process (``cache_dir`` "" = default)."""
     encoder = CachedEncoder(cache_dir=Path(cache_dir) if cache_dir else None)
-    return FeatureBuilder(load_judged_dir(Path(catalog_dir)), encoder)
+    builder = FeatureBuilder(load_judged_dir(Path(catalog_dir)), encoder)
+    _IN_PROCESS[(catalog_dir, cache_dir)] = builder
+    return builder
 
 
 def prepared_key(catalog_dir: Path, cache_dir: Path | None) -> str:
@@ -57,8 +63,12 @@ def node_feature_builder(catalog_dir: str, cache_dir: str = "",
     catalog, model or code version prepares again); later ones load it. The folder is the
     node's own (nothing from the server is written there; created 0700) and a file is only
     unpickled if it and its folder are ours and writable by nobody else.
-    No state dir: :func:`cached_feature_builder`.
+    A process that already holds the catalog's builder (a simulation's Ray worker serving
+    many virtual nodes) uses it; no state dir: :func:`cached_feature_builder`.
     """
+    held = _IN_PROCESS.get((catalog_dir, cache_dir))
+    if held is not None:
+        return held
     if state_dir is None:
         return cached_feature_builder(catalog_dir, cache_dir)
     return _node_builder(catalog_dir, cache_dir, str(Path(state_dir).resolve()))
@@ -73,6 +83,7 @@ def _node_builder(catalog_dir: str, cache_dir: str, state_dir: str) -> FeatureBu
         with contextlib.suppress(Exception), path.open("rb") as fh:
             builder = pickle.load(fh)  # noqa: S301 - the node's own state folder
             if isinstance(builder, FeatureBuilder):
+                _IN_PROCESS[(catalog_dir, cache_dir)] = builder
                 return builder
     builder = cached_feature_builder(catalog_dir, cache_dir)
     with contextlib.suppress(OSError):

@@ -197,10 +197,12 @@ def test_node_feature_builder_is_prepared_once_in_the_state_dir(tmp_path: Path) 
     from shared_model.data import DEFAULT_WANDS_DIR
 
     state = tmp_path / "state"
+    catalog._IN_PROCESS.clear()  # as a fresh ClientApp process
     first = catalog.node_feature_builder(str(DEFAULT_WANDS_DIR), "", state)
     stored = list((state / catalog.PREPARED_DIR).glob("features-*.pkl"))
     assert len(stored) == 1
     catalog._node_builder.cache_clear()
+    catalog._IN_PROCESS.clear()
     again = catalog.node_feature_builder(str(DEFAULT_WANDS_DIR), "", state)
     assert again is not first  # loaded from the state dir, not the process cache
     assert again.product_ids == first.product_ids
@@ -212,5 +214,9 @@ def test_node_feature_builder_is_prepared_once_in_the_state_dir(tmp_path: Path) 
     # a file others can write is never unpickled
     stored[0].chmod(0o666)
     catalog._node_builder.cache_clear()
+    catalog._IN_PROCESS.clear()
     rebuilt = catalog.node_feature_builder(str(DEFAULT_WANDS_DIR), "", state)
     assert rebuilt is catalog.cached_feature_builder(str(DEFAULT_WANDS_DIR), "")
+    # a process that holds the catalog's builder (a simulation worker) just uses it
+    assert catalog.node_feature_builder(str(DEFAULT_WANDS_DIR), "", tmp_path / "x") is rebuilt
+    assert not (tmp_path / "x").exists()
