@@ -70,8 +70,11 @@ def node_feature_builder(catalog_dir: str, cache_dir: str = "",
     if held is not None:
         return held
     if state_dir is None:
-        return cached_feature_builder(catalog_dir, cache_dir)
-    return _node_builder(catalog_dir, cache_dir, str(Path(state_dir).resolve()))
+        builder = cached_feature_builder(catalog_dir, cache_dir)
+    else:
+        builder = _node_builder(catalog_dir, cache_dir, str(Path(state_dir).resolve()))
+    _IN_PROCESS[(catalog_dir, cache_dir)] = builder
+    return builder
 
 
 @functools.lru_cache(maxsize=2)
