@@ -392,28 +392,57 @@ class AccountedAdaptiveClipping(DifferentialPrivacyClientSideAdaptiveClipping):
 
 
 # SecAgg+ share graph: each device's secrets go to ``num_shares`` peers (itself included),
-# any ``threshold`` of which recover them. Sized so that 30% of the sampled devices vanishing
-# at random almost never leaves a device with fewer than ``threshold`` live peers.
+# any ``threshold`` of which recover them; sized for drop-outs (:func:`secagg_shares`).
 SECAGG_MAX_SHARES = 41
-SECAGG_THRESHOLD_FRACTION = 0.35
+SECAGG_DROPOUT_TOLERANCE = 0.3
+SECAGG_FAILURE_PROBABILITY = 1e-6
 
 
 def secagg_shares(sampled: int) -> tuple[int, int]:
     """(num_shares, reconstruction_threshold) for ``sampled`` devices per round.
 
-    ``num_shares``: odd, at most :data:`SECAGG_MAX_SHARES` (cost per device grows with it);
-    ``threshold``: ``ceil(0.35 num_shares)``, at least 2. With 41 shares and threshold 15,
-    a device whose 40 peers each vanish with probability 0.3 keeps fewer than 15 live ones
-    with probability 2.3e-6 (binomial tail): about 1% of 100 rounds of 50 devices see it.
-    The trade-off is collusion: the server together with ``threshold - 1`` of a device's
-    peers could unmask that device's update (the usual SecAgg+ trust assumption, here with
-    a threshold below a majority so that drop-outs are survivable).
+    ``num_shares``: odd, at most :data:`SECAGG_MAX_SHARES` (each device's cost grows with
+    ``num_shares * threshold``: Shamir in pure Python, one key agreement per peer).
+    ``threshold``: the largest one for which a device whose share holders each vanish with
+    probability :data:`SECAGG_DROPOUT_TOLERANCE` keeps fewer than ``threshold`` live ones
+    with probability at most :data:`SECAGG_FAILURE_PROBABILITY` (binomial tail; then the
+    round could not be unmasked), at least 2. 29 shares: threshold 8 (4.6e-7); 41: 14.
+    The price is collusion resistance: the server together with ``threshold - 1`` of a
+    device's share holders could unmask that device's update (SecAgg+'s trust assumption,
+    here with a threshold well below a majority so that 30% drop-outs are survivable).
     """
+    from scipy.stats import binom
+
     shares = min(sampled - (1 - sampled % 2), SECAGG_MAX_SHARES)
     if shares < 3:  # Flower reads 1 as "all sampled devices"; a majority of them
         return shares, shares // 2 + 1
-    threshold = max(2, math.ceil(SECAGG_THRESHOLD_FRACTION * shares))
-    return shares, min(threshold, shares - 1)
+    survive = 1.0 - SECAGG_DROPOUT_TOLERANCE
+    ok = [t for t in range(2, shares)
+          if binom.cdf(t - 1, shares, survive) <= SECAGG_FAILURE_PROBABILITY]
+    return shares, max(ok, default=2)
+
+
+class ThresholdSecAggPlusWorkflow(SecAggPlusWorkflow):  # type: ignore[misc]
+    """Flower's SecAgg+ workflow, unmasking each secret from ``threshold`` shares.
+
+    Flower 1.42 hands *every* collected share of a secret to Shamir's ``combine_shares``
+    (cost grows with the square of the shares: 0.1 s per secret with 41 shares, 50 secrets a
+    round); any ``threshold`` of them determine it (Flower checks there are at least that
+    many before combining), so this workflow combines the first ``threshold``: the same
+    secret, about 4x faster. Nothing else changes.
+    """
+
+    def unmask_stage(self, grid: Any, context: Any, state: Any) -> bool:
+        from flwr.server.workflow.secure_aggregation import secaggplus_workflow as module
+
+        combine = module.combine_shares
+        threshold = int(state.threshold)
+        setattr(module, "combine_shares",  # noqa: B010
+                lambda shares: combine(list(shares)[:threshold]))
+        try:
+            return bool(super().unmask_stage(grid, context, state))
+        finally:
+            setattr(module, "combine_shares", combine)  # noqa: B010
 
 
 def trainable_parameters(state: dict[str, np.ndarray]) -> int:
@@ -520,7 +549,7 @@ def run_device(grid: Grid, context: Context, settings: RunSettings) -> None:
         )
     num_shares, threshold = secagg_shares(sampled)
     workflow = DefaultWorkflow(
-        fit_workflow=SecAggPlusWorkflow(
+        fit_workflow=ThresholdSecAggPlusWorkflow(
             num_shares=num_shares,
             reconstruction_threshold=threshold,
             max_weight=1.0,

@@ -135,7 +135,7 @@ SCENARIOS: dict[str, Scenario] = {
             rounds=100,
             run_config={
                 "privacy-shape": "device",
-                "fraction-train": 0.05,
+                "fraction-train": 0.03,
                 "min-train-nodes": 2,
                 "batch-size": 4,
                 "local-epochs": 2,
@@ -145,7 +145,7 @@ SCENARIOS: dict[str, Scenario] = {
                 "delta": 1e-4,
             },
             description=(
-                "1,000 devices (one per user), 5% per round, 100 rounds; client-level DP + "
+                "1,000 devices (one per user), 3% per round, 100 rounds; client-level DP + "
                 "SecAgg+ (try --dropout 0.3)"
             ),
         ),
