@@ -98,6 +98,12 @@ def pinned_plugin(trusted: frozenset[str]) -> type[Any]:
                 cmd += ["--root-certificates", self.root_certificates_path]
             return [*cmd, "--parent-pid", str(os.getpid())]
 
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.warm = None
+            if prewarm_enabled():
+                self._start_warm()  # ready before the first task arrives
+
         def _start_warm(self) -> None:
             self.warm = subprocess.Popen(  # noqa: S603 - our own interpreter and module
                 self._command("warm", None), stdin=subprocess.PIPE

@@ -195,13 +195,14 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="JSON on stdout."),
         rounds: int = typer.Option(3, "--rounds", help="Rounds per app."),
         port: int = typer.Option(9600, "--port", help="Gateway port (SuperLink +1, nodes +10..)."),
+        keep: Path | None = typer.Option(None, "--keep", help="Keep the cluster's files here."),
     ) -> None:
         """Loopback cluster (TLS, node auth, 3 SuperNodes): fedrank's round vs a no-op app's."""
         import json as _json
 
         from simulations.bench_deploy import bench_deploy
 
-        result = bench_deploy(rounds=rounds, port=port,
+        result = bench_deploy(rounds=rounds, port=port, root=keep,
                               echo=(lambda s: typer.echo(s, err=True)) if as_json else typer.echo)
         if as_json:
             typer.echo(_json.dumps(result))
