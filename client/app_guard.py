@@ -23,7 +23,8 @@ heavy third-party libraries from the node's own environment (torch, Opacus, NumP
 Flower's runner) but **no fedrank code**, and blocks on its stdin. When a task arrives the
 guard writes the task's token to it, and it becomes that task's ``flwr-clientapp`` (FAB hash
 checked, FAB installed, the FAB's own fedrank code imported and run, then it exits, as
-before); the guard immediately starts the next warm runner. Isolation is unchanged (one
+before); when it has exited the guard starts the next warm runner (so its imports use the
+idle time between messages rather than compete with the running task). Isolation is unchanged (one
 process per message, nothing carried from one message to the next), and the code that runs
 is still only the pinned FAB's. ``FEDRANK_CLIENTAPP_PREWARM=0`` turns it off (a cold
 process per message, Flower's behaviour).
@@ -41,6 +42,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -124,10 +126,17 @@ def pinned_plugin(trusted: frozenset[str]) -> type[Any]:
                     handed = True
                 except OSError:
                     handed = False
-            if not handed:
-                subprocess.Popen(self._command("clientapp", token))  # noqa: S603
-            self._start_warm()  # the next message's runner
+            running = warm if handed else subprocess.Popen(  # noqa: S603
+                self._command("clientapp", token))
+            # The next message's runner starts once this one has finished, so its imports
+            # use the idle time between messages instead of competing with this task.
+            threading.Thread(target=self._warm_after, args=(running,), daemon=True).start()
             return LaunchResult.accepted()
+
+        def _warm_after(self, running: subprocess.Popen[bytes]) -> None:
+            running.wait()
+            if self.warm is None:
+                self._start_warm()
 
     return PinnedAppExecPlugin
 

@@ -24,6 +24,9 @@ class _Proc:
     def poll(self) -> None:
         return None
 
+    def wait(self) -> int:
+        return 0
+
 
 def _plugin(monkeypatch: pytest.MonkeyPatch) -> tuple[Any, list[_Proc], Any]:
     from flwr.supercore.constant import TaskType
@@ -54,13 +57,24 @@ def test_first_task_runs_cold_then_each_task_takes_the_warm_runner(
     plugin, started, task_type = _plugin(monkeypatch)
     task = SimpleNamespace(type=task_type.CLIENT_APP)
     plugin.launch_task("tok-1", task)
+    _settle(started, 2)
     assert [p.cmd[3] for p in started] == ["clientapp", "warm"]
     assert "--token" in started[0].cmd and "tok-1" in started[0].cmd
     assert "--token" not in started[1].cmd  # a warm runner holds no token
     plugin.launch_task("tok-2", task)
+    _settle(started, 3)
     assert started[1].written == b"tok-2\n"  # the warm runner became task 2's ClientApp
     assert [p.cmd[3] for p in started] == ["clientapp", "warm", "warm"]
     assert all("--trusted-app-hash" in p.cmd and HASH in p.cmd for p in started)
+
+
+def _settle(started: list[_Proc], count: int) -> None:
+    """The next warm runner is started by a thread once the task's process has exited."""
+    import time
+
+    deadline = time.monotonic() + 5
+    while len(started) < count and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def test_prewarm_off_starts_a_cold_process_per_task(monkeypatch: pytest.MonkeyPatch) -> None:
