@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from server.checkpoint import RunDirectory
+from shared_model.evaluation import nest_views
 
 log = logging.getLogger("fedrank.server")
 PROGRESS = "[fedrank]"
@@ -64,7 +65,10 @@ class RoundRecorder:
         true_round = self.offset + server_round
         seconds = time.perf_counter() - self._round_started
         eps = self.epsilon_max if self.config.get("epsilon") != "inf" else math.inf
-        row = {"round": true_round, **metrics, "epsilon_max": eps, "seconds": round(seconds, 3)}
+        row = {
+            "round": true_round, **_row_metrics(metrics), "epsilon_max": eps,
+            "seconds": round(seconds, 3),
+        }
         self.rounds = [r for r in self.rounds if r["round"] < true_round] + [row]
         digest = self.run_dir.save(
             round=true_round,
@@ -88,12 +92,27 @@ class RoundRecorder:
         rounds = [_jsonable(r) for r in self.rounds]
         out: dict[str, Any] = {"rounds": rounds, "final": rounds[-1] if rounds else {}}
         if self.initial is not None:
-            out["initial"] = self.initial
+            out["initial"] = _row_metrics(self.initial)
+        baselines = getattr(self.evaluate, "baselines", None)
+        if baselines:
+            out["baselines"] = baselines
         return out
 
 
+def _row_metrics(metrics: dict[str, float]) -> dict[str, Any]:
+    """A round's metrics for metrics.json: the flat unseen keys (``ndcg@10``, ... as before)
+    plus ``{"seen": {...}, "unseen": {...}}`` (``shared_model.evaluation.nest_views``)."""
+    flat = {k: v for k, v in metrics.items() if not k.startswith("seen-")}
+    return {**flat, **nest_views(metrics)}
+
+
 def _fmt(metrics: dict[str, float]) -> str:
-    return " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+    views = nest_views(metrics)
+    text = " ".join(f"{k}={v:.4f}" for k, v in views["unseen"].items())
+    if "seen" in views:
+        text += f" seen-ndcg@10={views['seen']['ndcg@10']:.4f}"
+    extra = {k: v for k, v in metrics.items() if k not in views["unseen"] and "seen-" not in k}
+    return " ".join([text, *(f"{k}={v:.4f}" for k, v in extra.items())])
 
 
 def _eps(eps: float) -> str:

@@ -61,12 +61,21 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(1) from None
         typer.echo("")
-        typer.echo(f"{'run':<34} {'rounds':>6} {'ndcg@10':>8} {'mrr':>7} {'auc':>7} {'eps':>8}")
+        typer.echo(
+            f"{'run':<30} {'rounds':>6} {'seen':>7} {'zs-seen':>7} {'unseen':>7} "
+            f"{'zs-unseen':>9} {'mrr':>7} {'auc':>7} {'eps':>8}"
+        )
         for name, final in summary["rows"]:
+            seen = final.get("seen", {}).get("ndcg@10")
+            zs = final.get("zero_shot", {})
             typer.echo(
-                f"{name:<34} {final['round']:>6} {final['ndcg@10']:>8.4f} "
+                f"{name:<30} {final['round']:>6} {_fmt(seen if seen is not None else '-'):>7} "
+                f"{_fmt(zs.get('seen', '-')):>7} {final['ndcg@10']:>7.4f} "
+                f"{_fmt(zs.get('unseen', '-')):>9} "
                 f"{final['mrr']:>7.4f} {final['auc']:>7.4f} {_fmt(final['epsilon_max']):>8}"
             )
+        typer.echo("NDCG@10 on seen (the fold's training queries) and unseen (held-out) "
+                   "queries; zs = zero-shot MiniLM on the same queries")
         typer.echo(f"wall time {summary['wall_seconds']:.0f}s; run directory {target}")
 
     @app.command("compare")

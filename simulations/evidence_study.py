@@ -119,10 +119,12 @@ def study(
                 noise_var = len(sums) * (sigma * sens) ** 2
                 res: dict[str, list[float]] = {}
                 for _ in range(repeats if sigma > 0 else 1):
-                    clicks = sum(
-                        s[0] + rng.normal(0, sigma * sens, index.num_pairs) for s in sums
+                    clicks = np.sum(
+                        [s[0] + rng.normal(0, sigma * sens, index.num_pairs) for s in sums], axis=0
                     )
-                    exam = sum(s[1] + rng.normal(0, sigma * sens, index.num_pairs) for s in sums)
+                    exam = np.sum(
+                        [s[1] + rng.normal(0, sigma * sens, index.num_pairs) for s in sums], axis=0
+                    )
                     ev = {
                         EVIDENCE_CLICKS: clicks, EVIDENCE_EXAM: exam,
                         EVIDENCE_NOISE_VAR: np.array([noise_var]),
@@ -145,7 +147,7 @@ def study(
                     "release_epsilon": "inf" if math.isinf(eps) else release_share * eps,
                     "clip": clip, "sensitivity": sens, "noise_multiplier": sigma,
                     "noise_sd_total": math.sqrt(noise_var), "users_clipped": clipped,
-                    "prior": vars(model.prior) if sigma > 0 or True else None,
+                    "prior": vars(model.prior),
                     **{k: float(np.mean(v)) for k, v in res.items()},
                     **{f"{k}_min": float(np.min(v)) for k, v in res.items()},
                     "simulate_seconds": round(sim_s, 1),

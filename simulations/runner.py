@@ -31,6 +31,7 @@ from shared_model.evaluation import query_folds
 from shared_model.partition import partition_device, partition_regional, write_partitions
 from shared_model.settings import RunSettings
 from shared_model.world import simulate_click_log
+from simulations.compare import final_with_zero_shot, mean_views
 from simulations.scenarios import Scenario
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -330,7 +331,7 @@ def run_folds(
             overrides=overrides,
         )
         result = run_simulation(scenario, settings, echo=echo)
-        final = result.metrics.get("final")
+        final = final_with_zero_shot(result.metrics)
         if not final:
             raise RuntimeError(
                 f"fold {fold} produced no metrics (flwr exit {result.returncode}); "
@@ -342,6 +343,7 @@ def run_folds(
         mean: dict[str, Any] = {
             m: sum(float(f[m]) for _, f in rows) / len(rows) for m in ("ndcg@10", "mrr", "auc")
         }
+        mean.update(mean_views([f for _, f in rows]))
         eps_values = [f["epsilon_max"] for _, f in rows]
         mean["epsilon_max"] = "inf" if "inf" in eps_values else max(map(float, eps_values))
         mean["round"] = rounds
