@@ -239,14 +239,16 @@ def denoised_exam(exam: np.ndarray, noise_var: float) -> np.ndarray:
 
     The true exam of a pair varies around the query's mean with variance ``v`` (moments:
     ``var(exam) - noise_var``); each pair keeps the share ``v / (v + noise_var)`` of its
-    deviation. Pure-noise counts (a query nobody searched) shrink to their mean, about 0.
-    Clamped at 0.
+    deviation; ``v`` counts only beyond two standard errors of the noise's sample variance.
+    Pure-noise counts (a query nobody searched) shrink to their mean, about 0. Clamped at 0.
     """
     exam = np.asarray(exam, dtype=np.float64)
     if noise_var <= 0 or exam.size == 0:
         return np.maximum(exam, 0.0)
     mean = float(exam.mean())
-    v = max(float(exam.var()) - noise_var, 0.0)
+    # The sample variance of n pure-noise counts has relative sd sqrt(2/n): only an excess
+    # beyond two of those counts as signal (a query nobody searched stays at its mean).
+    v = max(float(exam.var()) - noise_var * (1.0 + 2.0 * np.sqrt(2.0 / exam.size)), 0.0)
     return np.maximum(mean + (exam - mean) * (v / (v + noise_var)), 0.0)
 
 
