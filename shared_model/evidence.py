@@ -266,7 +266,9 @@ def shrunk_scores(
     denom = prior.tau2 * e * e + e * p0 * (1 - p0) + noise_var * (1 + p0**2)
     safe = np.where(denom > 0, denom, 1.0)
     gain = np.where(denom > 0, prior.tau2 * e * (clicks - e * p0) / safe, 0.0)
-    return p0 + gain
+    # p0 is clipped to [0.01, 0.99]: break the ties that makes by the base score itself, so
+    # without evidence the order is exactly the base model's.
+    return p0 + gain + 1e-6 * z
 
 
 class EvidenceModel:
