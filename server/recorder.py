@@ -65,10 +65,7 @@ class RoundRecorder:
         true_round = self.offset + server_round
         seconds = time.perf_counter() - self._round_started
         eps = self.epsilon_max if self.config.get("epsilon") != "inf" else math.inf
-        row = {
-            "round": true_round, **_row_metrics(metrics), "epsilon_max": eps,
-            "seconds": round(seconds, 3),
-        }
+        row = {"round": true_round, **metrics, "epsilon_max": eps, "seconds": round(seconds, 3)}
         self.rounds = [r for r in self.rounds if r["round"] < true_round] + [row]
         digest = self.run_dir.save(
             round=true_round,
@@ -89,30 +86,19 @@ class RoundRecorder:
 
     def metrics_json(self) -> dict[str, Any]:
         """``{"rounds": [...], "final": {...}, "initial": {...}}`` (ε=inf written as "inf")."""
-        rounds = [_jsonable(r) for r in self.rounds]
+        rounds = [_jsonable(_with_views(r)) for r in self.rounds]
         out: dict[str, Any] = {"rounds": rounds, "final": rounds[-1] if rounds else {}}
         if self.initial is not None:
-            out["initial"] = _row_metrics(self.initial)
+            out["initial"] = _with_views(self.initial)
         baselines = getattr(self.evaluate, "baselines", None)
         if baselines:
+            # zero-shot MiniLM and BM25 on the same seen/unseen queries (server.evaluator)
             out["baselines"] = baselines
         return out
 
 
-def _row_metrics(metrics: dict[str, float]) -> dict[str, Any]:
-    """A round's metrics for metrics.json: the flat unseen keys (``ndcg@10``, ... as before)
-    plus ``{"seen": {...}, "unseen": {...}}`` (``shared_model.evaluation.nest_views``)."""
-    flat = {k: v for k, v in metrics.items() if not k.startswith("seen-")}
-    return {**flat, **nest_views(metrics)}
-
-
 def _fmt(metrics: dict[str, float]) -> str:
-    views = nest_views(metrics)
-    text = " ".join(f"{k}={v:.4f}" for k, v in views["unseen"].items())
-    if "seen" in views:
-        text += f" seen-ndcg@10={views['seen']['ndcg@10']:.4f}"
-    extra = {k: v for k, v in metrics.items() if k not in views["unseen"] and "seen-" not in k}
-    return " ".join([text, *(f"{k}={v:.4f}" for k, v in extra.items())])
+    return " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
 
 
 def _eps(eps: float) -> str:
@@ -127,3 +113,13 @@ def ensure_dir(path: Path) -> Path:
     """Create ``path`` (and parents) and return it."""
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def _with_views(row: dict[str, Any]) -> dict[str, Any]:
+    """A row for metrics.json: flat ``seen-<metric>`` keys (what Flower's MetricRecord
+    carries) become ``{"seen": {...}, "unseen": {...}}``; the flat unseen keys (``ndcg@10``,
+    ``mrr``, ``auc``) stay as before. Rows already in that shape are returned as they are."""
+    if not any(k.startswith("seen-") for k in row):
+        return row
+    flat = {k: v for k, v in row.items() if not k.startswith("seen-")}
+    return {**flat, **nest_views(row)}
