@@ -64,7 +64,7 @@ __all__ = [
 GENESIS_HASH = "0" * 64
 """``prev_hash`` of the first record."""
 
-MECHANISMS = ("dp-sgd", "client-level-gaussian", "refusal")
+MECHANISMS = ("dp-sgd", "client-level-gaussian", "count-release", "refusal")
 """Allowed values of :attr:`LedgerEvent.mechanism`."""
 
 UNITS_OF_PRIVACY = ("user", "client")

@@ -252,6 +252,12 @@ def denoised_exam(exam: np.ndarray, noise_var: float) -> np.ndarray:
     return np.maximum(mean + (exam - mean) * (v / (v + noise_var)), 0.0)
 
 
+def query_has_traffic(exam: np.ndarray, noise_var: float, *, z: float = 3.0) -> bool:
+    """Whether a query's summed exam over its pool is beyond ``z`` noise sd of zero."""
+    total = float(np.sum(exam))
+    return total > z * float(np.sqrt(max(noise_var, 0.0) * exam.size)) and total > 0
+
+
 def shrunk_scores(
     clicks: np.ndarray, exam: np.ndarray, z: np.ndarray, prior: PriorFit, noise_var: float
 ) -> np.ndarray:
@@ -299,13 +305,23 @@ class EvidenceModel:
             pids = index.products[q]
             start = index.offsets[q]
             z[start : start + len(pids)] = _standardise(np.asarray(base(q, pids), np.float64))
+        # A query whose summed exam over its pool is within 3 noise sd of 0 carries no
+        # detectable traffic (an unseen query, or one drowned in noise): it gets no evidence,
+        # so it ranks exactly as the base model.
+        self.searched = {
+            q: query_has_traffic(
+                self.exam[index.offsets[q] : index.offsets[q] + len(index.products[q])],
+                self.noise_var,
+            )
+            for q in index.query_ids
+        }
         self.prior = fit_prior(self.clicks, self.exam, z, self.noise_var)
 
     def __call__(self, query_id: str, product_ids: Sequence[str]) -> np.ndarray:
         base = np.asarray(self.base(query_id, product_ids), dtype=np.float64)
         z = _standardise(base)
         pairs = self.index.query_pairs(query_id, product_ids)
-        known = pairs >= 0
+        known = (pairs >= 0) & self.searched.get(query_id, False)
         c = np.where(known, self.clicks[np.maximum(pairs, 0)], 0.0)
         e = np.where(known, self.exam[np.maximum(pairs, 0)], 0.0)
         return shrunk_scores(c, e, z, self.prior, self.noise_var)
