@@ -252,7 +252,7 @@ def denoised_exam(exam: np.ndarray, noise_var: float) -> np.ndarray:
     return np.maximum(mean + (exam - mean) * (v / (v + noise_var)), 0.0)
 
 
-def query_has_traffic(exam: np.ndarray, noise_var: float, *, z: float = 3.0) -> bool:
+def query_has_traffic(exam: np.ndarray, noise_var: float, *, z: float = 4.0) -> bool:
     """Whether a query's summed exam over its pool is beyond ``z`` noise sd of zero."""
     total = float(np.sum(exam))
     return total > z * float(np.sqrt(max(noise_var, 0.0) * exam.size)) and total > 0
@@ -305,7 +305,7 @@ class EvidenceModel:
             pids = index.products[q]
             start = index.offsets[q]
             z[start : start + len(pids)] = _standardise(np.asarray(base(q, pids), np.float64))
-        # A query whose summed exam over its pool is within 3 noise sd of 0 carries no
+        # A query whose summed exam over its pool is within 4 noise sd of 0 carries no
         # detectable traffic (an unseen query, or one drowned in noise): it gets no evidence,
         # so it ranks exactly as the base model.
         self.searched = {
