@@ -53,11 +53,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from client.evidence_release import attach_evidence, dp_sgd_noise_multiplier
 from client.inbox import Inbox
 from privacy.accountant_store import PersistentAccountant, plan_noise_multiplier
 from privacy.ledger import Ledger, LedgerEvent
 from shared_model.catalog import cached_feature_builder
 from shared_model.clicklog import read_click_logs
+from shared_model.evidence import split_evidence
 from shared_model.ranker import HeadConfig, RankerHead
 from shared_model.release import ReleaseError, ReleaseStore, load_public_key
 from shared_model.settings import RunSettings
@@ -211,6 +213,10 @@ def load_or_make_plan(node: NodeSettings, run: RunSettings, num_users: int) -> P
         sample_rate=sample_rate_for(config, num_users),
         steps_per_round=steps_per_round(config, num_users),
         rounds=run.num_server_rounds,
+    ) if not run.evidence_share else dp_sgd_noise_multiplier(  # the rest beside the release
+        epsilon=run.epsilon, delta=run.delta, share=run.evidence_share,
+        sample_rate=sample_rate_for(config, num_users),
+        steps=steps_per_round(config, num_users) * run.num_server_rounds,
     )
     plan = PrivacyPlan(sigma, run.batch_size, run.num_server_rounds, run.epsilon, run.delta)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -253,7 +259,7 @@ def train_round(
 ) -> RoundOutcome:
     """One round of local training; raises :class:`BudgetRefusal` when over budget."""
     head = RankerHead(head_config(run))
-    load_head_state(head, global_state)
+    load_head_state(head, split_evidence(global_state)[0])
     release_round = install_latest_release(node, run)
     builder = cached_feature_builder(str(node.catalog_dir), run.cache_dir)
     files, to_consume = node.round_click_files(run, server_round)
@@ -284,7 +290,9 @@ def train_round(
         epsilon = 0.0 if run.private else math.inf
         metrics = _metrics(result, epsilon=epsilon, release_round=release_round)
         _consume(node, to_consume, server_round)
-        return RoundOutcome(head_state(head), metrics)
+        state = _with_evidence(head_state(head), run, node, global_state, clicks, builder.data,
+                               server_round, accountant=None, ledger=None)
+        return RoundOutcome(state, metrics)
 
     plan = load_or_make_plan(node, run, groups.num_users)
     accountant = PersistentAccountant(
@@ -333,7 +341,25 @@ def train_round(
     # After the accountant has the round: a crash before this re-trains and re-accounts.
     _consume(node, to_consume, server_round)
     metrics = _metrics(result, epsilon=epsilon, release_round=release_round)
-    return RoundOutcome(head_state(head), metrics)
+    state = _with_evidence(head_state(head), run, node, global_state, clicks, builder.data,
+                           server_round, accountant=accountant, ledger=ledger)
+    metrics["epsilon"] = accountant.epsilon()  # the release may have added to it
+    return RoundOutcome(state, metrics)
+
+
+def _with_evidence(
+    state: dict[str, np.ndarray], run: RunSettings, node: NodeSettings,
+    global_state: Mapping[str, np.ndarray], clicks: Any, data: Any, server_round: int, *,
+    accountant: PersistentAccountant | None, ledger: Ledger | None,
+) -> dict[str, np.ndarray]:
+    """Head weights plus the node's evidence release (client.evidence_release)."""
+    return attach_evidence(
+        state, global_state=global_state, clicks_log=clicks, data=data,
+        epsilon=run.epsilon, delta=run.delta, share=run.evidence_share,
+        clip_norm=run.evidence_clip, max_sessions_per_user=run.max_sessions_per_user,
+        state_dir=node.state_dir, ledger=ledger, accountant=accountant,
+        node_name=node.name, server_round=server_round,
+    )
 
 
 def _consume(node: NodeSettings, files: list[Path], server_round: int) -> None:

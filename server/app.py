@@ -19,10 +19,12 @@ from flwr.serverapp import Grid, ServerApp
 from privacy.ledger import Ledger, LedgerEvent
 from server.checkpoint import RunDirectory
 from server.evaluator import CentralEvaluator
+from server.evidence import EvidenceSumming, initial_evidence
 from server.recorder import PROGRESS, RoundRecorder
 from server.releases import ReleasePublisher
 from server.strategies import build_strategy, restore_strategy_state, strategy_state
 from server.validation import ValidatingStrategy
+from shared_model.evidence import split_evidence
 from shared_model.ranker import HeadConfig, RankerHead
 from shared_model.settings import RunSettings
 from shared_model.state import head_state
@@ -79,13 +81,16 @@ def run_regional(grid: Grid, settings: RunSettings) -> None:
             )
         )
 
+    aggregating = EvidenceSumming(inner) if settings.evidence_share else inner
     strategy = ValidatingStrategy(
-        inner, max_update_norm=MAX_UPDATE_NORM, region_caps=settings.region_caps(),
+        aggregating, max_update_norm=MAX_UPDATE_NORM, region_caps=settings.region_caps(),
         on_cap_refusal=record_cap_refusal,
     )
     checkpoint = run_dir.load_latest()
     if checkpoint is None:
         arrays = head_state(RankerHead(HeadConfig(hidden_dim=settings.hidden_dim)))
+        if settings.evidence_share:  # memorised click evidence travels with the head
+            arrays.update(initial_evidence(evaluator.evidence_index()))
         offset, previous = 0, []
     else:
         arrays, offset, previous = checkpoint.arrays, checkpoint.round, checkpoint.metrics_rounds
@@ -108,7 +113,8 @@ def run_regional(grid: Grid, settings: RunSettings) -> None:
         offset=offset,
         previous_rounds=previous,
         after_round=lambda rnd, weights, metrics: publisher.maybe_publish(
-            rnd, weights, metrics=metrics, epsilon_per_node=strategy.node_epsilon
+            rnd, split_evidence(weights)[0], metrics=metrics,
+            epsilon_per_node=strategy.node_epsilon,
         ),
     )
     if remaining <= 0:

@@ -59,6 +59,12 @@ class CentralEvaluator:
     def _views(self, scorer: Scorer) -> dict[str, float]:
         return evaluate_views(self.builder.data, self.seen_queries, self.test_queries, scorer)
 
+    def evidence_index(self) -> EvidenceIndex:
+        """The catalog's (query, product) index the evidence arrays are laid out on."""
+        if self._index is None:
+            self._index = EvidenceIndex(self.builder.data)
+        return self._index
+
     def scorer(self, arrays: dict[str, np.ndarray]) -> Scorer:
         """The global model's scorer: the head, with memorised evidence when present."""
         head_arrays, evidence = split_evidence(arrays)
@@ -67,9 +73,7 @@ class CentralEvaluator:
         base = head_scorer(head, self.builder)
         if evidence is None:
             return base
-        if self._index is None:
-            self._index = EvidenceIndex(self.builder.data)
-        return EvidenceModel(self._index, evidence, base)
+        return EvidenceModel(self.evidence_index(), evidence, base)
 
     def __call__(self, arrays: dict[str, np.ndarray]) -> dict[str, float]:
         return self._views(self.scorer(arrays))

@@ -15,6 +15,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from shared_model.evidence import EVIDENCE_KEYS
+
 log = logging.getLogger("fedrank.server")
 
 REQUIRED_METRICS = ("num-examples", "epsilon")
@@ -48,7 +50,7 @@ def reply_problems(
             problems.append(f"{key}: dtype {arr.dtype}, expected {ref.dtype}")
         elif not np.all(np.isfinite(arr)):
             problems.append(f"{key}: NaN or Inf values")
-        else:
+        elif key not in EVIDENCE_KEYS:  # DP counts, not an update (server.evidence)
             sq += float(np.sum((arr.astype(np.float64) - ref) ** 2))
     if not problems and math.sqrt(sq) > max_update_norm:
         problems.append(f"update norm {math.sqrt(sq):.3g} exceeds the bound {max_update_norm:g}")

@@ -32,6 +32,8 @@ EVAL_FOLD = "eval-fold"
 NUM_FOLDS = "num-folds"
 SECAGG = "secagg"
 HIDDEN_DIM = "hidden-dim"
+EVIDENCE_SHARE = "evidence-share"
+EVIDENCE_CLIP = "evidence-clip"
 RELEASE_EVERY = "release-every"
 REGION_CAPS = "region-epsilon-caps"
 CATALOG_DIR = "catalog-dir"
@@ -85,6 +87,11 @@ class RunSettings:
     cache_dir: str = ""
     online: bool = False
     replay_files: int = 0
+    # Memorised click evidence (shared_model.evidence): the share of each node's ε spent on
+    # its one-shot DP count release (0 = none; the rest goes to DP-SGD), and the L2 bound of
+    # one user's [clicks, exam] contribution (sets the noise scale, not the guarantee).
+    evidence_share: float = 0.0
+    evidence_clip: float = 3.0
 
     def __post_init__(self) -> None:
         if self.num_server_rounds < 1:
@@ -107,6 +114,10 @@ class RunSettings:
             )
         if self.replay_files < 0:
             raise ValueError(f"{REPLAY_FILES} must be >= 0, got {self.replay_files!r}")
+        if not 0 <= self.evidence_share < 1:
+            raise ValueError(f"{EVIDENCE_SHARE} must be in [0, 1), got {self.evidence_share!r}")
+        if not (self.evidence_clip > 0 and math.isfinite(self.evidence_clip)):
+            raise ValueError(f"{EVIDENCE_CLIP} must be finite and > 0, got {self.evidence_clip!r}")
         self.region_caps()  # validates the format
 
     def catalog_path(self) -> Path:

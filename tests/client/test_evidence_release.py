@@ -97,3 +97,45 @@ def test_server_sums_deltas_and_fedavg_mean_converts_to_the_sum():
         np.testing.assert_allclose(from_mean[k], total[k], rtol=1e-6)
     np.testing.assert_array_equal(from_mean["w"], np.ones(2))
     assert set(head_only(mean)) == {"w"}
+
+
+def test_node_round_releases_once_within_one_budget(tmp_path):
+    # A node's round with evidence in the global state: DP-SGD and the count release share
+    # one accountant and one budget over the planned run.
+    from client.node import NodeSettings, train_round
+    from privacy.accounting import epsilon_from_history
+    from shared_model.catalog import cached_feature_builder
+    from shared_model.clicklog import write_click_log
+    from shared_model.data import DEFAULT_WANDS_DIR
+    from shared_model.ranker import RankerHead
+    from shared_model.settings import RunSettings
+    from shared_model.state import head_state
+    from shared_model.world import WorldConfig, simulate_click_log
+
+    builder = cached_feature_builder(str(DEFAULT_WANDS_DIR))
+    log = simulate_click_log(builder.data, WorldConfig(num_users=300, num_regions=1, seed=3))
+    write_click_log(log, tmp_path / "data" / "clicks.parquet")
+    run = RunSettings(
+        num_server_rounds=2, epsilon=1.0, delta=1e-4, batch_size=64, evidence_share=0.75,
+        run_dir=str(tmp_path / "run"), data_dir=str(tmp_path / "data"),
+    )
+    node = NodeSettings(
+        name="region-a", data_path=tmp_path / "data" / "clicks.parquet",
+        state_dir=tmp_path / "state", ledger_dir=tmp_path / "ledger",
+        catalog_dir=DEFAULT_WANDS_DIR,
+    )
+    index = EvidenceIndex(builder.data)
+    state = {**head_state(RankerHead()), **initial_evidence(index)}
+    first = train_round(run=run, node=node, global_state=state, server_round=1)
+    assert set(first.state) == set(state)
+    assert first.state[EVIDENCE_NOISE_VAR][0] > 0
+    assert np.abs(first.state[EVIDENCE_CLICKS]).sum() > 0
+    second = train_round(run=run, node=node, global_state=first.state, server_round=2)
+    for key in (EVIDENCE_CLICKS, EVIDENCE_EXAM, EVIDENCE_NOISE_VAR):
+        np.testing.assert_array_equal(second.state[key], first.state[key])
+    history = json.loads((node.state_dir / "accountant.json").read_text())["history"]
+    assert sum(1 for s, q, n in history if q == 1.0 and n == 1) == 1  # one release
+    spent = epsilon_from_history(history=history, delta=1e-4)
+    assert 0.9 <= spent <= 1.0 and second.metrics["epsilon"] == pytest.approx(spent)
+    lines = (node.ledger_dir / "region-a.jsonl").read_text().splitlines()
+    assert [json.loads(x)["mechanism"] for x in lines].count("count-release") == 1
