@@ -157,6 +157,41 @@ def study(
     return out
 
 
+def scale_test(*, queries: int = 100_000, pool: int = 200, rows: int = 10_000_000) -> dict:
+    """Synthetic size/time of the memorised part for a real shop (10^5 queries x ``pool``
+    candidates out of 10^6 products; ``rows`` logged impressions at one node)."""
+    from shared_model.evidence import PriorFit, shrunk_scores
+
+    pairs = queries * pool
+    rng = np.random.default_rng(0)
+    user = np.sort(rng.integers(0, rows // 10, rows))
+    pair = rng.integers(0, pairs, rows)
+    clicks = (rng.random(rows) < 0.1).astype(float)
+    exam = 1.0 / rng.integers(1, 11, rows)
+    t = time.perf_counter()
+    c, e, _ = clip_and_sum(user, pair, clicks, exam, num_pairs=pairs, clip_norm=3.0)
+    aggregate_s = time.perf_counter() - t
+    t = time.perf_counter()
+    nc = (c + rng.normal(0, 15.0, pairs)).astype(np.float32)
+    ne = (e + rng.normal(0, 15.0, pairs)).astype(np.float32)
+    noise_s = time.perf_counter() - t
+    z = rng.standard_normal(pool)
+    prior = PriorFit(0.5, 0.1, 0.05)
+    lat = []
+    for q in range(2000):
+        s = q * pool
+        t = time.perf_counter()
+        shrunk_scores(nc[s : s + pool].astype(float), ne[s : s + pool].astype(float), z, prior,
+                      225.0)
+        lat.append(time.perf_counter() - t)
+    return {
+        "pairs": pairs, "rows": rows, "node_aggregate_seconds": round(aggregate_s, 2),
+        "noise_seconds": round(noise_s, 2), "evidence_mib_float32": round(2 * pairs * 4 / 2**20),
+        "score_query_p50_us": round(float(np.percentile(lat, 50)) * 1e6),
+        "score_query_p99_us": round(float(np.percentile(lat, 99)) * 1e6),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--users", default="10000,100000")
@@ -168,7 +203,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--eval-fold", type=int, default=0)
     parser.add_argument("--json", default="")
+    parser.add_argument("--scale", action="store_true", help="only the synthetic scale test")
     args = parser.parse_args()
+    if args.scale:
+        print(json.dumps(scale_test(), indent=2))
+        return
     result = study(
         populations=[int(u) for u in args.users.split(",")],
         epsilons=[float(e) for e in args.epsilons.split(",")],
