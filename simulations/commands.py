@@ -98,13 +98,17 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         if as_json:
             typer.echo(json.dumps(table, indent=2))
             return
-        typer.echo(f"{'model':<32} {'ndcg@10':>8} {'mrr':>7} {'auc':>7} {'eps':>8} {'rel':>6}")
+        typer.echo(
+            f"{'model':<32} {'seen':>7} {'unseen':>7} {'mrr':>7} {'auc':>7} {'eps':>8} {'rel':>6}"
+        )
         for row in table["rows"]:
+            seen = row.get("seen", {}).get("ndcg@10", "-")
             typer.echo(
-                f"{row['name']:<32} {row['ndcg@10']:>8.4f} {row['mrr']:>7.4f} "
+                f"{row['name']:<32} {_fmt(seen):>7} {row['ndcg@10']:>7.4f} {row['mrr']:>7.4f} "
                 f"{row['auc']:>7.4f} {_fmt(row.get('epsilon', '-')):>8} "
                 f"{_fmt(row.get('fraction_of_central', '-')):>6}"
             )
+        typer.echo("NDCG@10 on seen (training) and unseen (held-out) queries; mrr/auc: unseen")
         typer.echo(f"plot: {table['plot']}")
 
     @app.command("drift")

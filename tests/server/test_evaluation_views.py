@@ -85,3 +85,28 @@ def test_central_evaluator_views_and_evidence(wands_builder, tmp_path):
     learnt = evaluator({**head, **evidence})
     assert learnt["seen-ndcg@10"] > zs["seen"]["ndcg@10"] + 0.2
     assert learnt["ndcg@10"] == pytest.approx(zs["unseen"]["ndcg@10"])
+
+
+def test_compare_shows_seen_beside_zero_shot(tmp_path):
+    from simulations.compare import compare_runs
+
+    run = tmp_path / "run-a"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"eval-fold": 0, "epsilon": "1.0"}))
+    final = {"round": 2, "ndcg@10": 0.86, "mrr": 0.9, "auc": 0.8, "epsilon_max": 0.9,
+             "seen": {"ndcg@10": 0.8, "mrr": 0.8, "auc": 0.7},
+             "unseen": {"ndcg@10": 0.86, "mrr": 0.9, "auc": 0.8}}
+    (run / "metrics.json").write_text(json.dumps({
+        "rounds": [{**final, "round": 1}, final], "final": final,
+        "baselines": _FakeEvaluate.baselines,
+    }))
+    per_fold = {m: 0.5 for m in ("ndcg@10", "mrr", "auc")}
+    baseline = {name: {f"{m}_per_fold": [v] for m, v in per_fold.items()}
+                for name in ("bm25", "minilm_zero_shot", "central_head")}
+    (tmp_path / "b.json").write_text(json.dumps(baseline))
+    table = compare_runs([run], baseline_json=tmp_path / "b.json", plot_path=tmp_path / "p.png")
+    rows = {r["name"]: r for r in table["rows"]}
+    assert rows["minilm_zero_shot"]["seen"]["ndcg@10"] == 0.72
+    assert rows["run-a"]["seen"]["ndcg@10"] == 0.8
+    assert rows["run-a"]["lift_over_zero_shot_seen"] == pytest.approx(0.08)
+    assert (tmp_path / "p.png").exists()
