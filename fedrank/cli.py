@@ -17,11 +17,13 @@ def _register() -> None:
     from privacy import commands as privacy_commands
     from shared_model import commands as shared_model_commands
     from shared_model import release_commands
+    from simulations import canary_commands
     from simulations import commands as simulations_commands
 
     shared_model_commands.register(app, bench_app)
     release_commands.register(app, bench_app)
     privacy_commands.register(app, bench_app)
+    canary_commands.register(app, bench_app)  # `audit canaries`: needs the audit group
     simulations_commands.register(app, bench_app)
     # Deployment Engine: `certs`, `server` (server/commands.py), `node` (client/commands.py).
     from client import commands as client_commands

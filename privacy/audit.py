@@ -42,7 +42,10 @@ __all__ = [
     "CAVEAT_RDP_UPPER_BOUND",
     "CAVEAT_SECAGG",
     "CAVEAT_SECURE_MODE",
+    "CAVEAT_UNPINNED_KEYS",
+    "THREAT_MODEL",
     "build_audit",
+    "per_user_epsilon",
     "code_version",
     "config_hash",
     "render_html",
@@ -53,8 +56,9 @@ AUDIT_JSON = "audit.json"
 AUDIT_HTML = "audit.html"
 
 CAVEAT_SECURE_MODE = (
-    "Opacus secure_mode is off: PyPI has no torchcsprng, so noise comes from a "
-    "non-cryptographic RNG."
+    "Opacus secure_mode is off (PyPI has no torchcsprng): DP-SGD noise is drawn by torch's "
+    "generator, seeded on the node from the OS CSPRNG afresh per node and round, so it is "
+    "unpredictable from anything public, but the generator itself is not cryptographic."
 )
 CAVEAT_EVALUATION = "ε accounts only for the training clicks; evaluation uses public judgments."
 CAVEAT_RDP_UPPER_BOUND = (
@@ -63,16 +67,23 @@ CAVEAT_RDP_UPPER_BOUND = (
 _PLD_NOTE = " The PLD reference ε in the table is a tighter bound for the same mechanism."
 CAVEAT_SECAGG = (
     "SecAgg+ hides individual updates from the server; the adaptive-clipping bit per client "
-    "is sent in the clear."
+    "is sent in the clear (outside SecAgg+), and the server sees the clipped sum before it "
+    "adds the noise: client-level DP protects the released model, not the sum, from the server."
 )
 CAVEAT_NO_SECAGG = (
     "SecAgg+ is off in this run: the server sees each client's clipped update before adding "
     "noise, so client-level DP protects the released model, not the updates, from the server."
 )
 CAVEAT_CLIENT_LEVEL = (
-    "Client-level ε is accounted with sampling without replacement and the replace-one "
-    "neighbouring relation (Flower's RdpAccountant); it is not directly comparable with an "
-    "add/remove-one ε."
+    "Client-level ε is stated under the sampling and neighbouring relation on each ledger line; "
+    "under fixed-size sampling without replacement and replace-one, replacing a client moves "
+    "the clipped sum by 2C, so it is accounted (and recomputed) with noise multiplier z/2. "
+    "A replace-one ε is not directly comparable with an add/remove-one ε."
+)
+CAVEAT_UNPINNED_KEYS = (
+    "Ledger signatures were checked against the keys published in the run directory, not "
+    "against keys pinned by the auditor (fedrank audit verify RUN_DIR --trusted-keys DIR): "
+    "they show that each ledger has one writer, not who that writer is."
 )
 CAVEAT_TRUNCATION = (
     "The hash chain shows edited, deleted, inserted or reordered ledger lines, but not lines "
@@ -82,6 +93,84 @@ CAVEAT_NON_PRIVATE = "This run is non-private (ε = ∞): no differential-privac
 CAVEAT_REFUSALS = (
     "Refused rounds were not trained: the node (or, for region caps, the server) skipped them "
     "because they would have taken ε past its budget; they cost no privacy."
+)
+
+
+THREAT_MODEL: tuple[tuple[str, str], ...] = (
+    (
+        "The server",
+        "Regional shape: receives each node's head after DP-SGD on the node (per-user "
+        "clipping, Gaussian noise σC on every step), plus only public or DP-protected values: "
+        "steps (a function of the plan and of ceil(n/B)), the node's ε, its release round and "
+        "a name claim; num-examples is the constant 1. What it can learn about one user is "
+        "bounded by that user's node's (ε, δ), whatever model and run config it sends: a run "
+        "config weaker than the node's pinned settings is refused, and a node never passes its "
+        "budget. Device shape: the server adds the noise itself (central DP). With SecAgg+ it "
+        "sees only the sum of the sampled devices' clipped updates, but before noise, plus "
+        "each device's clipped-count bit in the clear; without SecAgg+ it sees every clipped "
+        "update. Against the server, the device shape protects individual updates only "
+        "through SecAgg+, not through DP.",
+    ),
+    (
+        "A node",
+        "Holds its own users' raw clicks (it is trusted with them) and receives the global "
+        "model each round: an aggregate of the other nodes' DP-protected heads, so what it "
+        "learns about another node's users is bounded by that node's ε. It cannot read other "
+        "nodes' ledgers' keys or noise.",
+    ),
+    (
+        "Other nodes and devices",
+        "See the global model (post-processing of DP outputs) and, in the device shape, "
+        "SecAgg+ masked shares, which reveal nothing unless at least the reconstruction "
+        "threshold of its peers collude with the server.",
+    ),
+    (
+        "Someone holding a release",
+        "A release is post-processing of the DP training: it reveals about one user at most "
+        "the per-user ε of this audit (see 'Per-user ε'). Releases are signed by the server's "
+        "Ed25519 key, which proves origin and integrity, not privacy.",
+    ),
+    (
+        "The auditor",
+        "Sees config.json, the nodes' plans and signed ledgers: σ, q = 1/ceil(n/B) (so each "
+        "node's user count to within a batch), steps, clip, δ and ε; no user data and no user "
+        "ids.",
+    ),
+    (
+        "Trusted",
+        "(1) Each node's code and host: noise and Poisson sampling are drawn on the node from "
+        "generators seeded from the OS CSPRNG, fresh per node and round (never from run "
+        "config). (2) Node-pinned privacy settings (ε budget, δ, clip norm, sessions per user, "
+        "privacy shape) in the node's own configuration; the effective budget is "
+        "min(node's, run's). (3) Replies carry only DP-protected or public values. (4) Device "
+        "shape: the server adds the noise; Flower's SecAgg+ hides individual updates from it, "
+        "but the clipped-count bit per device travels outside SecAgg+. (5) Each writer's "
+        "ledger signing key (0600, in a 0700 folder) and, for the audit to identify writers, "
+        "keys pinned out of band. (6) The server's release signing key; nodes install only "
+        "releases verified with its pinned public key. (7) Opacus' RDP accountant on nodes, "
+        "re-checked here with Google's dp_accounting.",
+    ),
+    (
+        "Not defended",
+        "A node misusing its own users' data; a server publishing a wrong model (integrity of "
+        "training); ledger lines cut off the end without an external head hash; timing and "
+        "participation metadata (which nodes take part in which round).",
+    ),
+)
+"""What each party can learn and what is trusted (also README.md, "Threat model")."""
+
+PARTITION_ONE_NODE = (
+    "Every user's clicks live at one node: the regional partition splits the click log by "
+    "region_id (shared_model/partition.py) and the simulator gives each user one home region "
+    "for all of their sessions (shared_model/clicks.py). A user's ε is then their node's, so "
+    "the maximum over nodes bounds every user. A user with data at several nodes (possible in "
+    "a deployment where users move between regions; the ledgers carry no user ids, so the "
+    "audit cannot see it) pays the sum of those nodes' ε and δ (basic composition), at most "
+    "the sum over all nodes, reported beside it."
+)
+PARTITION_DEVICE = (
+    "Device shape: one user is one device (the device partition is by user_id), so the "
+    "server's client-level ε is the per-user ε."
 )
 
 _UNIT_WORDS = {
@@ -220,7 +309,52 @@ def _caveats(report: VerifyReport, config: dict[str, Any], budget: float | None)
         caveats.append(CAVEAT_REFUSALS)
     if report.files:
         caveats.append(CAVEAT_TRUNCATION)
+    if any(k.get("source") == "published" for k in report.keys.values()):
+        caveats.append(CAVEAT_UNPINNED_KEYS)
     return caveats
+
+
+def per_user_epsilon(nodes: Sequence[dict[str, Any]], report: VerifyReport) -> dict[str, Any]:
+    """Per-user ε across nodes, with the partition it assumes (issue 15, item 7).
+
+    Each node's final ε is the larger of its claim and the recomputation. User-level nodes:
+    ``epsilon`` is the maximum over nodes (one node per user, the documented partition);
+    ``sum_over_nodes`` / ``sum_delta`` bound a user with data at every node. Client-level
+    (device shape): the server's ε.
+    """
+    by_node: dict[str, float] = {}
+    deltas: dict[str, float] = {}
+    units: set[str] = set()
+    for node in nodes:
+        values = [
+            float(v)
+            for v in (node["final_epsilon"], node["final_recomputed_epsilon"])
+            if isinstance(v, (int, float))
+        ]
+        if not values:
+            continue
+        by_node[node["node"]] = max(values)
+        delta = node["delta"]
+        deltas[node["node"]] = float(delta) if isinstance(delta, (int, float)) else math.nan
+        units.add(str(node["unit_of_privacy"]))
+    device = units == {"client"}
+    if not by_node:
+        return {"partition": None, "epsilon": None, "statement": "No ε was spent."}
+    worst = max(by_node.values())
+    total = math.fsum(by_node.values())
+    delta_max = max(deltas.values())
+    return {
+        "partition": "device: one user per client" if device else "one node per user",
+        "epsilon": worst,
+        "delta": delta_max,
+        "max_over_nodes": worst,
+        "sum_over_nodes": total,
+        "sum_delta": math.fsum(deltas.values()),
+        "nodes": len(by_node),
+        "per_node": dict(sorted(by_node.items())),
+        "statement": PARTITION_DEVICE if device else PARTITION_ONE_NODE,
+        "verified": report.ok,
+    }
 
 
 def build_audit(run_dir: Path | str, *, report: VerifyReport | None = None) -> dict[str, Any]:
@@ -239,7 +373,8 @@ def build_audit(run_dir: Path | str, *, report: VerifyReport | None = None) -> d
         Keys ``run_dir``, ``generated_at``, ``code_version``, ``config``, ``config_hash``,
         ``privacy_shape``, ``budget_epsilon``, ``delta``, ``units_of_privacy`` (unit ->
         neighbouring relation in words), ``nodes`` (DP parameters and ε per round, per node),
-        ``metrics`` (per round), ``verify`` (:meth:`VerifyReport.to_dict`) and ``caveats``.
+        ``metrics`` (per round), ``per_user_epsilon`` (:func:`per_user_epsilon`), ``verify``
+        (:meth:`VerifyReport.to_dict`), ``threat_model`` and ``caveats``.
         Non-finite floats are the strings ``"inf"``/``"-inf"``/``"nan"``.
     """
     run_path = Path(run_dir)
@@ -274,7 +409,9 @@ def build_audit(run_dir: Path | str, *, report: VerifyReport | None = None) -> d
             "rounds": _metrics_rounds(metrics),
             "final": metrics.get("final") if isinstance(metrics, dict) else None,
         },
+        "per_user_epsilon": per_user_epsilon(nodes, report),
         "verify": report.to_dict(),
+        "threat_model": [{"party": who, "text": text} for who, text in THREAT_MODEL],
         "caveats": _caveats(report, config, budget),
     }
     return to_jsonable(audit)
@@ -413,14 +550,30 @@ def render_html(audit: dict[str, Any]) -> str:
     parts += [
         "<h2>Verification</h2>",
         f'<p class="{verdict}">{_esc(verify["summary"])}</p>',
-        '<p class="muted">Hash chains re-walked; every claimed ε recomputed from the ledger '
-        "parameters with Google's dp_accounting (not the accountant used in training); a "
-        f"claim more than {verify['tolerance']:.0%} below the recomputation fails.</p>",
+        '<p class="muted">Hash chains re-walked; every line\'s Ed25519 signature checked '
+        "against its writer's key; every line cross-checked against config.json and the "
+        "node's privacy plan (σ, clip, δ, q = 1/k and steps = local-epochs × k, budget, "
+        "rounds); every claimed ε recomputed from the ledger parameters with Google's "
+        "dp_accounting (not the accountant used in training); a claim more than "
+        f"{verify['tolerance']:.0%} below the recomputation fails.</p>",
     ]
     if verify["problems"]:
         parts.append("<ul>")
         parts += [f"<li><code>{_esc(p['text'])}</code></li>" for p in verify["problems"]]
         parts.append("</ul>")
+    keys = verify.get("keys") or {}
+    if keys:
+        parts.append("<table><tr><th>ledger</th><th>writer</th><th>key id</th><th>key</th></tr>")
+        for file, key in keys.items():
+            key_id = key.get("key_id")
+            parts.append(
+                f"<tr><td><code>{_esc(file)}</code></td><td>{_esc(key.get('writer'))}</td>"
+                f"<td><code>{_esc(key_id[:16] + '…' if key_id else '–')}</code></td>"
+                f"<td>{_esc(key.get('source'))}</td></tr>"
+            )
+        parts.append("</table>")
+    for note in verify.get("notes") or []:
+        parts.append(f'<p class="muted">{_esc(note)}</p>')
 
     parts.append("<h2>Unit of privacy and neighbouring relation</h2><ul>")
     parts += [
@@ -462,6 +615,24 @@ def render_html(audit: dict[str, Any]) -> str:
         )
     parts.append("</table>")
 
+    per_user = audit.get("per_user_epsilon") or {}
+    parts.append('<h2 id="per-user-epsilon">Per-user ε</h2>')
+    if per_user.get("epsilon") is None:
+        parts.append(f'<p class="muted">{_esc(per_user.get("statement", "–"))}</p>')
+    else:
+        parts += [
+            "<table>",
+            f"<tr><th>partition</th><td>{_esc(per_user['partition'])}</td></tr>",
+            f"<tr><th>per-user ε (this partition)</th><td>{_eps(per_user['epsilon'])} "
+            f"at δ = {_num(per_user['delta'])}</td></tr>",
+            f"<tr><th>max over nodes</th><td>{_eps(per_user['max_over_nodes'])}</td></tr>",
+            f"<tr><th>sum over nodes (a user at every node)</th>"
+            f"<td>{_eps(per_user['sum_over_nodes'])} at δ = {_num(per_user['sum_delta'])}"
+            "</td></tr>",
+            "</table>",
+            f"<p>{_esc(per_user['statement'])}</p>",
+        ]
+
     parts.append(
         "<h2>ε per round</h2><table><tr><th>node</th><th>round</th>"
         "<th>ε claimed</th><th>ε recomputed</th></tr>"
@@ -487,6 +658,11 @@ def render_html(audit: dict[str, Any]) -> str:
         parts.append("</tr><tr>")
         parts += [f"<td>{_num(v)}</td>" for v in final.values()]
         parts.append("</tr></table>")
+
+    parts.append('<h2 id="threat-model">Threat model</h2><dl>')
+    for item in audit.get("threat_model") or []:
+        parts.append(f"<dt><b>{_esc(item['party'])}</b></dt><dd>{_esc(item['text'])}</dd>")
+    parts.append("</dl>")
 
     parts.append("<h2>Caveats</h2><ul>")
     parts += [f"<li>{_esc(c)}</li>" for c in audit["caveats"]]

@@ -21,6 +21,16 @@ number". The p-value increases with ε (a larger ε makes ``v`` correct guesses 
 surprising); the search bisects on that monotone function. With ``v <= r / 2``
 correct guesses the bound is 0.
 
+The guesser may abstain on any canary and may choose how many guesses to make from the scores
+(the theorem conditions on the guess vector), but never from the coins: choosing ``k`` or a
+threshold by how many guesses turned out right would void the bound.
+
+**Positive control and verdict** (:func:`audit_result`). A bound below the claim says nothing
+unless the same audit can exceed the claim when the mechanism is broken; the audit driver
+therefore repeats itself with σ = 0 and the verdict is ``"fail"`` when the audited bound
+exceeds the claimed ε, ``"pass"`` when it does not and the control's bound does, and
+``"inconclusive"`` otherwise (always for a non-private claim, ε = inf: nothing to refute).
+
 All functions are keyword-only and pure (numpy/scipy only).
 """
 
@@ -34,15 +44,21 @@ import numpy as np
 from scipy import stats
 
 __all__ = [
+    "AUDIT_RESULTS",
     "DEFAULT_CONFIDENCE",
     "AuditGuesses",
+    "audit_result",
     "epsilon_lower_bound",
+    "guess_above_threshold",
     "guess_from_scores",
     "p_value",
 ]
 
 DEFAULT_CONFIDENCE = 0.95
 """Confidence of the reported lower bound (p-value threshold 0.05)."""
+
+AUDIT_RESULTS = ("pass", "fail", "inconclusive")
+"""Verdicts of :func:`audit_result`."""
 
 _MAX_EPSILON = 60.0  # e^60/(1+e^60) == 1.0 in float64: no larger ε is distinguishable
 _BISECTION_STEPS = 60
@@ -193,14 +209,89 @@ def guess_from_scores(
         raise ValueError("scores must be finite")
     m = int(scores.shape[0])
     if k_plus < 0 or k_minus < 0 or k_plus + k_minus > m:
-        raise ValueError(f"need k_plus, k_minus >= 0 and k_plus + k_minus <= m={m}, "
-                         f"got k_plus={k_plus}, k_minus={k_minus}")
+        raise ValueError(
+            f"need k_plus, k_minus >= 0 and k_plus + k_minus <= m={m}, "
+            f"got k_plus={k_plus}, k_minus={k_minus}"
+        )
     order = np.argsort(-scores, kind="stable")  # highest first
     top = order[:k_plus]
     bottom = order[m - k_minus :] if k_minus else order[:0]
     correct_in = int(included[top].sum())
     correct_out = int((~included[bottom]).sum())
     return AuditGuesses(
-        m=m, k_plus=int(k_plus), k_minus=int(k_minus), guesses=int(k_plus + k_minus),
-        correct=correct_in + correct_out, correct_in=correct_in, correct_out=correct_out,
+        m=m,
+        k_plus=int(k_plus),
+        k_minus=int(k_minus),
+        guesses=int(k_plus + k_minus),
+        correct=correct_in + correct_out,
+        correct_in=correct_in,
+        correct_out=correct_out,
     )
+
+
+def guess_above_threshold(
+    *, scores: np.ndarray, included: np.ndarray, threshold: float
+) -> AuditGuesses:
+    """Guess "in" for every canary whose score exceeds ``threshold``; abstain on the rest.
+
+    Parameters
+    ----------
+    scores : array [m]
+        The auditor's membership score per canary (higher = more likely in).
+    included : bool array [m]
+        The secret coin flips (used only to count correct guesses).
+    threshold : float
+        Fixed before the scores are seen (it must not depend on the coins).
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    included = np.asarray(included, dtype=bool)
+    if scores.ndim != 1 or scores.shape != included.shape:
+        raise ValueError(
+            f"scores and included must be 1-d of equal length, got {scores.shape} and "
+            f"{included.shape}"
+        )
+    if not np.all(np.isfinite(scores)) or not math.isfinite(threshold):
+        raise ValueError("scores and threshold must be finite")
+    chosen = scores > threshold
+    correct_in = int(included[chosen].sum())
+    k_plus = int(chosen.sum())
+    return AuditGuesses(
+        m=int(scores.shape[0]),
+        k_plus=k_plus,
+        k_minus=0,
+        guesses=k_plus,
+        correct=correct_in,
+        correct_in=correct_in,
+        correct_out=0,
+    )
+
+
+def audit_result(
+    *,
+    claimed_epsilon: float,
+    epsilon_lower_bound: float,
+    positive_control_epsilon_lower_bound: float,
+) -> str:
+    """The audit's verdict: ``"fail"``, ``"pass"`` or ``"inconclusive"`` (module docstring).
+
+    Parameters
+    ----------
+    claimed_epsilon : float
+        The ε the audited run claims (``math.inf`` for a non-private run).
+    epsilon_lower_bound : float
+        The audited run's empirical lower bound.
+    positive_control_epsilon_lower_bound : float
+        The same audit's bound with σ = 0.
+    """
+    for name, value in (
+        ("claimed_epsilon", claimed_epsilon),
+        ("epsilon_lower_bound", epsilon_lower_bound),
+        ("positive_control_epsilon_lower_bound", positive_control_epsilon_lower_bound),
+    ):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+    if epsilon_lower_bound > claimed_epsilon:
+        return "fail"
+    if positive_control_epsilon_lower_bound > claimed_epsilon:
+        return "pass"
+    return "inconclusive"

@@ -2,9 +2,12 @@
 
 ``fedrank audit RUN_DIR``
     Write ``RUN_DIR/audit.html`` and ``RUN_DIR/audit.json`` (same as ``fedrank audit report``).
-``fedrank audit verify RUN_DIR``
-    Re-walk the ledgers' hash chains and recompute every claimed ε; print each problem as
-    ``file:line: problem`` and a summary; exit 1 on any problem.
+``fedrank audit verify RUN_DIR [--trusted-keys DIR] [--allow-unsigned] [--plans DIR]``
+    Re-walk the ledgers' hash chains, check every line's signature (against the writers' keys
+    pinned in DIR, ``<writer>.pub``, else the keys published in ``RUN_DIR/ledger/keys``),
+    cross-check every line against ``config.json`` and the node's privacy plan, and recompute
+    every claimed ε; print each problem as ``file:line: problem`` and a summary; exit 1 on any
+    problem. Unsigned lines fail unless ``--allow-unsigned``.
 
 ``audit`` is a group whose first token is either a subcommand name or a run directory. Click
 cannot express that with a group callback taking an optional RUN_DIR argument (the group binds
@@ -24,7 +27,7 @@ import click
 import typer
 from typer.core import TyperGroup
 
-__all__ = ["AuditGroup", "register"]
+__all__ = ["AuditGroup", "audit_app_of", "register"]
 
 DEFAULT_SUBCOMMAND = "report"
 
@@ -59,6 +62,18 @@ def _fmt_eps(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
+def audit_app_of(app: typer.Typer) -> typer.Typer:
+    """The ``audit`` group :func:`register` attached to ``app``.
+
+    Other packages add their audit subcommands to it (``fedrank audit canaries`` lives in
+    ``simulations``: it trains, and ``privacy`` never imports ``simulations``).
+    """
+    for group in app.registered_groups:
+        if group.name == "audit" and group.typer_instance is not None:
+            return group.typer_instance
+    raise LookupError("the `audit` group is not registered yet (call privacy.commands.register)")
+
+
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     """Attach ``fedrank audit`` (``audit RUN_DIR``, ``audit report``, ``audit verify``)."""
     del bench_app  # no benchmarks here
@@ -72,19 +87,43 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     )
     app.add_typer(audit_app, name="audit")
 
+    trusted_keys_option = typer.Option(
+        None,
+        "--trusted-keys",
+        help="Folder of pinned writer keys (<writer>.pub, PEM) to check signatures against "
+        "(default: the keys published in RUN_DIR/ledger/keys, which are not pinned).",
+    )
+    allow_unsigned_option = typer.Option(
+        False, "--allow-unsigned", help="Do not fail unsigned ledger lines (legacy runs)."
+    )
+    plans_option = typer.Option(
+        None,
+        "--plans",
+        help="Folder holding each node's <node>/privacy_plan.json (default: RUN_DIR/nodes; "
+        "deployment: a copy of the nodes' state folders).",
+    )
+
     @audit_app.command(DEFAULT_SUBCOMMAND)
     def audit_report(
         run_dir: Path = typer.Argument(..., help="Run directory (config.json, ledger/, ...)."),
         strict: bool = typer.Option(
             False, "--strict", help="Exit 1 if the verification fails (files are still written)."
         ),
+        trusted_keys: Path | None = trusted_keys_option,
+        allow_unsigned: bool = allow_unsigned_option,
+        plans: Path | None = plans_option,
     ) -> None:
         """Write RUN_DIR/audit.html and RUN_DIR/audit.json (also: `fedrank audit RUN_DIR`)."""
         from privacy.audit import write_audit
         from privacy.verify import verify_run
 
         run_dir = _run_dir_or_exit(run_dir)
-        report = verify_run(run_dir)
+        report = verify_run(
+            run_dir,
+            trusted_keys=trusted_keys,
+            require_signatures=not allow_unsigned,
+            plans_dir=plans,
+        )
         html_path, json_path = write_audit(run_dir, report=report)
         typer.echo(f"wrote {html_path}")
         typer.echo(f"wrote {json_path}")
@@ -101,12 +140,24 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         pld: bool = typer.Option(
             True, "--pld/--no-pld", help="Also compute each node's PLD ε (reference only)."
         ),
+        trusted_keys: Path | None = trusted_keys_option,
+        allow_unsigned: bool = allow_unsigned_option,
+        plans: Path | None = plans_option,
     ) -> None:
-        """Re-walk every ledger's hash chain and recompute every claimed ε; exit 1 on failure."""
+        """Check chains, signatures, config/plan consistency and every ε; exit 1 on failure."""
         from privacy.verify import verify_run
 
         run_dir = _run_dir_or_exit(run_dir)
-        report = verify_run(run_dir, pld_reference=pld)
+        if trusted_keys is not None and not trusted_keys.is_dir():
+            typer.echo(f"error: --trusted-keys folder not found: {trusted_keys}", err=True)
+            raise typer.Exit(code=2)
+        report = verify_run(
+            run_dir,
+            pld_reference=pld,
+            trusted_keys=trusted_keys,
+            require_signatures=not allow_unsigned,
+            plans_dir=plans,
+        )
         if as_json:
             typer.echo(json.dumps(report.to_dict(), indent=1, allow_nan=False))
         else:
@@ -123,44 +174,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                 )
             for problem in report.problems:
                 typer.echo(str(problem))
+            for note in report.notes:
+                typer.echo(f"note: {note}")
             typer.echo(report.summary())
         if not report.ok:
             raise typer.Exit(code=1)
-
-    @audit_app.command("canaries")
-    def audit_canaries(
-        scenario: str = typer.Argument(..., help="Scenario name (regional-5, ...)."),
-        epsilon: str = typer.Option(..., "--epsilon", help="Claimed per-node ε, or 'inf'."),
-        canaries: int = typer.Option(200, "--canaries", help="Canary users m."),
-        rounds: int | None = typer.Option(None, "--rounds", help="Rounds (default: scenario)."),
-        seed: int = typer.Option(0, "--seed", help="Seeds coins, canaries and training."),
-        as_json: Path | None = typer.Option(None, "--json", help="Write the result as JSON."),
-    ) -> None:
-        """One-run canary audit (Steinke et al. 2023): empirical 95% lower bound on ε."""
-        from simulations.canaries import node_groups, run_canary_audit
-        from simulations.scenarios import get_scenario
-
-        try:
-            chosen = get_scenario(scenario)
-            eps = float(epsilon)
-        except (KeyError, ValueError) as exc:
-            typer.echo(f"error: {exc.args[0]}", err=True)
-            raise typer.Exit(2) from None
-        cfg = chosen.run_config
-        result = run_canary_audit(
-            real=node_groups(scenario, seed=seed), epsilon=eps,
-            delta=float(cfg.get("delta", 1e-5)), rounds=rounds or chosen.rounds,
-            canaries=canaries, learning_rate=float(cfg.get("learning-rate", 0.5)),
-            batch_size=int(cfg.get("batch-size", 256)), clip_norm=float(cfg.get("clip-norm", 1.0)),
-            seed=seed, scenario=scenario,
-        )
-        typer.echo(
-            f"{scenario}: claimed ε {epsilon}, empirical lower bound "
-            f"{result.epsilon_lower_bound:.3f} ({result.confidence:.0%}); canaries "
-            f"{result.canaries} ({result.canaries_in} in), guesses {result.guesses}, correct "
-            f"{result.correct}; σ {result.noise_multiplier:.3f}, {result.rounds} rounds, "
-            f"{result.wall_seconds:.0f}s"
-        )
-        if as_json is not None:
-            as_json.write_text(json.dumps(result.to_dict(), indent=1))
-            typer.echo(f"wrote {as_json}")

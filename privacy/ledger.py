@@ -19,6 +19,26 @@ Editing a line breaks its ``hash``; deleting, inserting or swapping lines breaks
 hash (:attr:`Ledger.head_hash`) elsewhere and pass it as ``expected_head_hash`` to
 :func:`verify_chain`.
 
+Signed lines
+------------
+A hash chain has no key: anyone can rebuild a valid one. A ledger opened with a
+:class:`LedgerSigner` (``Ledger(path, signer=node_signer(state_dir))``) also writes, on every
+line:
+
+``key_id``
+    :func:`key_fingerprint` of the writer's Ed25519 public key (covered by ``hash``).
+``signature``
+    base64 Ed25519 signature of the canonical JSON of the record without ``signature``
+    (so it covers ``hash``, ``prev_hash`` and ``key_id``). ``hash`` never covers it.
+
+and publishes the public key beside the ledger as ``keys/<ledger stem>.pub`` (PEM; an existing
+different key there is an error: one ledger, one writer). :func:`verify_signatures` checks the
+lines against a public key, preferably one the auditor pinned out of band
+(``fedrank audit verify RUN_DIR --trusted-keys DIR``): a key published in the run directory
+proves only that the lines were written by whoever holds it. The private key lives in its own
+0700 folder, created 0600 with ``O_EXCL`` and permission-checked whenever it is reused
+(:meth:`LedgerSigner.load_or_create`; :func:`node_signer`, :func:`server_signer`).
+
 Non-finite floats
 -----------------
 JSON has no infinity. Every non-finite float in an event (e.g. ``epsilon_after`` of a
@@ -31,6 +51,7 @@ processes can append to one ledger without forking the chain. Nothing is ever re
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import datetime as _dt
 import fcntl
@@ -38,7 +59,9 @@ import hashlib
 import json
 import math
 import os
+import stat
 import threading
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +69,7 @@ from typing import Any, BinaryIO
 
 __all__ = [
     "GENESIS_HASH",
+    "KEYS_DIR",
     "MECHANISMS",
     "NEIGHBOURINGS",
     "RESERVED_FIELDS",
@@ -55,10 +79,18 @@ __all__ = [
     "Ledger",
     "LedgerError",
     "LedgerEvent",
+    "LedgerKeyError",
+    "LedgerSigner",
     "canonical_json",
+    "key_fingerprint",
+    "load_public_key",
+    "node_signer",
+    "published_key_path",
     "read_ledger",
     "record_hash",
+    "server_signer",
     "verify_chain",
+    "verify_signatures",
 ]
 
 GENESIS_HASH = "0" * 64
@@ -76,8 +108,13 @@ SAMPLINGS = ("poisson", "without-replacement")
 NEIGHBOURINGS = ("add-remove", "replace-one")
 """Allowed values of :attr:`LedgerEvent.neighbouring`."""
 
-RESERVED_FIELDS = ("seq", "prev_hash", "hash", "timestamp")
+RESERVED_FIELDS = ("seq", "prev_hash", "hash", "timestamp", "key_id", "signature")
 """Fields the ledger adds; an event may not carry them."""
+
+KEYS_DIR = "keys"
+"""Folder beside a ledger where its writer's public key is published (``<stem>.pub``)."""
+
+_UNSIGNED_FIELDS = ("hash", "signature")
 
 _NONFINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
 _FLOAT_FIELDS = (
@@ -91,6 +128,10 @@ _FLOAT_FIELDS = (
 
 class LedgerError(RuntimeError):
     """The ledger file cannot be continued (its last line is unreadable)."""
+
+
+class LedgerKeyError(RuntimeError):
+    """A ledger signing key cannot be created, read or trusted (path and reason named)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -134,7 +175,7 @@ def _sha256(text: str) -> str:
 
 
 def record_hash(record: Mapping[str, Any]) -> str:
-    """sha256 hex of the canonical JSON of ``record`` without its ``hash`` field.
+    """sha256 hex of the canonical JSON of ``record`` without its ``hash`` and ``signature``.
 
     Parameters
     ----------
@@ -146,7 +187,7 @@ def record_hash(record: Mapping[str, Any]) -> str:
     str
         64 hex characters.
     """
-    return _sha256(canonical_json({k: v for k, v in record.items() if k != "hash"}))
+    return _sha256(canonical_json({k: v for k, v in record.items() if k not in _UNSIGNED_FIELDS}))
 
 
 def _link_hash(record: Mapping[str, Any]) -> str:
@@ -294,6 +335,236 @@ class ChainProblem:
 
 
 # --------------------------------------------------------------------------------------------
+# signing keys
+# --------------------------------------------------------------------------------------------
+def key_fingerprint(public_key: Any) -> str:
+    """sha256 hex of an Ed25519 public key's 32 raw bytes (the ``key_id`` on signed lines)."""
+    from cryptography.hazmat.primitives import serialization
+
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()
+
+
+def _public_pem(public_key: Any) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return bytes(
+        public_key.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+
+
+def load_public_key(path: Path) -> Any:
+    """An Ed25519 public key from a PEM file.
+
+    Raises
+    ------
+    LedgerKeyError
+        If the file is missing, not PEM or not an Ed25519 public key (path named).
+    """
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    path = Path(path)
+    try:
+        key = serialization.load_pem_public_key(path.read_bytes())
+    except FileNotFoundError:
+        raise LedgerKeyError(f"{path}: public key not found") from None
+    except (OSError, ValueError) as exc:
+        raise LedgerKeyError(f"{path}: not a PEM public key ({exc})") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise LedgerKeyError(f"{path}: expected an Ed25519 public key, got {type(key).__name__}")
+    return key
+
+
+def published_key_path(ledger_path: Path) -> Path:
+    """Where the writer of ``ledger_path`` publishes its public key: ``keys/<stem>.pub``."""
+    ledger_path = Path(ledger_path)
+    return ledger_path.parent / KEYS_DIR / f"{ledger_path.stem}.pub"
+
+
+def _check_private(path: Path, st: os.stat_result, what: str) -> None:
+    """Owned by us and closed to group and others, else :class:`LedgerKeyError`."""
+    if hasattr(os, "geteuid") and st.st_uid != os.geteuid():
+        raise LedgerKeyError(
+            f"{path}: {what} is owned by uid {st.st_uid}, not by this process (uid "
+            f"{os.geteuid()}); refusing to use it"
+        )
+    if st.st_mode & 0o077:
+        raise LedgerKeyError(
+            f"{path}: {what} has mode {stat.S_IMODE(st.st_mode):04o}; it must not be "
+            "readable or writable by group or others (0700 folder, 0600 key)"
+        )
+
+
+class LedgerSigner:
+    """The Ed25519 key that signs a writer's ledger lines.
+
+    Parameters
+    ----------
+    private_key : Ed25519PrivateKey
+        The signing key (``cryptography``).
+    path : pathlib.Path, optional
+        The key file it was read from (for messages).
+    """
+
+    def __init__(self, private_key: Any, *, path: Path | None = None) -> None:
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        if not isinstance(private_key, Ed25519PrivateKey):
+            raise LedgerKeyError(
+                f"ledger lines are signed with Ed25519, got {type(private_key).__name__}"
+            )
+        self._key = private_key
+        self.path = path
+        self.public_key = private_key.public_key()
+        self.key_id = key_fingerprint(self.public_key)
+
+    @classmethod
+    def generate(cls) -> LedgerSigner:
+        """A fresh in-memory key (tests; production keys live in a file)."""
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        return cls(Ed25519PrivateKey.generate())
+
+    @classmethod
+    def load_or_create(cls, key_path: Path) -> LedgerSigner:
+        """The key at ``key_path``, created on first use.
+
+        The folder is created 0700; the key (PKCS#8 PEM) is written to a temporary file opened
+        with ``O_CREAT | O_EXCL`` mode 0600 and hard-linked into place, so concurrent first
+        uses agree on one key and an existing key is never overwritten. A reused key and its
+        folder must be owned by this user and closed to group and others; the key file must be
+        a regular file (not a symlink).
+
+        Raises
+        ------
+        LedgerKeyError
+            On loose permissions, a foreign owner, a symlink or an unreadable key.
+        """
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        key_path = Path(key_path)
+        folder = key_path.parent
+        try:
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            folder_stat = os.stat(folder)
+        except OSError as exc:
+            raise LedgerKeyError(f"{folder}: cannot create the key folder ({exc})") from None
+        _check_private(folder, folder_stat, "the key folder")
+        if not os.path.lexists(key_path):
+            key = Ed25519PrivateKey.generate()
+            pem = key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+            tmp = folder / f".{key_path.name}.{uuid.uuid4().hex}.tmp"
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+            fd = os.open(tmp, flags, 0o600)
+            try:
+                with os.fdopen(fd, "wb") as handle:
+                    handle.write(pem)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                try:
+                    os.link(tmp, key_path)  # atomic; fails if another process won the race
+                except FileExistsError:
+                    pass
+                else:
+                    fsync_dir(folder)
+            finally:
+                tmp.unlink(missing_ok=True)
+        return cls._load(key_path)
+
+    @classmethod
+    def _load(cls, key_path: Path) -> LedgerSigner:
+        from cryptography.hazmat.primitives import serialization
+
+        try:
+            fd = os.open(key_path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError as exc:
+            raise LedgerKeyError(f"{key_path}: cannot open the ledger key ({exc})") from None
+        with os.fdopen(fd, "rb") as handle:
+            st = os.fstat(handle.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise LedgerKeyError(f"{key_path}: the ledger key is not a regular file")
+            _check_private(key_path, st, "the ledger key")
+            data = handle.read()
+        try:
+            key = serialization.load_pem_private_key(data, password=None)
+        except (ValueError, TypeError) as exc:
+            raise LedgerKeyError(
+                f"{key_path}: not an unencrypted PEM private key ({type(exc).__name__})"
+            ) from None
+        return cls(key, path=key_path)
+
+    def sign(self, message: bytes) -> str:
+        """base64 Ed25519 signature of ``message``."""
+        return base64.b64encode(self._key.sign(message)).decode("ascii")
+
+    def public_pem(self) -> bytes:
+        """The public key as SubjectPublicKeyInfo PEM."""
+        return _public_pem(self.public_key)
+
+    def publish(self, path: Path) -> Path:
+        """Write the public key to ``path`` (0644), or check the one already there.
+
+        Raises
+        ------
+        LedgerKeyError
+            If ``path`` holds a different key (one ledger has one writer).
+        """
+        path = Path(path)
+        pem = self.public_pem()
+        if path.exists():
+            if key_fingerprint(load_public_key(path)) != self.key_id:
+                raise LedgerKeyError(
+                    f"{path} holds another writer's key (key_id "
+                    f"{key_fingerprint(load_public_key(path))[:16]}…, this key "
+                    f"{self.key_id[:16]}…): refusing to sign into a ledger another key writes"
+                )
+            return path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        tmp.write_bytes(pem)
+        os.chmod(tmp, 0o644)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            tmp.unlink(missing_ok=True)
+            return self.publish(path)  # lost a race: check the winner's key
+        tmp.unlink(missing_ok=True)
+        fsync_dir(path.parent)
+        return path
+
+
+NODE_KEY_FILE = Path("ledger-key") / "ed25519.pem"
+"""A node's ledger key, relative to its state folder (see :func:`node_signer`)."""
+SERVER_KEY_FILE = "ledger-ed25519.pem"
+"""The server's ledger key file inside its key folder (see :func:`server_signer`)."""
+
+
+def node_signer(state_dir: Path) -> LedgerSigner:
+    """A node's ledger signer: ``STATE_DIR/ledger-key/ed25519.pem`` (0700 folder, 0600 key).
+
+    Use as ``Ledger(node.ledger_dir / f"{node.name}.jsonl", signer=node_signer(node.state_dir))``.
+    """
+    return LedgerSigner.load_or_create(Path(state_dir) / NODE_KEY_FILE)
+
+
+def server_signer(key_dir: Path) -> LedgerSigner:
+    """The server's ledger signer: ``KEY_DIR/ledger-ed25519.pem``.
+
+    ``key_dir`` must be (or become) a folder of its own, 0700, e.g. the server's state
+    folder; use as ``Ledger(run_dir / "ledger" / "server.jsonl", signer=server_signer(d))``.
+    """
+    return LedgerSigner.load_or_create(Path(key_dir) / SERVER_KEY_FILE)
+
+
+# --------------------------------------------------------------------------------------------
 # the ledger
 # --------------------------------------------------------------------------------------------
 def _read_last_line(handle: BinaryIO) -> bytes | None:
@@ -327,17 +598,26 @@ class Ledger:
     ----------
     path : pathlib.Path
         The ledger file (created with its parent folder on first append).
+    signer : LedgerSigner, optional
+        Signs every appended line (``key_id``, ``signature``) and publishes its public key as
+        :func:`published_key_path`. Without one, lines are unsigned (``fedrank audit verify``
+        fails them unless told ``--allow-unsigned``).
 
     Raises
     ------
     LedgerError
         If the existing file's last line is not a valid record (the chain cannot be continued).
+    LedgerKeyError
+        If another key is already published for this ledger.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, signer: LedgerSigner | None = None) -> None:
         self._path = Path(path)
         self._lock = threading.Lock()
         self._head: dict[str, Any] | None = None
+        self._signer = signer
+        if signer is not None:
+            signer.publish(published_key_path(self._path))
         if self._path.exists():
             with open(self._path, "rb") as handle:
                 self._head = self._parse_tail(_read_last_line(handle))
@@ -346,6 +626,11 @@ class Ledger:
     def path(self) -> Path:
         """The ledger file."""
         return self._path
+
+    @property
+    def signer(self) -> LedgerSigner | None:
+        """The key signing appended lines (``None``: unsigned)."""
+        return self._signer
 
     @property
     def head_hash(self) -> str:
@@ -419,7 +704,13 @@ class Ledger:
                     record["timestamp"] = _dt.datetime.now(_dt.UTC).isoformat(
                         timespec="microseconds"
                     )
+                    if self._signer is not None:
+                        record["key_id"] = self._signer.key_id
                     record["hash"] = record_hash(record)
+                    if self._signer is not None:
+                        record["signature"] = self._signer.sign(
+                            canonical_json(record).encode("utf-8")
+                        )
                     line = canonical_json(record) + "\n"
                     handle.seek(0, os.SEEK_END)
                     handle.write(line.encode("utf-8"))
@@ -586,3 +877,92 @@ def verify_chain(path: Path, *, expected_head_hash: str | None = None) -> list[C
                 )
             )
     return sorted(problems, key=lambda p: p.line)
+
+
+def verify_signatures(
+    path: Path, public_key: Any | None, *, require_signed: bool = True, key_source: str = ""
+) -> list[ChainProblem]:
+    """Check every line's Ed25519 signature against the writer's public key.
+
+    Parameters
+    ----------
+    path : pathlib.Path
+        The ledger file.
+    public_key : Ed25519PublicKey or None
+        The key the writer signs with (pinned by the auditor, or published beside the ledger).
+        ``None``: no key is known, so every signed line is a problem.
+    require_signed : bool
+        Whether a line without ``signature``/``key_id`` is a problem (default: yes).
+    key_source : str
+        Where the key came from, for messages.
+
+    Returns
+    -------
+    list of ChainProblem
+        One per unsigned line (when required), line signed by another key, or bad signature.
+        Unparseable lines are left to :func:`verify_chain`.
+    """
+    from cryptography.exceptions import InvalidSignature
+
+    file = str(path)
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        return [ChainProblem(file, 0, f"cannot read ledger: {exc}")]
+    expected_id = None if public_key is None else key_fingerprint(public_key)
+    where = f" ({key_source})" if key_source else ""
+    problems: list[ChainProblem] = []
+    for number, raw_line in enumerate(raw.split(b"\n"), start=1):
+        if not raw_line.strip():
+            continue
+        try:
+            record = json.loads(raw_line.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            continue
+        if not isinstance(record, dict):
+            continue
+        signature, key_id = record.get("signature"), record.get("key_id")
+        if signature is None and key_id is None:
+            if require_signed:
+                problems.append(
+                    ChainProblem(
+                        file, number, "unsigned line: no signature/key_id (anyone can write it)"
+                    )
+                )
+            continue
+        if not isinstance(signature, str) or not isinstance(key_id, str):
+            problems.append(ChainProblem(file, number, "malformed signature or key_id"))
+            continue
+        if expected_id is None or public_key is None:
+            problems.append(
+                ChainProblem(
+                    file,
+                    number,
+                    f"signed by key {key_id[:16]}… but no public key is known for this "
+                    f"writer{where}",
+                )
+            )
+            continue
+        if key_id != expected_id:
+            problems.append(
+                ChainProblem(
+                    file,
+                    number,
+                    f"signed by key {key_id[:16]}…, not by the writer's key "
+                    f"{expected_id[:16]}…{where}",
+                )
+            )
+            continue
+        message = canonical_json({k: v for k, v in record.items() if k != "signature"})
+        try:
+            public_key.verify(base64.b64decode(signature, validate=True), message.encode("utf-8"))
+        except (InvalidSignature, ValueError):
+            problems.append(
+                ChainProblem(
+                    file,
+                    number,
+                    f"bad signature: the line was not signed by key {key_id[:16]}…{where} "
+                    "(edited or forged)",
+                )
+            )
+    return problems

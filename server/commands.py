@@ -23,13 +23,31 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:  # noqa: ARG001
             ["127.0.0.1", "localhost"], "--san", help="Server name/IP (repeat)."
         ),
         nodes: int = typer.Option(3, "--nodes", help="Node key pairs to create."),
+        ca_key: Path | None = typer.Option(
+            None, "--ca-key",
+            help="Where the CA private key is written/read (default DIR/ca.key). Point it at "
+                 "offline media: it is only needed to issue a new server certificate."),
     ) -> None:
         """A development CA, a server certificate and per-node ECDSA P-384 keys."""
         from server.deploy import init_certs
+        from shared_model.release import KeyPermissionError
 
-        bundle = init_certs(directory, sans=san, nodes=nodes)
+        try:
+            bundle = init_certs(directory, sans=san, nodes=nodes, ca_key_path=ca_key)
+        except (KeyPermissionError, FileNotFoundError, FileExistsError) as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
         typer.echo(f"CA certificate      {bundle.ca_cert}   (give to every node: --ca)")
-        typer.echo(f"server certificate  {bundle.server_cert}  SANs: {', '.join(san)}")
+        if bundle.ca_key is not None:
+            typer.echo(f"CA key              {bundle.ca_key}   (keep offline; only needed to "
+                       "issue a new server certificate)")
+        kept = " (kept: existing certificate)" if bundle.kept_server_cert else ""
+        typer.echo(f"server certificate  {bundle.server_cert}  SANs: {', '.join(bundle.sans)}"
+                   f"{kept}")
+        if bundle.missing_sans:
+            typer.echo(f"warning: the existing server certificate does not carry "
+                       f"{', '.join(bundle.missing_sans)}; delete {bundle.server_cert} and "
+                       f"{bundle.server_key} and re-run to issue one that does", err=True)
         typer.echo(f"server key          {bundle.server_key}")
         for name, (private, public) in bundle.node_keys.items():
             typer.echo(f"{name:<19} {private} (node: --key)  {public} (register on the server)")
@@ -49,6 +67,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:  # noqa: ARG001
 
         try:
             cfg = ServerConfig.load(config)
+            cfg.check()
         except (OSError, ValueError) as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None

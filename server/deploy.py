@@ -54,22 +54,40 @@ SERVER_KEY = "server.key"
 
 @dataclass(frozen=True)
 class CertBundle:
-    """Paths written by :func:`init_certs`."""
+    """Paths written (or kept) by :func:`init_certs`."""
 
     root: Path
     ca_cert: Path
     server_cert: Path
     server_key: Path
     node_keys: dict[str, tuple[Path, Path]]  # name -> (private key, public key)
+    sans: tuple[str, ...] = ()  # the SANs of the server certificate on disk
+    ca_key: Path | None = None  # where the CA key was written/read (None: not touched)
+    kept_server_cert: bool = False  # an existing server certificate was kept
+    requested_sans: tuple[str, ...] = ()
 
     def public_key_line(self, name: str) -> str:
         return self.node_keys[name][1].read_text().strip()
 
+    @property
+    def missing_sans(self) -> tuple[str, ...]:
+        """Requested SANs the (kept) server certificate does not carry."""
+        return tuple(s for s in self.requested_sans if s not in self.sans)
+
 
 def _write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    path.chmod(mode)
+    """A new file created ``O_CREAT|O_EXCL`` with ``mode`` (private keys: 0600) in a folder
+    created 0700; never overwrites."""
+    from shared_model.release import write_private_file
+
+    write_private_file(path, data, mode)
+
+
+def _check_private(path: Path) -> Path:
+    """A private key that is reused must be ours and 0600 (no group/world bits)."""
+    from shared_model.release import check_private_file
+
+    return check_private_file(path)
 
 
 def _san_entries(sans: Iterable[str]) -> list[Any]:
@@ -84,6 +102,22 @@ def _san_entries(sans: Iterable[str]) -> list[Any]:
     return out
 
 
+def cert_sans(cert_path: Path) -> tuple[str, ...]:
+    """The SANs (IP addresses and DNS names) of a PEM certificate."""
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
+    try:
+        ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return ()
+    ips = [str(ip) for ip in ext.get_values_for_type(x509.IPAddress)]
+    return tuple(ips + list(ext.get_values_for_type(x509.DNSName)))
+
+
+LOOPBACK_SAN = "127.0.0.1"
+
+
 def init_certs(
     root: Path,
     *,
@@ -91,30 +125,55 @@ def init_certs(
     nodes: int = 3,
     node_prefix: str = "node",
     days: int = 365,
+    ca_key_path: Path | None = None,
 ) -> CertBundle:
     """Write a development CA, a server certificate and ``nodes`` node key pairs.
 
     Existing files are kept (re-running adds missing node keys only), so registered keys
-    stay valid. Private keys are written 0600.
+    stay valid; the returned :attr:`CertBundle.sans` are those of the certificate on disk
+    (:attr:`CertBundle.missing_sans`: requested but not in a kept certificate). Private keys
+    are created ``O_CREAT|O_EXCL`` mode 0600 in 0700 folders; a reused private key that
+    group/others can read is refused. ``127.0.0.1`` is always a SAN: the operator's own
+    tools reach the SuperLink's Control API on loopback only.
+
+    ``ca_key_path`` (default ``root/ca.key``) is where the CA key is written or read: point
+    it at removable media to keep the CA key offline; it is only needed again to issue a
+    new server certificate.
     """
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    san_list = list(dict.fromkeys(sans)) or ["127.0.0.1", "localhost"]
+    from shared_model.release import ensure_private_dir
+
+    root = ensure_private_dir(Path(root))
+    requested = list(dict.fromkeys(sans)) or ["127.0.0.1", "localhost"]
+    san_list = list(dict.fromkeys([*requested, LOOPBACK_SAN]))
     now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
     pem = serialization.Encoding.PEM
     pkcs8 = serialization.PrivateFormat.PKCS8
     nocrypt = serialization.NoEncryption()
 
-    ca_cert_path, ca_key_path = root / CA_CERT, root / CA_KEY
-    if ca_cert_path.exists() and ca_key_path.exists():
-        ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), None)
+    ca_cert_path = root / CA_CERT
+    ca_key_path = Path(ca_key_path) if ca_key_path is not None else root / CA_KEY
+    server_cert_path, server_key_path = root / SERVER_CERT, root / SERVER_KEY
+    need_server = not (server_cert_path.exists() and server_key_path.exists())
+    ca_key: Any = None
+    if ca_cert_path.exists():
         ca_cert = x509.load_pem_x509_certificate(ca_cert_path.read_bytes())
+        if need_server:
+            if not ca_key_path.exists():
+                raise FileNotFoundError(
+                    f"{ca_key_path}: the CA key is needed to issue a server certificate "
+                    "(pass --ca-key PATH where you keep it offline)"
+                )
+            ca_key = serialization.load_pem_private_key(
+                _check_private(ca_key_path).read_bytes(), None
+            )
     else:
+        if ca_key_path.exists():
+            raise FileExistsError(f"{ca_key_path} exists but {ca_cert_path} does not")
         ca_key = ec.generate_private_key(ec.SECP384R1())
         ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedrank development CA")])
         ca_cert = (
@@ -142,8 +201,12 @@ def init_certs(
         _write(ca_key_path, ca_key.private_bytes(pem, pkcs8, nocrypt), 0o600)
         _write(ca_cert_path, ca_cert.public_bytes(pem))
 
-    server_cert_path, server_key_path = root / SERVER_CERT, root / SERVER_KEY
-    if not (server_cert_path.exists() and server_key_path.exists()):
+    if need_server:
+        if server_cert_path.exists() or server_key_path.exists():
+            raise FileExistsError(
+                f"only one of {server_cert_path} / {server_key_path} exists: remove it to "
+                "issue a new server certificate"
+            )
         key = ec.generate_private_key(ec.SECP384R1())
         cert = (
             x509.CertificateBuilder()
@@ -159,30 +222,43 @@ def init_certs(
                 x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
             )
             .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),  # type: ignore[arg-type]
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
                 critical=False,
             )
-            .sign(ca_key, hashes.SHA384())  # type: ignore[arg-type]
+            .sign(ca_key, hashes.SHA384())
         )
         _write(server_key_path, key.private_bytes(pem, pkcs8, nocrypt), 0o600)
         _write(server_cert_path, cert.public_bytes(pem))
+    else:
+        _check_private(server_key_path)
 
     node_keys: dict[str, tuple[Path, Path]] = {}
     for i in range(nodes):
         name = f"{node_prefix}-{i}"
         node_keys[name] = make_node_key(root / name)
-    return CertBundle(root, ca_cert_path, server_cert_path, server_key_path, node_keys)
+    return CertBundle(
+        root, ca_cert_path, server_cert_path, server_key_path, node_keys,
+        sans=cert_sans(server_cert_path), ca_key=ca_key_path if ca_key_path.exists() else None,
+        kept_server_cert=not need_server, requested_sans=tuple(requested),
+    )
 
 
 def make_node_key(private_path: Path) -> tuple[Path, Path]:
-    """An ECDSA P-384 key pair in OpenSSH format: ``PATH`` (0600) and ``PATH.pub``."""
+    """An ECDSA P-384 key pair in OpenSSH format: ``PATH`` (0600) and ``PATH.pub``.
+
+    An existing pair is kept (its private half must be 0600 and ours)."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
     private_path = Path(private_path)
     public_path = private_path.with_name(private_path.name + ".pub")
     if private_path.exists() and public_path.exists():
+        _check_private(private_path)
         return private_path, public_path
+    if private_path.exists() or public_path.exists():
+        raise FileExistsError(
+            f"only one of {private_path} / {public_path} exists: remove it to make a new pair"
+        )
     key = ec.generate_private_key(ec.SECP384R1())
     _write(
         private_path,
@@ -208,16 +284,22 @@ def make_node_key(private_path: Path) -> tuple[Path, Path]:
 class ServerConfig:
     """``fedrank server start --config FILE``.
 
-    ``[superlink]`` host, port (one HTTPS port serves Flower's Fleet, Control and Runtime
-    APIs in flwr 1.42), database; ``[certs]`` dir (CA, server cert/key from ``fedrank
-    certs init``); ``[nodes]`` public_keys (OpenSSH ``.pub`` files to register);
-    ``[run]`` run_dir plus ``run_config`` (kebab-case run settings, see
+    ``[superlink]`` host, port: the node address (the gateway, Fleet API only); control_port
+    (default port + 1): the SuperLink itself (Fleet, Control and Runtime APIs on one HTTPS
+    port in flwr 1.42), always on 127.0.0.1 (control_host may only name a loopback address:
+    the Control API has no authentication); database; ``[certs]`` dir (CA, server cert/key
+    from ``fedrank certs init``); ``[keys]`` dir (the release signing key, outside the run
+    directory; default ``RUN_DIR.keys``); ``[nodes]`` public_keys (OpenSSH ``.pub`` files to
+    register); ``[run]`` run_dir plus ``run_config`` (kebab-case run settings, see
     ``shared_model.settings``); optional ``scenario`` + ``prepare = true`` writes node data
     for a simulated scenario first (development only).
     """
 
     host: str = "127.0.0.1"
     port: int = 9400
+    control_port: int | None = None
+    control_host: str = "127.0.0.1"
+    key_dir: Path | None = None
     database: Path = Path("superlink-state.db")
     certs_dir: Path = Path("certs")
     public_keys: tuple[Path, ...] = ()
@@ -233,7 +315,42 @@ class ServerConfig:
 
     @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        """The node address: the gateway (Fleet API only)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    @property
+    def superlink_port(self) -> int:
+        return self.control_port if self.control_port is not None else self.port + 1
+
+    @property
+    def control_address(self) -> str:
+        """The SuperLink itself (Control, Runtime and Fleet APIs): loopback only."""
+        return f"{self.control_host}:{self.superlink_port}"
+
+    def check(self) -> None:
+        """Refuse a configuration that would expose the Control API without authentication
+        (flwr 1.42 ships no account authentication) or break the loopback Control path."""
+        from server.gateway import is_loopback
+
+        if not is_loopback(self.control_host):
+            raise ValueError(
+                f"[superlink] control_host = {self.control_host!r} would expose Flower's Control "
+                "API (register node keys, start runs) without authentication; it must be a "
+                "loopback address (nodes use host:port, the Fleet-only gateway)"
+            )
+        if self.superlink_port == self.port:
+            raise ValueError("[superlink] control_port must differ from port")
+        for port in (self.port, self.superlink_port):
+            if not 0 < port < 65536:
+                raise ValueError(f"[superlink] port {port} out of range")
+        cert = self.certs_dir / SERVER_CERT
+        if cert.exists() and self.control_host not in cert_sans(cert):
+            raise ValueError(
+                f"{cert} has no SAN {self.control_host}: the operator's tools and the ServerApp "
+                "reach the SuperLink on loopback; re-issue it (`fedrank certs init` adds "
+                "127.0.0.1)"
+            )
 
     @property
     def home(self) -> Path:
@@ -251,13 +368,17 @@ class ServerConfig:
         sl = data.get("superlink", {})
         run = data.get("run", {})
         nodes = data.get("nodes", {})
-        unknown = set(data) - {"superlink", "certs", "nodes", "run"}
+        unknown = set(data) - {"superlink", "certs", "keys", "nodes", "run"}
         if unknown:
             raise ValueError(f"{path}: unknown table(s) {sorted(unknown)}")
         run_dir = p(run.get("run_dir", "runs/deploy"))
+        keys = data.get("keys", {})
         return cls(
             host=str(sl.get("host", "127.0.0.1")),
             port=int(sl.get("port", 9400)),
+            control_port=int(sl["control_port"]) if "control_port" in sl else None,
+            control_host=str(sl.get("control_host", "127.0.0.1")),
+            key_dir=p(keys["dir"]) if "dir" in keys else None,
             database=p(sl.get("database", run_dir / "superlink-state.db")),
             certs_dir=p(data.get("certs", {}).get("dir", "certs")),
             public_keys=tuple(p(k) for k in nodes.get("public_keys", [])),
@@ -408,9 +529,22 @@ def superlink_command(cfg: ServerConfig) -> list[str]:
         "--ssl-keyfile", str(certs / SERVER_KEY),
         "--enable-supernode-auth",
         "--disable-runtime-dependency-installation",
-        "--host", cfg.host,
-        "--port", str(cfg.port),
+        "--host", cfg.control_host,
+        "--port", str(cfg.superlink_port),
         "--database", str(cfg.database),
+    ]
+
+
+def gateway_command(cfg: ServerConfig) -> list[str]:
+    """The node gateway on ``host:port``: TLS, Fleet API only, to the loopback SuperLink."""
+    certs = cfg.certs_dir
+    return [
+        sys.executable, "-m", "server.gateway",
+        "--listen", cfg.address,
+        "--upstream", cfg.control_address,
+        "--certfile", str(certs / SERVER_CERT),
+        "--keyfile", str(certs / SERVER_KEY),
+        "--ca", str(certs / CA_CERT),
     ]
 
 
@@ -455,12 +589,19 @@ class Deployment:
         self.env = deploy_env(
             flwr_home=cfg.home, tag=self.tag, poll_interval=cfg.task_poll_interval
         )
+        if cfg.key_dir is not None:
+            from shared_model.release import KEY_DIR_ENV
+
+            self.env[KEY_DIR_ENV] = str(Path(cfg.key_dir).resolve())
         self.superlink: subprocess.Popen[Any] | None = None
+        self.gateway: subprocess.Popen[Any] | None = None
         self.run_proc: subprocess.Popen[Any] | None = None
         self.log_dir = cfg.run_dir / "logs"
 
     # -- SuperLink ----------------------------------------------------------------------
     def start_superlink(self, *, timeout: float = 90.0) -> subprocess.Popen[Any]:
+        """The SuperLink on the loopback control address, then the node gateway."""
+        self.cfg.check()
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.cfg.database.parent.mkdir(parents=True, exist_ok=True)
         log = (self.log_dir / "superlink.log").open("ab")
@@ -468,11 +609,22 @@ class Deployment:
             superlink_command(self.cfg), env=self.env, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True, cwd=self.cfg.run_dir,
         )
-        wait_for_port(self.cfg.host, self.cfg.port, timeout=timeout, proc=self.superlink)
-        write_connection(self.cfg.home, address=self.cfg.address,
+        wait_for_port(self.cfg.control_host, self.cfg.superlink_port, timeout=timeout,
+                      proc=self.superlink)
+        gw_log = (self.log_dir / "gateway.log").open("ab")
+        self.gateway = subprocess.Popen(
+            gateway_command(self.cfg), env=self.env, stdout=gw_log, stderr=subprocess.STDOUT,
+            start_new_session=True, cwd=PROJECT_ROOT,
+        )
+        wait_for_port(_connect_host(self.cfg.host), self.cfg.port, timeout=timeout,
+                      proc=self.gateway)
+        write_connection(self.cfg.home, address=self.cfg.control_address,
                          root_certificates=self.cfg.certs_dir / CA_CERT)
-        self.echo(f"{PROGRESS} SuperLink up on {self.cfg.address} (TLS, node auth) "
-                  f"pid {self.superlink.pid}; log {self.log_dir / 'superlink.log'}")
+        self.echo(f"{PROGRESS} SuperLink up on {self.cfg.control_address} (loopback only: "
+                  f"Control API; TLS, node auth) pid {self.superlink.pid}; "
+                  f"log {self.log_dir / 'superlink.log'}")
+        self.echo(f"{PROGRESS} node gateway on {self.cfg.address} (TLS, Fleet API only) "
+                  f"pid {self.gateway.pid}")
         return self.superlink
 
     # -- flwr CLI -----------------------------------------------------------------------
@@ -531,6 +683,8 @@ class Deployment:
         """SIGTERM the SuperLink (it stops its SuperExec), then anything left over."""
         if self.run_proc is not None and self.run_proc.poll() is None:
             kill_tree(self.run_proc, grace=grace)
+        if self.gateway is not None and self.gateway.poll() is None:
+            kill_tree(self.gateway, grace=grace)
         if self.superlink is not None and self.superlink.poll() is None:
             kill_tree(self.superlink, grace=grace)
         return stop_tagged(self.tag, grace=grace)
@@ -567,6 +721,7 @@ def serve(cfg: ServerConfig, *, echo: Callable[[str], None] = print,
 
     Stops the SuperLink (and everything it started) on SIGTERM/SIGINT or when the run ends.
     """
+    echo(f"nodes connect to {cfg.address}")
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     deployment = Deployment(cfg, echo=echo)
 
@@ -578,6 +733,10 @@ def serve(cfg: ServerConfig, *, echo: Callable[[str], None] = print,
     try:
         run_config = settings_for(cfg) if cfg.submit else {}
         deployment.start_superlink()
+        from client.app_guard import app_hash
+
+        echo(f"{PROGRESS} app hash {app_hash(PROJECT_ROOT)} (nodes pin it: fedrank node "
+             "start --app-hash)")
         deployment.register_all()
         if not cfg.submit:
             echo(f"{PROGRESS} SuperLink ready; no run submitted (submit = false)")
@@ -597,6 +756,11 @@ def serve(cfg: ServerConfig, *, echo: Callable[[str], None] = print,
         deployment.stop()
         signal.signal(signal.SIGTERM, previous)
         echo(f"{PROGRESS} SuperLink stopped")
+
+
+def _connect_host(host: str) -> str:
+    """Where to probe a listener bound to ``host`` (a wildcard bind is probed on loopback)."""
+    return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host.strip("[]"))
 
 
 def _last_line(text: str) -> str:

@@ -1,10 +1,15 @@
 """Signed releases of the global head, every ``release-every`` rounds.
 
-The server keeps an Ed25519 key in ``RUN_DIR/keys/`` (created on first use; the public half
-beside it is what nodes pin) and writes ``RUN_DIR/releases/round-NNNN/``: the head as ONNX,
-a manifest (version, round, ε per node, metrics, sha256 of each file) and its signature.
-Nodes pick releases up from that folder (the documented file drop), verify them, and keep
-the last good one (``client.node.install_latest_release``).
+The server keeps an Ed25519 signing key *outside* the run directory (the run directory is
+handed around and is the nodes' drop folder): in ``shared_model.release.signing_key_dir``,
+``$FEDRANK_KEY_DIR`` (``fedrank server start`` sets it from ``[keys] dir``) or the sibling
+folder ``RUN_DIR.keys``, created 0700 on first use with the key written 0600
+(``O_CREAT|O_EXCL``); a reused key is refused if group/world can read it. The public half
+beside it (``server-signing.pub``) is what each node pins at set-up (``--release-key``).
+Releases go to ``RUN_DIR/releases/round-NNNN/``: the head as ONNX, a manifest (version,
+round, ε per node, metrics, sha256 of each file) and its signature. Nodes pick releases up
+from their own copy of that folder, verify them with their pinned key, and keep the last
+good one (``client.releases.install_latest_release``).
 """
 
 from __future__ import annotations
@@ -17,21 +22,23 @@ import numpy as np
 
 from shared_model.ranker import HeadConfig, RankerHead
 from shared_model.release import (
+    PUBLIC_KEY_FILE,
+    SIGNING_KEY_FILE,
+    default_public_key_path,
     generate_signing_key,
     load_signing_key,
+    signing_key_dir,
     write_public_key,
     write_release,
 )
 from shared_model.state import load_head_state
 
 log = logging.getLogger("fedrank.server")
-SIGNING_KEY = "keys/server-signing.pem"
-PUBLIC_KEY = "keys/server-signing.pub"
 
 
 def public_key_path(run_dir: Path) -> Path:
-    """Where the server's release-verification key lives in a run directory."""
-    return Path(run_dir) / PUBLIC_KEY
+    """Where the server's release-verification key is written for a run (outside it)."""
+    return default_public_key_path(run_dir)
 
 
 class ReleasePublisher:
@@ -43,13 +50,15 @@ class ReleasePublisher:
         self.run_dir = Path(run_dir)
         self.every = every
         self.head_config = head_config
-        key_path = self.run_dir / SIGNING_KEY
+        key_dir = signing_key_dir(self.run_dir)
+        key_path = key_dir / SIGNING_KEY_FILE
         if every:
-            if key_path.exists():
-                self.key = load_signing_key(key_path)
+            if key_path.exists() or key_path.is_symlink():
+                self.key = load_signing_key(key_path)  # refuses a group/world-readable key
             else:
                 self.key = generate_signing_key(key_path)
-                write_public_key(self.key, public_key_path(self.run_dir))
+            if not (key_dir / PUBLIC_KEY_FILE).exists():
+                write_public_key(self.key, key_dir / PUBLIC_KEY_FILE)
 
     def maybe_publish(
         self,

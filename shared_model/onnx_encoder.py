@@ -9,12 +9,17 @@ The graph is exported from the bundled weights once (torch's TorchScript exporte
 attention/layer-norm subgraphs fused with onnxruntime's BERT optimizer, checked against torch
 on probe texts, and cached on disk, written atomically and keyed by the model fingerprint and
 by :data:`EXPORT_RECIPE`, so a different model or a changed recipe never reuses a stale file.
+The sha256 of the export is recorded next to it (``.onnx.sha256``); a cached file whose bytes
+do not match, or that group/others could write, is not used (it is exported again), and the
+session is built from the very bytes that were checked.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
+import stat
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -61,13 +66,42 @@ def default_onnx_cache_dir() -> Path:
 
 def onnx_model_path(cache_dir: Path, fingerprint: str) -> Path:
     """Where the export of the model with ``fingerprint`` lives in ``cache_dir``."""
-    import hashlib
-
     recipe = hashlib.sha256(EXPORT_RECIPE.encode()).hexdigest()[:8]
     return Path(cache_dir) / f"all-minilm-l6-v2-{fingerprint}-{recipe}.onnx"
 
 
-def _session(path: Path):
+def digest_path(onnx_path: Path) -> Path:
+    """The sidecar holding the sha256 of a cached export (written with it)."""
+    return Path(onnx_path).with_name(Path(onnx_path).name + ".sha256")
+
+
+def _write_digest(onnx_path: Path) -> None:
+    digest = hashlib.sha256(Path(onnx_path).read_bytes()).hexdigest()
+    fd, tmp = tempfile.mkstemp(dir=Path(onnx_path).parent, prefix=".digest-")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(digest + "\n")
+    os.replace(tmp, digest_path(onnx_path))
+
+
+def read_checked(onnx_path: Path) -> bytes:
+    """The cached export's bytes, read once, if they match the sha256 recorded at export time
+    and neither file can be written by group/others; ``ValueError`` otherwise."""
+    onnx_path = Path(onnx_path)
+    for path in (onnx_path, digest_path(onnx_path)):
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"{path}: not a regular file")
+        if st.st_mode & 0o022:
+            raise ValueError(f"{path}: writable by group/others")
+    expected = digest_path(onnx_path).read_text().strip()
+    data = onnx_path.read_bytes()
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != expected:
+        raise ValueError(f"{onnx_path}: sha256 {actual[:16]} != recorded {expected[:16]}")
+    return data
+
+
+def _session(path: Path | bytes):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -75,7 +109,8 @@ def _session(path: Path):
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    model = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
 
 
 def _tokenizer(model_dir: Path, max_length: int):
@@ -196,6 +231,7 @@ def export_minilm_onnx(model_dir: Path, destination: Path) -> Path:
                 f"(> {EXPORT_TOLERANCE}); not cached"
             )
         os.replace(final_name, destination)
+        _write_digest(destination)
     finally:
         for name in (raw_name, fused_name):
             if os.path.exists(name):
@@ -247,11 +283,15 @@ class OnnxMiniLMEncoder:
         cache = Path(cache_dir) if cache_dir is not None else default_onnx_cache_dir()
         self.onnx_path = onnx_model_path(cache, self.fingerprint)
         self.exported = False
-        if not self.onnx_path.is_file():
+        try:
+            data = read_checked(self.onnx_path)
+        except (OSError, ValueError):
+            # Missing, or not the file this cache exported (hash or permissions): re-export.
             export_minilm_onnx(self.model_dir, self.onnx_path)
             self.exported = True
+            data = read_checked(self.onnx_path)
         self._tokenizer = _tokenizer(self.model_dir, max_length)
-        self._session = _session(self.onnx_path)
+        self._session = _session(data)  # the bytes that were checked
         self._input_names = [i.name for i in self._session.get_inputs()]
         unknown = set(self._input_names) - set(INPUT_NAMES)
         if unknown:

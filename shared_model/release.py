@@ -23,6 +23,7 @@ import math
 import os
 import re
 import shutil
+import stat
 import tempfile
 import uuid
 import warnings
@@ -44,21 +45,29 @@ from shared_model.ranker import RankerHead
 __all__ = [
     "CURRENT_FILE",
     "FORMAT_VERSION",
+    "KEY_DIR_ENV",
     "INPUT_NAME",
     "MANIFEST_FILE",
     "MODEL_FILE",
     "ONNX_OPSET",
     "OUTPUT_NAME",
     "SIGNATURE_FILE",
+    "KeyPermissionError",
     "Manifest",
     "ReleaseError",
     "ReleaseStore",
+    "check_private_file",
+    "default_public_key_path",
+    "ensure_private_dir",
     "export_onnx",
     "generate_signing_key",
     "load_public_key",
     "load_signing_key",
     "read_manifest",
+    "signing_key_dir",
+    "load_verified_release",
     "verify_release",
+    "write_private_file",
     "write_public_key",
     "write_release",
 ]
@@ -192,14 +201,6 @@ def _sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _manifest_bytes(manifest: Manifest) -> bytes:
     return (
         json.dumps(manifest.to_json(), indent=2, sort_keys=True, allow_nan=False) + "\n"
@@ -324,21 +325,97 @@ def write_release(
 # --- keys ----------------------------------------------------------------------------------
 
 
-def _write_exclusive(path: Path, data: bytes, mode: int) -> None:
-    """Write ``data`` to a new file ``path`` (never overwriting), atomically, with ``mode``."""
+class KeyPermissionError(ReleaseError):
+    """A private key file (or its folder) that others could read: refused, never used."""
+
+
+def ensure_private_dir(path: Path) -> Path:
+    """Create ``path`` (and missing parents) with mode 0700; an existing folder is kept."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    if not path.is_dir():
+        path.mkdir(parents=True, mode=0o700, exist_ok=True)
+        os.chmod(path, 0o700)  # mkdir's mode is narrowed by the umask only
+    return path
+
+
+def check_private_file(path: Path) -> Path:
+    """Refuse a private key file that is not a regular file owned by us, mode 0600 or
+    narrower (no group or world bits). Symlinks are refused too (``lstat``)."""
+    path = Path(path)
     try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise KeyPermissionError(f"{path}: private key not found") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise KeyPermissionError(f"{path}: private key is not a regular file (symlink?)")
+    if st.st_mode & 0o077:
+        raise KeyPermissionError(
+            f"{path}: private key is readable by group/others (mode "
+            f"{stat.S_IMODE(st.st_mode):04o}); run `chmod 600 {path}` if it was never exposed, "
+            "else replace the key"
+        )
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        raise KeyPermissionError(f"{path}: private key is owned by uid {st.st_uid}, not by us")
+    return path
+
+
+def write_private_file(path: Path, data: bytes, mode: int = 0o600) -> Path:
+    """Write ``data`` to a new file ``path`` created with ``O_CREAT|O_EXCL`` and ``mode``.
+
+    The file never exists with a wider mode, even for a moment, and an existing file is never
+    overwritten (``FileExistsError``). Missing parent folders are created 0700.
+    """
+    path = Path(path)
+    ensure_private_dir(path.parent)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(path, flags, mode)
+    try:
+        os.fchmod(fd, mode)  # in case the umask narrowed (or a platform widened) it
         with os.fdopen(fd, "wb") as fh:
+            fd = -1
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, mode)  # in case the umask narrowed it
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        path.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _write_exclusive(path: Path, data: bytes, mode: int) -> None:
+    """Write ``data`` to a new file ``path`` (never overwriting), atomically, with ``mode``."""
+    path = Path(path)
+    ensure_private_dir(path.parent)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    write_private_file(tmp, data, mode)
+    try:
         os.link(tmp, path)  # fails if path exists: a key is never overwritten
     finally:
         tmp.unlink(missing_ok=True)
+
+
+# Where a run's release signing key lives: outside the run directory (which is handed around
+# and is the nodes' drop folder). ``FEDRANK_KEY_DIR`` (set by ``fedrank server start`` from
+# its ``[keys] dir``) wins; the default is the sibling folder ``RUN_DIR.keys``.
+KEY_DIR_ENV = "FEDRANK_KEY_DIR"
+SIGNING_KEY_FILE = "server-signing.pem"
+PUBLIC_KEY_FILE = "server-signing.pub"
+
+
+def signing_key_dir(run_dir: Path) -> Path:
+    """The folder holding a run's release signing key (never inside ``run_dir``)."""
+    env = os.environ.get(KEY_DIR_ENV)
+    if env:
+        return Path(env)
+    run_dir = Path(run_dir).resolve()
+    return run_dir.parent / f"{run_dir.name}.keys"
+
+
+def default_public_key_path(run_dir: Path) -> Path:
+    """Where the public half of a run's release signing key is written."""
+    return signing_key_dir(run_dir) / PUBLIC_KEY_FILE
 
 
 def generate_signing_key(path: Path) -> Ed25519PrivateKey:
@@ -358,7 +435,7 @@ def generate_signing_key(path: Path) -> Ed25519PrivateKey:
 
 def load_signing_key(path: Path) -> Ed25519PrivateKey:
     """Read an Ed25519 private key (PEM); :class:`ReleaseError` if it is anything else."""
-    path = Path(path)
+    path = check_private_file(Path(path))
     try:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except (ValueError, TypeError) as exc:
@@ -414,48 +491,104 @@ def _parse_manifest(data: bytes, where: str) -> Manifest:
     return Manifest.from_json(obj, where=where)
 
 
-def verify_release(directory: Path, public_key: Ed25519PublicKey) -> Manifest:
-    """Check a release end to end and return its manifest.
+MAX_MANIFEST_BYTES = 1 << 20
+MAX_SIGNATURE_BYTES = 1 << 10
+MAX_FILE_BYTES = 64 << 20  # a release file; the head's ONNX is well under 1 MiB
 
-    Raises :class:`ReleaseError` naming the release and the problem when: the directory,
-    manifest or signature is missing (an unsigned release); the signature does not verify
-    under ``public_key`` (wrong key, or a tampered manifest); a listed file is missing, is not
-    a regular file, or its sha256 differs (a tampered file); a file is present that the
+
+class _Missing(ReleaseError):
+    pass
+
+
+def _read_at(dir_fd: int, name: str, where: str, limit: int) -> bytes:
+    """Read one file of a release once, relative to the open release folder: never through
+    a symlink, only a regular file, at most ``limit`` bytes."""
+    try:
+        fd = os.open(name, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | os.O_NONBLOCK,
+                     dir_fd=dir_fd)
+    except FileNotFoundError:
+        raise _Missing(f"release {where}: {name} is missing") from None
+    except OSError as exc:  # ELOOP: a symlink
+        raise ReleaseError(f"release {where}: {name} is not a regular file ({exc.strerror})"
+                           ) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ReleaseError(f"release {where}: {name} is not a regular file")
+        if st.st_size > limit:
+            raise ReleaseError(f"release {where}: {name} is larger than {limit} bytes")
+        chunks, total = [], 0
+        while True:
+            chunk = os.read(fd, min(1 << 20, limit + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > limit:
+                raise ReleaseError(f"release {where}: {name} is larger than {limit} bytes")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def load_verified_release(
+    directory: Path, public_key: Ed25519PublicKey, *, max_file_bytes: int = MAX_FILE_BYTES
+) -> tuple[Manifest, dict[str, bytes]]:
+    """Read a release once and check it end to end: ``(manifest, {file name: bytes})``.
+
+    The folder is opened without following a symlink and every file is read exactly once,
+    relative to that open folder, refusing symlinks, non-regular files and files over
+    ``max_file_bytes``; all checks run on the bytes read, so what was verified is what the
+    caller gets. Raises :class:`ReleaseError` naming the release and the problem when: the
+    directory, manifest or signature is missing (an unsigned release); the signature does not
+    verify under ``public_key`` (wrong key, or a tampered manifest); a listed file is missing,
+    is not a regular file, or its sha256 differs (a tampered file); a file is present that the
     manifest does not list; or the release's features are not the ones this build computes.
+    The returned mapping holds the manifest, the signature and every listed file.
     """
     directory = Path(directory)
-    if not directory.is_dir():
-        raise ReleaseError(f"release {directory}: not a directory")
-    manifest_path = directory / MANIFEST_FILE
-    sig_path = directory / SIGNATURE_FILE
-    if not manifest_path.is_file():
-        raise ReleaseError(f"release {directory}: {MANIFEST_FILE} is missing")
-    if not sig_path.is_file():
-        raise ReleaseError(f"release {directory} is unsigned: {SIGNATURE_FILE} is missing")
-    manifest_bytes = manifest_path.read_bytes()
     try:
-        public_key.verify(sig_path.read_bytes(), manifest_bytes)
-    except InvalidSignature:
-        raise ReleaseError(
-            f"release {directory}: {SIGNATURE_FILE} does not verify {MANIFEST_FILE} under the "
-            "given public key (wrong key, or the manifest was tampered with)"
-        ) from None
-    manifest = _parse_manifest(manifest_bytes, str(manifest_path))
-
-    for name, expected in sorted(manifest.files.items()):
-        path = directory / name
-        if path.is_symlink() or (path.exists() and not path.is_file()):
-            raise ReleaseError(f"release {directory}: {name} is not a regular file")
-        if not path.exists():
-            raise ReleaseError(f"release {directory}: {name} is listed in the manifest but missing")
-        actual = _sha256_file(path)
-        if actual != expected:
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        raise ReleaseError(f"release {directory}: not a directory") from None
+    try:
+        try:
+            manifest_bytes = _read_at(dir_fd, MANIFEST_FILE, str(directory), MAX_MANIFEST_BYTES)
+        except _Missing:
+            raise ReleaseError(f"release {directory}: {MANIFEST_FILE} is missing") from None
+        try:
+            signature = _read_at(dir_fd, SIGNATURE_FILE, str(directory), MAX_SIGNATURE_BYTES)
+        except _Missing:
             raise ReleaseError(
-                f"release {directory}: {name} has sha256 {actual}, the manifest says {expected} "
-                "(the file was tampered with or corrupted)"
-            )
-    allowed = set(manifest.files) | {MANIFEST_FILE, SIGNATURE_FILE}
-    extra = sorted(p.name for p in directory.iterdir() if p.name not in allowed)
+                f"release {directory} is unsigned: {SIGNATURE_FILE} is missing"
+            ) from None
+        try:
+            public_key.verify(signature, manifest_bytes)
+        except InvalidSignature:
+            raise ReleaseError(
+                f"release {directory}: {SIGNATURE_FILE} does not verify {MANIFEST_FILE} under "
+                "the given public key (wrong key, or the manifest was tampered with)"
+            ) from None
+        manifest = _parse_manifest(manifest_bytes, str(directory / MANIFEST_FILE))
+        files = {MANIFEST_FILE: manifest_bytes, SIGNATURE_FILE: signature}
+        for name, expected in sorted(manifest.files.items()):
+            try:
+                data = _read_at(dir_fd, name, str(directory), max_file_bytes)
+            except _Missing:
+                raise ReleaseError(
+                    f"release {directory}: {name} is listed in the manifest but missing"
+                ) from None
+            actual = _sha256_bytes(data)
+            if actual != expected:
+                raise ReleaseError(
+                    f"release {directory}: {name} has sha256 {actual}, the manifest says "
+                    f"{expected} (the file was tampered with or corrupted)"
+                )
+            files[name] = data
+        allowed = set(manifest.files) | {MANIFEST_FILE, SIGNATURE_FILE}
+        extra = sorted(n for n in os.listdir(dir_fd) if n not in allowed)
+    finally:
+        os.close(dir_fd)
     if extra:
         raise ReleaseError(
             f"release {directory}: file(s) not listed in the manifest: {', '.join(extra)}"
@@ -465,7 +598,13 @@ def verify_release(directory: Path, public_key: Ed25519PublicKey) -> Manifest:
             f"release {directory}: features {list(manifest.feature_names)} do not match this "
             f"build's {list(FEATURE_NAMES)}"
         )
-    return manifest
+    return manifest, files
+
+
+def verify_release(directory: Path, public_key: Ed25519PublicKey) -> Manifest:
+    """Check a release end to end and return its manifest (see
+    :func:`load_verified_release`, which also returns the bytes it checked)."""
+    return load_verified_release(directory, public_key)[0]
 
 
 # --- a node's installed releases -----------------------------------------------------------
@@ -510,6 +649,12 @@ class ReleaseStore:
         obj = self._read_pointer()
         return None if obj is None else obj["version"]
 
+    def current_round(self) -> int:
+        """Federated round of the current release (0 when none is installed)."""
+        obj = self._read_pointer()
+        rnd = None if obj is None else obj.get("round")
+        return rnd if isinstance(rnd, int) and not isinstance(rnd, bool) and rnd >= 0 else 0
+
     def install(
         self,
         candidate_dir: Path,
@@ -524,7 +669,22 @@ class ReleaseStore:
         one (a replayed old release) unless ``allow_downgrade``, and a version that is already
         installed with different content (versions are immutable).
         """
-        manifest = verify_release(candidate_dir, public_key)
+        manifest, files = load_verified_release(candidate_dir, public_key)
+        return self.install_loaded(
+            candidate_dir, manifest, files, public_key, allow_downgrade=allow_downgrade
+        )
+
+    def install_loaded(
+        self,
+        candidate_dir: Path,
+        manifest: Manifest,
+        files: Mapping[str, bytes],
+        public_key: Ed25519PublicKey,
+        *,
+        allow_downgrade: bool = False,
+    ) -> Manifest:
+        """Install what :func:`load_verified_release` returned for ``candidate_dir`` (so the
+        candidate is read once); same rules as :meth:`install`."""
         current = self._read_pointer()
         if (
             current is not None
@@ -546,8 +706,7 @@ class ReleaseStore:
                 installed = None
             same = (
                 installed is not None
-                and (target / MANIFEST_FILE).read_bytes()
-                == (Path(candidate_dir) / MANIFEST_FILE).read_bytes()
+                and (target / MANIFEST_FILE).read_bytes() == files[MANIFEST_FILE]
             )
             if not same:
                 raise ReleaseError(
@@ -557,9 +716,10 @@ class ReleaseStore:
         else:
             tmp = Path(tempfile.mkdtemp(prefix=f".{manifest.version}.tmp-", dir=self.releases_dir))
             try:
-                for name in [MANIFEST_FILE, SIGNATURE_FILE, *sorted(manifest.files)]:
-                    shutil.copyfile(Path(candidate_dir) / name, tmp / name)
-                # Check the copy itself: the candidate may have changed since it was verified.
+                # Write the bytes that were verified (each candidate file was read once,
+                # never through a symlink), then check the written copy.
+                for name, data in files.items():
+                    write_private_file(tmp / name, data, 0o644)
                 copied = verify_release(tmp, public_key)
                 if copied != manifest:
                     raise ReleaseError(f"release {candidate_dir} changed while it was installed")

@@ -21,7 +21,11 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         ),
         top: int = typer.Option(10, "--top", min=1, help="How many products to print."),
         public_key: str | None = typer.Option(
-            None, "--public-key", help="Ed25519 public key (PEM); verifies the release first."
+            None, "--public-key",
+            help="The server's release public key (PEM): the release is verified before use.",
+        ),
+        unverified: bool = typer.Option(
+            False, "--unverified", help="Score an unverified release (no --public-key; unsafe)."
         ),
         data_dir: str | None = typer.Option(
             None, "--data", help="Catalog directory (default: the bundled WANDS subset)."
@@ -37,6 +41,12 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         from shared_model.schema import DataError
         from shared_model.scoring import DeviceRanker, top_by_bm25
 
+        if public_key is None and not unverified:
+            typer.echo("error: refusing an unverified release: pass --public-key "
+                       "server-signing.pub (or --unverified to score it anyway)", err=True)
+            raise typer.Exit(code=2)
+        if unverified and public_key is None:
+            typer.echo("warning: release not verified (--unverified)", err=True)
         try:
             key = load_public_key(Path(public_key)) if public_key else None
             data = load_judged_dir(Path(data_dir) if data_dir else DEFAULT_WANDS_DIR)
@@ -54,8 +64,6 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
             typer.echo(f"error: {message}", err=True)
             raise typer.Exit(code=2) from None
-        if key is None:
-            typer.echo("warning: release not verified (no --public-key)", err=True)
         typer.echo(f"{'rank':>4}  {'score':>9}  {'product_id':<12}  title")
         for rank, (pid, value) in enumerate(ranked, start=1):
             title = data.products[pid].title

@@ -7,7 +7,7 @@ the untrained head, i.e. zero-shot MiniLM). No training and no Flower here.
 Models
     Round r's weights come from ``RUN_DIR/releases/round-NNNN/head.onnx`` when that signed
     release exists (scored with onnxruntime, exactly as a node serves; verified against
-    ``keys/server-signing.pub`` when present), else from ``checkpoints/round-NNNN.npz`` (the
+    ``RUN_DIR.keys/server-signing.pub`` when present), else from ``checkpoints/round-NNNN.npz`` (the
     head state; ``strategy/*`` arrays are skipped).
 
 Traffic
@@ -323,10 +323,10 @@ def model_scorer(kind: str, path: Path | None, *, hidden_dim: int) -> Scorer:
         with np.load(path) as npz:
             state = {k: npz[k] for k in npz.files if not k.startswith(STRATEGY_PREFIX)}
         return _head_scorer(state, hidden_dim)
-    from shared_model.release import load_public_key
+    from shared_model.release import default_public_key_path, load_public_key
     from shared_model.scoring import OnnxScorer
 
-    key_path = path.parent.parent / "keys" / "server-signing.pub"
+    key_path = default_public_key_path(path.parent.parent)
     return OnnxScorer(path, load_public_key(key_path) if key_path.exists() else None).scores
 
 

@@ -120,14 +120,17 @@ class Cluster:
     # -- nodes --------------------------------------------------------------------------
     def start_node(self, name: str, *, data: Path, key: str | None = None,
                    insecure: bool = False, extra: dict[str, str] | None = None,
-                   max_wait_time: float | None = None) -> subprocess.Popen[Any]:
+                   max_wait_time: float | None = None,
+                   app_hashes: tuple[str, ...] | None = None) -> subprocess.Popen[Any]:
         port = self.node_ports.setdefault(name, self.port + 10 + len(self.node_ports))
         launch = NodeLaunch(
             region=name, data=data, superlink=f"127.0.0.1:{self.port}",
             key=self.certs.node_keys[key or name][0] if not insecure or key else None,
             ca=None if insecure else self.certs.root / CA_CERT,
             state_dir=self.root / "nodes" / name, port=port, catalog_dir=DEFAULT_WANDS_DIR,
-            insecure=insecure, extra=extra or {}, max_wait_time=max_wait_time,
+            # The nodes pin regional-3's δ (a node's privacy is its own node_config).
+            insecure=insecure, extra={"delta": "1e-4", **(extra or {})},
+            max_wait_time=max_wait_time, app_hashes=app_hashes,
         )
         proc = start_node(launch, tag=self.tag, log_path=self.root / "logs" / f"{name}.log")
         self.nodes[name] = proc

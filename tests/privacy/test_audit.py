@@ -7,7 +7,7 @@ import json
 import re
 from pathlib import Path
 
-from privacy_runs import CONFIG, DELTA, NODE_PARAMS, ROUNDS, cli
+from privacy_runs import BUDGET, CONFIG, DELTA, NODE_PARAMS, ROUNDS, cli
 from privacy_runs import make_run as _make_run
 from typer.testing import CliRunner
 
@@ -16,10 +16,12 @@ from privacy.audit import (
     CAVEAT_RDP_UPPER_BOUND,
     CAVEAT_SECAGG,
     CAVEAT_SECURE_MODE,
+    CAVEAT_UNPINNED_KEYS,
+    THREAT_MODEL,
     build_audit,
     write_audit,
 )
-from privacy.ledger import Ledger, LedgerEvent, read_ledger
+from privacy.ledger import Ledger, LedgerEvent, read_ledger, server_signer
 
 
 def make_run(root: Path) -> Path:
@@ -73,7 +75,7 @@ def test_audit_json_has_the_ledger_epsilons_and_html_shows_them(tmp_path: Path) 
             assert f"{eps:.4f}" in html
     assert (nodes["node-0"]["refusals"], nodes["node-1"]["refusals"]) == (0, 1)
     assert nodes["node-1"]["refused_rounds"] == [ROUNDS + 1]
-    assert audit["budget_epsilon"] == 3.0
+    assert audit["budget_epsilon"] == BUDGET
     assert [r["ndcg@10"] for r in audit["metrics"]["rounds"]] == [0.51, 0.52, 0.53]
 
 
@@ -105,12 +107,13 @@ def test_device_run_audit_has_client_level_caveats(tmp_path: Path) -> None:
     (run / "ledger").mkdir(parents=True)
     config = {"privacy-shape": "device", "epsilon": "inf", "delta": DELTA, "secagg": True}
     (run / "config.json").write_text(json.dumps(config))
-    ledger = Ledger(run / "ledger" / "server.jsonl")
+    ledger = Ledger(run / "ledger" / "server.jsonl", signer=server_signer(tmp_path / "key"))
     event = {
         "node": "server", "round": 1, "mechanism": "client-level-gaussian",
         "unit_of_privacy": "client", "noise_multiplier": 2.0, "sample_rate": 0.5, "steps": 1,
         "clip_norm": 0.5, "delta": DELTA, "accountant": "rdp-wor", "epsilon_after": 1e9,
-        "detail": "sampled=5 population=10",
+        "detail": "sampled=5 population=10", "sampling": "without-replacement",
+        "neighbouring": "replace-one",
     }  # fmt: skip
     ledger.append(LedgerEvent(**event))  # type: ignore[arg-type]
 
@@ -123,7 +126,9 @@ def test_device_run_audit_has_client_level_caveats(tmp_path: Path) -> None:
     assert CAVEAT_SECAGG in audit["caveats"]
     assert CAVEAT_SECURE_MODE not in audit["caveats"]  # no Opacus in this run
     assert audit["budget_epsilon"] == "inf"
-    assert audit["nodes"][0]["recompute_method"].endswith("replace-one")
+    assert "replace-one" in audit["nodes"][0]["recompute_method"]
+    assert audit["per_user_epsilon"]["partition"] == "device: one user per client"
+    assert audit["per_user_epsilon"]["epsilon"] == 1e9
 
 
 def test_audit_of_tampered_run_embeds_the_failure(tmp_path: Path) -> None:
@@ -190,3 +195,63 @@ def test_cli_audit_strict_fails_on_tampered_run_and_missing_dir_is_an_error(
     assert strict.exit_code == 1
     assert missing.exit_code == 2
     assert "verify" in bare.output and "report" in bare.output  # help lists subcommands
+
+
+def test_audit_html_and_json_show_the_threat_model(tmp_path: Path) -> None:
+    # Prepare
+    run = make_run(tmp_path)
+
+    # Execute
+    html_path, json_path = write_audit(run)
+
+    # Assert
+    audit = json.loads(json_path.read_text(encoding="utf-8"))
+    html = html_path.read_text(encoding="utf-8")
+    parties = [item["party"] for item in audit["threat_model"]]
+    assert parties == [who for who, _ in THREAT_MODEL]
+    for who in ("The server", "A node", "Other nodes and devices", "Someone holding a release",
+                "Trusted"):  # fmt: skip
+        assert who in parties and f"<b>{who}</b>" in html
+    assert '<h2 id="threat-model">Threat model</h2>' in html
+    trusted = dict(THREAT_MODEL)["Trusted"]
+    for phrase in ("OS CSPRNG", "pinned", "SecAgg+", "clipped-count bit", "release"):
+        assert phrase in trusted
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    assert "## Threat model" in readme
+
+
+def test_audit_per_user_epsilon_states_partition_max_and_sum(tmp_path: Path) -> None:
+    # Prepare
+    run = make_run(tmp_path)
+
+    # Execute
+    audit = build_audit(run)
+    html = write_audit(run)[0].read_text(encoding="utf-8")
+
+    # Assert
+    per_user = audit["per_user_epsilon"]
+    finals = {n["node"]: n["final_epsilon"] for n in audit["nodes"]}
+    assert per_user["partition"] == "one node per user"
+    assert per_user["epsilon"] == per_user["max_over_nodes"]
+    assert per_user["max_over_nodes"] >= max(finals.values())
+    assert per_user["sum_over_nodes"] >= sum(finals.values()) > per_user["max_over_nodes"]
+    assert per_user["sum_delta"] == 2 * DELTA
+    assert "region_id" in per_user["statement"] and "sum" in per_user["statement"]
+    assert '<h2 id="per-user-epsilon">Per-user ε</h2>' in html
+    assert f"{per_user['sum_over_nodes']:.4f}" in html
+
+
+def test_audit_notes_unpinned_keys_and_shows_the_writers_keys(tmp_path: Path) -> None:
+    # Prepare
+    run = make_run(tmp_path)
+
+    # Execute
+    audit = build_audit(run)
+    html = write_audit(run)[0].read_text(encoding="utf-8")
+
+    # Assert
+    assert CAVEAT_UNPINNED_KEYS in audit["caveats"]
+    keys = audit["verify"]["keys"]
+    assert {k["writer"] for k in keys.values()} == set(NODE_PARAMS)
+    assert {k["source"] for k in keys.values()} == {"published"}
+    assert all(k["key_id"][:16] in html for k in keys.values())

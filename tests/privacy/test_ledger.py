@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
+import threading
 from pathlib import Path
 
 import pytest
@@ -13,10 +16,18 @@ from privacy.ledger import (
     Ledger,
     LedgerError,
     LedgerEvent,
+    LedgerKeyError,
+    LedgerSigner,
     canonical_json,
+    key_fingerprint,
+    load_public_key,
+    node_signer,
+    published_key_path,
     read_ledger,
     record_hash,
+    server_signer,
     verify_chain,
+    verify_signatures,
 )
 
 
@@ -278,3 +289,150 @@ def test_missing_file_and_empty_file(tmp_path: Path) -> None:
     assert verify_chain(empty) == []
     missing = verify_chain(tmp_path / "nope.jsonl")
     assert len(missing) == 1 and missing[0].line == 0
+
+
+# --------------------------------------------------------------------------------------------
+# signed lines
+# --------------------------------------------------------------------------------------------
+def test_node_signer_creates_a_private_key_and_reuses_it(tmp_path: Path) -> None:
+    # Prepare
+    state = tmp_path / "state"
+
+    # Execute
+    first = node_signer(state)
+    second = node_signer(state)
+
+    # Assert
+    assert first.key_id == second.key_id == key_fingerprint(first.public_key)
+    assert first.path is not None
+    assert stat.S_IMODE(os.stat(first.path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(first.path.parent).st_mode) == 0o700
+    assert [p.name for p in first.path.parent.iterdir()] == [first.path.name]  # no temp left
+
+
+def test_concurrent_first_use_agrees_on_one_key(tmp_path: Path) -> None:
+    # Prepare
+    ids: list[str] = []
+
+    def load() -> None:
+        ids.append(server_signer(tmp_path / "keys").key_id)
+
+    threads = [threading.Thread(target=load) for _ in range(6)]
+
+    # Execute
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    # Assert
+    assert len(ids) == 6 and len(set(ids)) == 1
+
+
+@pytest.mark.parametrize("target", ["key", "folder"])
+def test_loose_permissions_are_refused(tmp_path: Path, target: str) -> None:
+    # Prepare
+    signer = node_signer(tmp_path)
+    assert signer.path is not None
+    os.chmod(signer.path if target == "key" else signer.path.parent, 0o755)
+
+    # Execute / Assert
+    with pytest.raises(LedgerKeyError, match="must not be readable or writable by group"):
+        node_signer(tmp_path)
+
+
+def test_symlinked_or_foreign_key_is_refused(tmp_path: Path) -> None:
+    # Prepare: the key replaced by a symlink to a key elsewhere
+    signer = node_signer(tmp_path / "a")
+    other = node_signer(tmp_path / "b")
+    assert signer.path is not None and other.path is not None
+    signer.path.unlink()
+    signer.path.symlink_to(other.path)
+
+    # Execute / Assert
+    with pytest.raises(LedgerKeyError, match="cannot open the ledger key"):
+        node_signer(tmp_path / "a")
+
+
+def test_signed_ledger_lines_verify_and_publish_the_key(tmp_path: Path) -> None:
+    # Prepare
+    path = tmp_path / "ledger" / "eu-west.jsonl"
+    signer = node_signer(tmp_path / "state")
+
+    # Execute
+    ledger = Ledger(path, signer=signer)
+    records = [ledger.append(_event(i, eps=0.1 * (i + 1))) for i in range(3)]
+    reopened = Ledger(path, signer=node_signer(tmp_path / "state"))
+    records.append(reopened.append(_event(3, eps=0.5)))
+
+    # Assert
+    published = published_key_path(path)
+    assert published == tmp_path / "ledger" / "keys" / "eu-west.pub"
+    assert key_fingerprint(load_public_key(published)) == signer.key_id
+    assert all(r["key_id"] == signer.key_id and r["signature"] for r in records)
+    assert verify_chain(path) == []
+    assert verify_signatures(path, signer.public_key) == []
+    assert record_hash(records[0]) == records[0]["hash"]  # the signature is not hashed
+
+
+def test_unsigned_lines_hash_as_before_and_are_reported(tmp_path: Path) -> None:
+    # Prepare
+    path = tmp_path / "l.jsonl"
+    records = _write(path, 2)
+
+    # Execute
+    strict = verify_signatures(path, None)
+    lenient = verify_signatures(path, None, require_signed=False)
+
+    # Assert
+    assert "key_id" not in records[0] and "signature" not in records[0]
+    assert records[0]["hash"] == record_hash(records[0])
+    assert [(p.line, p.problem.startswith("unsigned line")) for p in strict] == [
+        (1, True),
+        (2, True),
+    ]
+    assert lenient == []
+
+
+def test_another_key_cannot_sign_into_a_ledger(tmp_path: Path) -> None:
+    # Prepare
+    path = tmp_path / "ledger" / "eu-west.jsonl"
+    Ledger(path, signer=LedgerSigner.generate()).append(_event(0))
+
+    # Execute / Assert
+    with pytest.raises(LedgerKeyError, match="holds another writer's key"):
+        Ledger(path, signer=LedgerSigner.generate())
+
+
+def test_edited_or_forged_signed_line_is_detected(tmp_path: Path) -> None:
+    # Prepare: line 2 edited and re-hashed (chain re-linked by hand), line 3 forged by
+    # another key
+    path = tmp_path / "eu-west.jsonl"
+    signer = LedgerSigner.generate()
+    ledger = Ledger(path, signer=signer)
+    for i in range(2):
+        ledger.append(_event(i, eps=0.1 * (i + 1)))
+    lines = _lines(path)
+    record = json.loads(lines[1])
+    record["noise_multiplier"] = 0.5
+    record["hash"] = record_hash(record)
+    lines[1] = canonical_json(record) + "\n"
+    path.write_text("".join(lines))
+    published_key_path(path).unlink()
+    Ledger(path, signer=LedgerSigner.generate()).append(_event(2, eps=0.9))
+
+    # Execute
+    problems = verify_signatures(path, signer.public_key, key_source="trusted key")
+
+    # Assert
+    assert [p.line for p in problems] == [2, 3]
+    assert "bad signature" in problems[0].problem
+    assert "not by the writer's key" in problems[1].problem
+    assert "(trusted key)" in problems[1].problem
+
+
+def test_reserved_signature_fields(tmp_path: Path) -> None:
+    # Execute / Assert
+    for field in ("key_id", "signature"):
+        with pytest.raises(ValueError, match="reserved"):
+            Ledger(tmp_path / "l.jsonl").append({**_event(0).to_dict(), field: "x"})

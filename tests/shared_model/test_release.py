@@ -288,3 +288,39 @@ def test_store_refuses_downgrade_and_version_reuse(tmp_path: Path, key: Ed25519P
     assert store.current_version() == "v1"
     leftovers = [p.name for p in (tmp_path / "node").rglob("*") if ".tmp" in p.name]
     assert leftovers == []
+
+
+# --- issue 16: score verifies by default; the cached ONNX encoder is hash-checked ----------
+
+
+def test_score_refuses_an_unverified_release(release: Path) -> None:
+    from typer.testing import CliRunner
+
+    from fedrank.cli import _register, app
+
+    _register()
+    result = CliRunner().invoke(app, ["score", "--release", str(release), "--query", "chair"])
+    assert result.exit_code == 2
+    assert "refusing an unverified release" in result.output
+
+
+def test_cached_onnx_encoder_is_hash_checked(tmp_path: Path) -> None:
+    from shared_model.onnx_encoder import digest_path, read_checked
+
+    path = tmp_path / "enc.onnx"
+    path.write_bytes(b"graph")
+    with pytest.raises(OSError):
+        read_checked(path)  # no recorded hash: not trusted
+    import hashlib
+
+    digest_path(path).write_text(hashlib.sha256(b"graph").hexdigest() + "\n")
+    path.chmod(0o644)
+    digest_path(path).chmod(0o644)
+    assert read_checked(path) == b"graph"
+    path.write_bytes(b"evil graph")
+    with pytest.raises(ValueError, match="sha256"):
+        read_checked(path)
+    path.write_bytes(b"graph")
+    path.chmod(0o666)
+    with pytest.raises(ValueError, match="writable"):
+        read_checked(path)

@@ -1,0 +1,93 @@
+"""``fedrank audit canaries``: the canary audit, which trains, so it lives with ``simulations``.
+
+It attaches itself to the ``audit`` group that ``privacy.commands`` registers
+(:func:`privacy.commands.audit_app_of`); ``privacy`` never imports ``simulations``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import typer
+
+__all__ = ["register"]
+
+
+def register(app: typer.Typer, bench_app: typer.Typer) -> None:
+    """Attach ``fedrank audit canaries`` (call after ``privacy.commands.register``)."""
+    from privacy.commands import audit_app_of
+
+    del bench_app  # no benchmarks here
+    audit_app = audit_app_of(app)
+
+    @audit_app.command("canaries")
+    def audit_canaries(
+        scenario: str = typer.Argument(..., help="Scenario name (regional-5, ...)."),
+        epsilon: str = typer.Option(..., "--epsilon", help="Claimed per-node ε, or 'inf'."),
+        runs: int = typer.Option(
+            4, "--runs", min=1, help="Independent training runs (2 x rounds canaries each)."
+        ),
+        rounds: int | None = typer.Option(
+            None, "--rounds", min=1, help="Rounds per run (default: the scenario's)."
+        ),
+        node: int = typer.Option(0, "--node", min=0, help="Which regional node to audit."),
+        seed: int = typer.Option(0, "--seed", help="Seeds the canaries' coins (not DP noise)."),
+        as_json: Path | None = typer.Option(None, "--json", help="Write the result as JSON."),
+    ) -> None:
+        """One-run canary audit (Steinke et al. 2023) with a σ = 0 positive control."""
+        # Result: "pass" (bound <= claim < control's bound), "inconclusive" (control's bound
+        # <= claim) or "fail" (bound > claim: exit 1).
+        from simulations.canaries import node_groups, run_canary_audit
+        from simulations.scenarios import get_scenario
+
+        try:
+            chosen = get_scenario(scenario)
+            eps = float(epsilon)
+            if not eps > 0:
+                raise ValueError(f"--epsilon must be > 0 or 'inf', got {epsilon!r}")
+        except (KeyError, ValueError) as exc:
+            typer.echo(f"error: {exc.args[0]}", err=True)
+            raise typer.Exit(2) from None
+        if chosen.partition != "regional":
+            typer.echo(f"error: {scenario} is not a regional scenario", err=True)
+            raise typer.Exit(2)
+        if node >= chosen.world.num_regions:
+            typer.echo(f"error: --node must be < {chosen.world.num_regions}", err=True)
+            raise typer.Exit(2)
+        cfg = chosen.run_config
+        result = run_canary_audit(
+            real=node_groups(scenario, node=node),
+            epsilon=eps,
+            delta=float(cfg.get("delta", 1e-5)),
+            rounds=rounds or chosen.rounds,
+            runs=runs,
+            learning_rate=float(cfg.get("learning-rate", 0.5)),
+            batch_size=int(cfg.get("batch-size", 256)),
+            local_epochs=int(cfg.get("local-epochs", 1)),
+            clip_norm=float(cfg.get("clip-norm", 1.0)),
+            seed=seed,
+            scenario=scenario,
+        )
+        sigma = result.noise_multiplier
+        claimed = "inf" if math.isinf(eps) else f"{eps:g}"
+        typer.echo(
+            f"{scenario} node {node}: claimed ε {claimed}, "
+            f"empirical lower bound {result.epsilon_lower_bound:.3f} ({result.correct}/"
+            f"{result.guesses} correct); positive control (σ=0) "
+            f"{result.positive_control_epsilon_lower_bound:.3f} "
+            f"({result.positive_control_correct}/{result.positive_control_guesses}); "
+            f"result {result.result}"
+        )
+        typer.echo(
+            f"  {result.canaries} canaries ({result.canaries_in} in) over {result.runs} runs of "
+            f"{result.rounds} rounds; σ {'none' if sigma is None else f'{sigma:.3f}'}, "
+            f"q {result.sample_rate:.4f}, {result.steps_per_round} steps/round, "
+            f"{result.wall_seconds:.0f}s"
+        )
+        if as_json is not None:
+            as_json.write_text(json.dumps(result.to_dict(), indent=1, allow_nan=False))
+            typer.echo(f"wrote {as_json}")
+        if result.result == "fail":
+            raise typer.Exit(code=1)
