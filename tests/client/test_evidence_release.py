@@ -108,7 +108,7 @@ def test_node_round_releases_once_within_one_budget(tmp_path):
     from shared_model.clicklog import write_click_log
     from shared_model.data import DEFAULT_WANDS_DIR
     from shared_model.ranker import RankerHead
-    from shared_model.settings import RunSettings
+    from shared_model.settings import NodePrivacy, RunSettings
     from shared_model.state import head_state
     from shared_model.world import WorldConfig, simulate_click_log
 
@@ -121,8 +121,8 @@ def test_node_round_releases_once_within_one_budget(tmp_path):
     )
     node = NodeSettings(
         name="region-a", data_path=tmp_path / "data" / "clicks.parquet",
-        state_dir=tmp_path / "state", ledger_dir=tmp_path / "ledger",
-        catalog_dir=DEFAULT_WANDS_DIR,
+        state_dir=tmp_path / "nodes" / "region-a", ledger_dir=tmp_path / "ledger",
+        catalog_dir=DEFAULT_WANDS_DIR, privacy=NodePrivacy(epsilon_budget=1.0, delta=1e-4),
     )
     index = EvidenceIndex(builder.data)
     state = {**head_state(RankerHead()), **initial_evidence(index)}
@@ -139,3 +139,9 @@ def test_node_round_releases_once_within_one_budget(tmp_path):
     assert 0.9 <= spent <= 1.0 and second.metrics["epsilon"] == pytest.approx(spent)
     lines = (node.ledger_dir / "region-a.jsonl").read_text().splitlines()
     assert [json.loads(x)["mechanism"] for x in lines].count("count-release") == 1
+    # The auditor's independent recomputation composes the release with the DP-SGD steps.
+    from privacy.verify import verify_run
+
+    (tmp_path / "config.json").write_text(json.dumps(run.to_config()))
+    report = verify_run(tmp_path, pld_reference=False)
+    assert report.ok, [str(p) for p in report.problems]
