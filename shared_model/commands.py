@@ -254,13 +254,19 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         ]
         metrics = ("ndcg@10", "mrr", "auc")
         width = max(len(m) for m in models)
+        has_seen = all("seen" in result[m] for m in models)
         header = f"{'model':<{width}}  " + "  ".join(f"{m:>17}" for m in metrics)
+        if has_seen:  # the same models on each fold's training queries
+            header += f"  {'seen ndcg@10':>17}"
         lines = [header, "-" * len(header)]
         for model in models:
             cells = [
                 f"{result[model][m]:.4f} ± {result[model][m + '_std']:.4f}".rjust(17)
                 for m in metrics
             ]
+            if has_seen:
+                seen = result[model]["seen"]
+                cells.append(f"{seen['ndcg@10']:.4f} ± {seen['ndcg@10_std']:.4f}".rjust(17))
             lines.append(f"{model:<{width}}  " + "  ".join(cells))
         split = result["split"]
         lines.append(

@@ -53,6 +53,7 @@ def test_run_baselines_shape_and_ranges(baseline_result, wands_data, clicks):
     assert set(result) == {*MODELS, "split"}
     for model in MODELS:
         _check_model_block(result[model])
+        _check_model_block(result[model]["seen"])  # the fold's training queries
     split = result["split"]
     assert split["num_folds"] == FOLDS
     assert sum(split["fold_sizes"]) == len(wands_data.query_ids) == 40
