@@ -71,5 +71,15 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:  # noqa: ARG001
         except (OSError, ValueError) as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
-        rc = serve(cfg, echo=typer.echo, timeout=timeout)
+        from fedrank.dashboard import url_hint
+
+        hint = [url_hint(cfg.run_dir)]
+
+        def echo(line: str) -> None:
+            # `nodes connect to HOST:PORT` stays the first line; the dashboard hint follows it.
+            typer.echo(line)
+            while hint:
+                typer.echo(hint.pop())
+
+        rc = serve(cfg, echo=echo, timeout=timeout)
         raise typer.Exit(rc)

@@ -7,6 +7,7 @@ queries (all users pooled in one place): the ceiling a federated, private run ai
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -76,8 +77,10 @@ def run_baselines(
     seed: int = 0,
     central: CentralConfig | None = None,
     include_naive: bool = True,
+    on_fold: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
-    """k-fold-by-query evaluation of every baseline; mean, spread and per-fold values."""
+    """k-fold-by-query evaluation of every baseline; mean, spread and per-fold values
+    (``on_fold(i)`` after fold ``i``: progress)."""
     central = central or CentralConfig()
     data = builder.data
     folds = query_folds(data.query_ids, num_folds=num_folds, seed=seed)
@@ -108,6 +111,8 @@ def run_baselines(
             seen["central_head_naive"].append(
                 evaluate(data, train_q, head_scorer(naive, builder))
             )
+        if on_fold is not None:
+            on_fold(i)
     out: dict[str, Any] = {
         name: {**_summary(per_fold), "seen": _summary(seen[name])}
         for name, per_fold in results.items()

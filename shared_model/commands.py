@@ -46,9 +46,14 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             category=category_col,
             description=description_col,
         )
+        from fedrank.progress import progress
+
         try:
-            data = load_csv(Path(csv_file), columns, delimiter=sep)
-            save_judged(data, Path(out))
+            with progress(2, f"reading {csv_file}") as bar:
+                data = load_csv(Path(csv_file), columns, delimiter=sep)
+                bar.update(completed=1, description=f"writing {out}")
+                save_judged(data, Path(out))
+                bar.update(completed=2)
         except (DataError, OSError) as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(code=2) from None
@@ -210,13 +215,18 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         import sys
         import time
 
+        from fedrank.progress import progress
+
+        bar = progress(folds + 4, "baseline", quiet=as_json)  # 4 log lines + one per fold
+
         def log(message: str) -> None:
-            typer.echo(message, err=True)
+            bar.echo(message, err=True)
+            bar.update(advance=1)
 
         started = time.perf_counter()
         # Anything a library prints while we work (progress bars, model-load reports) goes to
         # stderr, so stdout carries the result alone.
-        with contextlib.redirect_stdout(sys.stderr):
+        with contextlib.redirect_stdout(sys.stderr), bar:
             from transformers.utils import logging as hf_logging
 
             hf_logging.disable_progress_bar()
@@ -236,7 +246,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             log(f"features ready ({time.perf_counter() - started:.1f}s)")
             clicks = simulate_click_log(data, WorldConfig(num_users=users, seed=seed))
             log(f"simulated {clicks.num_rows} impressions from {users} users")
-            result = run_baselines(builder, clicks, num_folds=folds, seed=seed)
+            result = run_baselines(builder, clicks, num_folds=folds, seed=seed,
+                                   on_fold=lambda i: bar.update(advance=1))
             ctr = click_through_by_rank(clicks)
             ctr1, ctr5 = ctr.get(1), ctr.get(5)
             result["clicks"] = {

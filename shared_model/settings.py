@@ -43,6 +43,7 @@ EVIDENCE_SHARE = "evidence-share"
 EVIDENCE_CLIP = "evidence-clip"
 RELEASE_EVERY = "release-every"
 REGION_CAPS = "region-epsilon-caps"
+NODE_REGIONS = "node-regions"
 CATALOG_DIR = "catalog-dir"
 CACHE_DIR = "cache-dir"
 ONLINE = "online"
@@ -85,6 +86,9 @@ class RunSettings:
 
     ``epsilon`` is each node's whole-run budget (``math.inf`` = non-private).
     ``region_epsilon_caps`` is ``"region=cap,region=cap"`` (server-side policy; empty = none).
+    ``node_regions`` is ``"ID=region,ID=region"``: the server's name for each Flower node id
+    (``server.validation.parse_node_regions``; empty = ``node-<id>``); a reply's own name is
+    a claim only.
     ``catalog_dir`` / ``cache_dir``: absolute paths of the judged catalog and the embedding
     cache ("" = the bundled WANDS data and ``.cache/embeddings``); Flower installs the app
     from a package that carries code only, so a run passes these explicitly.
@@ -117,6 +121,7 @@ class RunSettings:
     hidden_dim: int = 0
     release_every: int = 0
     region_epsilon_caps: str = ""
+    node_regions: str = ""
     catalog_dir: str = ""
     cache_dir: str = ""
     online: bool = False
