@@ -145,3 +145,24 @@ def test_node_round_releases_once_within_one_budget(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(run.to_config()))
     report = verify_run(tmp_path, pld_reference=False)
     assert report.ok, [str(p) for p in report.problems]
+
+
+def test_reply_validation_leaves_evidence_out_of_the_update_clip():
+    from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+
+    from server.validation import check_reply
+
+    sent = {"w": np.zeros(3, np.float32), **initial_evidence(_index())}
+    reply = {k: v.copy() for k, v in sent.items()}
+    reply["w"] += 10.0  # a head update beyond the clip: clipped
+    reply[EVIDENCE_CLICKS] += 500.0  # noisy counts: far beyond any update norm, kept as sent
+    content = RecordDict({
+        "arrays": ArrayRecord({k: Array(v) for k, v in reply.items()}),
+        "metrics": MetricRecord(
+            {"num-examples": 1.0, "steps": 1.0, "epsilon": 1.0, "release-round": 0.0}
+        ),
+    })
+    checked, problems = check_reply(content, sent, clip_norm=5.0, reject_norm=1000.0)
+    assert problems == [] and checked is not None and checked.clipped
+    assert np.linalg.norm(checked.arrays["w"]) == pytest.approx(5.0, rel=1e-5)
+    np.testing.assert_array_equal(checked.arrays[EVIDENCE_CLICKS], reply[EVIDENCE_CLICKS])
