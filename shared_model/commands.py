@@ -28,13 +28,52 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         delimiter: str = typer.Option(
             ",", "--delimiter", help="Field separator ('tab' or \\t ok)."
         ),
+        encoding: str = typer.Option(
+            "utf-8", "--encoding", help="The file's encoding (utf-8, latin-1, cp1252, ...)."
+        ),
+        on_conflict: str = typer.Option(
+            "error",
+            "--on-conflict",
+            help="A product or query id with different text on different rows: error (list "
+            "them), first (keep the first text) or most-common (keep the text on most rows).",
+        ),
+        on_bad_row: str = typer.Option(
+            "drop",
+            "--on-bad-row",
+            help="drop (skip and report in import-report.json) or error (stop at the first).",
+        ),
+        as_json: bool = typer.Option(False, "--json", help="Print the import report as JSON."),
     ) -> None:
-        """Import a judged-search CSV (ESCI / Home Depot style) into the import format."""
+        """Import a judged-search CSV (ESCI / Home Depot style) into the import format.
+
+        Writes queries.tsv, products.tsv, labels.tsv and import-report.json (rows read,
+        kept, merged and dropped, with reasons and counts) into OUT, atomically.
+        """
+        import json
         from pathlib import Path
 
-        from shared_model.data import CsvColumns, load_csv, save_judged
+        from shared_model.data import (
+            IMPORT_REPORT_FILE,
+            ON_CONFLICT,
+            CsvColumns,
+            check_encoding,
+            import_csv,
+            save_judged,
+        )
         from shared_model.schema import DataError
 
+        def fail(message: str) -> typer.Exit:
+            typer.echo(f"error: {message}", err=True)
+            return typer.Exit(code=2)
+
+        if on_conflict not in ON_CONFLICT:
+            raise fail(f"--on-conflict {on_conflict!r}: expected one of {', '.join(ON_CONFLICT)}")
+        if on_bad_row not in ("drop", "error"):
+            raise fail(f"--on-bad-row {on_bad_row!r}: expected drop or error")
+        try:
+            check_encoding(encoding)
+        except ValueError as exc:
+            raise fail(f"--encoding: {exc}") from None
         sep = "\t" if delimiter in ("tab", "\\t") else delimiter
         columns = CsvColumns(
             query=query_col,
@@ -47,15 +86,48 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             description=description_col,
         )
         try:
-            data = load_csv(Path(csv_file), columns, delimiter=sep)
-            save_judged(data, Path(out))
+            result = import_csv(
+                Path(csv_file),
+                columns,
+                delimiter=sep,
+                encoding=encoding,
+                on_conflict=on_conflict,
+                on_bad_row=on_bad_row,
+            )
+            save_judged(result.data, Path(out), report=result.report)
         except (DataError, OSError) as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(code=2) from None
+            raise fail(str(exc)) from None
+        report = result.report
+        if as_json:
+            typer.echo(json.dumps(report, indent=2))
+            return
+        merged = report["rows_merged"]
+        assert isinstance(merged, dict)
         typer.echo(
-            f"imported {len(data.queries)} queries, {len(data.products)} products, "
-            f"{len(data.judgments)} judgments from {csv_file} into {out}"
+            f"imported {report['queries']} queries, {report['products']} products, "
+            f"{report['judgments']} judgments from {csv_file} into {out}"
         )
+        typer.echo(
+            f"rows: {report['rows_read']} read, {report['rows_kept']} kept "
+            f"({merged['duplicate_pairs']} merged into an earlier judgment of the same pair), "
+            f"{report['rows_dropped']} dropped"
+        )
+        reasons = report["dropped_by_reason"]
+        assert isinstance(reasons, dict)
+        if reasons:
+            typer.echo(
+                "dropped: " + ", ".join(f"{reason} {count}" for reason, count in reasons.items()),
+                err=True,
+            )
+        conflicts = report["conflicts"]
+        assert isinstance(conflicts, dict)
+        if conflicts["product_ids"] or conflicts["query_ids"]:
+            typer.echo(
+                f"conflicts ({on_conflict}): {conflicts['product_ids']} product id(s), "
+                f"{conflicts['query_ids']} query id(s) had different text on different rows",
+                err=True,
+            )
+        typer.echo(f"report: {Path(out) / IMPORT_REPORT_FILE}")
 
     @data_app.command("stats")
     def data_stats(
