@@ -159,6 +159,107 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         }
         typer.echo(json.dumps(stats, indent=2))
 
+    @data_app.command("import-clicks")
+    def data_import_clicks(
+        csv_file: str | None = typer.Option(None, "--csv", help="Click log as CSV."),
+        jsonl_file: str | None = typer.Option(None, "--jsonl", help="Click log as JSON Lines."),
+        parquet_file: str | None = typer.Option(None, "--parquet", help="Click log as Parquet."),
+        catalog: str = typer.Option(
+            ..., "--catalog", help="Imported judged-search directory (fedrank data import)."
+        ),
+        out: str = typer.Option(..., "--out", help="Click-log Parquet file to write."),
+        user_col: str = typer.Option("user", "--user-col"),
+        session_col: str = typer.Option(
+            "session",
+            "--session-col",
+            help="Absent from the input: each (user, query, timestamp) is one session.",
+        ),
+        query_col: str = typer.Option(
+            "query", "--query-col", help="A query_id of the catalog, or a query text of it."
+        ),
+        product_col: str = typer.Option("product", "--product-col"),
+        rank_col: str = typer.Option("position", "--rank-col", help="1-based rank shown."),
+        clicked_col: str = typer.Option("clicked", "--clicked-col"),
+        timestamp_col: str = typer.Option(
+            "timestamp", "--timestamp-col", help="Unix seconds or ISO 8601 (no offset = UTC)."
+        ),
+        region_col: str = typer.Option(
+            "region", "--region-col", help="Absent from the input: every row gets --region."
+        ),
+        exploration_col: str = typer.Option(
+            "exploration", "--exploration-col", help="Absent from the input: false."
+        ),
+        region: int = typer.Option(0, "--region", min=0, help="Region id without a column."),
+        encoding: str = typer.Option("utf-8", "--encoding", help="Of a CSV or JSON Lines log."),
+        delimiter: str = typer.Option(",", "--delimiter", help="CSV separator ('tab' ok)."),
+        batch_rows: int = typer.Option(
+            100_000, "--batch-rows", min=1, help="Rows read and written at a time."
+        ),
+        quarantine: str | None = typer.Option(
+            None, "--quarantine", help="Bad rows' CSV (default: OUT with .quarantine.csv)."
+        ),
+        as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    ) -> None:
+        """Convert a real click log to the click-log format; bad rows go to a quarantine file.
+
+        Reads in batches (logs larger than memory), writes OUT, OUT's .quarantine.csv (line,
+        reason, raw cells of every bad row) and .report.json, atomically.
+        """
+        import json
+        from pathlib import Path
+
+        from shared_model.clicklog_import import ClickColumns, import_click_log
+        from shared_model.schema import DataError
+
+        sources = [
+            (fmt, path)
+            for fmt, path in (("csv", csv_file), ("jsonl", jsonl_file), ("parquet", parquet_file))
+            if path
+        ]
+        if len(sources) != 1:
+            typer.echo("error: give exactly one of --csv, --jsonl, --parquet", err=True)
+            raise typer.Exit(code=2)
+        fmt, source = sources[0]
+        columns = ClickColumns(
+            user=user_col,
+            session=session_col,
+            query=query_col,
+            product=product_col,
+            rank=rank_col,
+            clicked=clicked_col,
+            timestamp=timestamp_col,
+            region=region_col,
+            exploration=exploration_col,
+        )
+        try:
+            report = import_click_log(
+                Path(source),
+                Path(catalog),
+                Path(out),
+                fmt=fmt,
+                columns=columns,
+                region=region,
+                encoding=encoding,
+                delimiter="\t" if delimiter in ("tab", "\\t") else delimiter,
+                batch_rows=batch_rows,
+                quarantine=Path(quarantine) if quarantine else None,
+            )
+        except (DataError, OSError, ValueError) as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(code=2) from None
+        if as_json:
+            keys = ("rows_in", "rows_kept", "rows_quarantined", "quarantine_file")
+            typer.echo(json.dumps({key: report[key] for key in keys} | report, indent=2))
+            return
+        typer.echo(
+            f"{report['rows_in']} rows in, {report['rows_kept']} kept into {out}, "
+            f"{report['rows_quarantined']} quarantined in {report['quarantine_file']}"
+        )
+        reasons = report["quarantined_by_reason"]
+        assert isinstance(reasons, dict)
+        for reason, count in reasons.items():
+            typer.echo(f"  {reason}: {count}", err=True)
+
     # --- simulated clicks and the OBD position-bias check (shared_model.clicks / .obd) ---
     @data_app.command("simulate-clicks")
     def simulate_clicks(
