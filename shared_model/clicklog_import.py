@@ -118,7 +118,7 @@ def _decode(path: Path, raw: bytes, codec: str, first_line: int) -> str:
         raise DataError(
             path,
             line,
-            f"not valid {codec}: byte(s) {raw[exc.start : exc.end].hex(' ')} at byte {column} "
+            f"not valid {'UTF-8' if codec == 'utf-8' else codec}: byte(s) {raw[exc.start : exc.end].hex(' ')} at byte {column} "
             f"of line {line}; if the file is Latin-1 or Windows-1252, pass --encoding latin-1",
         ) from None
 
