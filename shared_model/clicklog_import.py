@@ -115,10 +115,12 @@ def _decode(path: Path, raw: bytes, codec: str, first_line: int) -> str:
     except UnicodeDecodeError as exc:
         line = first_line + raw.count(b"\n", 0, exc.start)
         column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        name = "UTF-8" if codec == "utf-8" else codec
+        bad = raw[exc.start : exc.end].hex(" ")
         raise DataError(
             path,
             line,
-            f"not valid {'UTF-8' if codec == 'utf-8' else codec}: byte(s) {raw[exc.start : exc.end].hex(' ')} at byte {column} "
+            f"not valid {name}: byte(s) {bad} at byte {column} "
             f"of line {line}; if the file is Latin-1 or Windows-1252, pass --encoding latin-1",
         ) from None
 
