@@ -2,13 +2,17 @@
 
 One ClientApp serves both privacy shapes:
 - regional: new Message API content ``{"arrays", "config"}`` from FedAvg/FedAdam; the node
-  trains with DP-SGD and replies ``{"arrays", "metrics"}``, or an error reply when its
-  budget is spent (the server logs the reason and carries on without it);
+  trains with DP-SGD and replies ``{"arrays", "metrics", "node"}`` (metrics: exactly
+  ``client.node.REPLY_METRICS``), or an error reply when it refuses (budget spent, or a run
+  config weaker than its pinned privacy) or fails (a fixed reason; details stay in the
+  node's log). The server logs the reason and carries on without it;
 - device: legacy fit content (``fitins.*``) from the SecAgg+ workflow; the update is clipped
   by ``adaptiveclipping_mod`` and masked by ``secaggplus_mod`` before it leaves the node.
 """
 
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 from flwr.app import (
@@ -31,8 +35,12 @@ from client.faults import corrupt, fault_of, recording_mod  # deployment test ho
 from client.node import BudgetRefusal, NodeSettings, torch_threads, train_round
 from shared_model.settings import RunSettings
 
-# Error code in a refusal reply (Flower reserves small codes for its own errors).
+log = logging.getLogger("fedrank.node")
+
+# Error codes (Flower reserves small codes for its own errors): a refusal (budget spent, or
+# a run config weaker than the node's pinned privacy), and any other failure (fixed reason).
 BUDGET_EXHAUSTED = 4001
+NODE_FAILED = 4002
 LEGACY_FIT_PARAMS = "fitins.parameters"
 LEGACY_FIT_CONFIG = "fitins.config"
 ROUND_OFFSET = "round-offset"
@@ -60,24 +68,42 @@ def _adaptiveclipping_if_legacy(msg: Message, ctxt: Context, call_next):  # type
 # Order matters: SecAgg+ (outer) must mask the *clipped* update.
 @app.train(mods=[_secaggplus_if_legacy, _adaptiveclipping_if_legacy])
 def train(msg: Message, context: Context) -> Message:
-    """Train on this node's clicks and reply with weights + aggregate metrics."""
+    """Train on this node's clicks and reply with weights + public/DP-protected metrics.
+
+    A refusal (budget, pinned privacy, no new clicks) is an error reply with code
+    :data:`BUDGET_EXHAUSTED` and the node's reason. Any other failure is logged here in full
+    and answered with :data:`NODE_FAILED` and a fixed reason naming only the exception
+    type: exception text can quote file content or paths, which must not leave the node.
+    """
     torch_threads(1)
-    run = RunSettings.from_config(context.run_config)
-    node = NodeSettings.from_node_config(context.node_config, run)
-    if LEGACY_FIT_PARAMS in msg.content.array_records:
-        return _train_legacy(msg, run, node)
+    name = "node"
+    try:
+        run = RunSettings.from_config(context.run_config)
+        node = NodeSettings.from_node_config(context.node_config, run)
+        name = node.name
+        if LEGACY_FIT_PARAMS in msg.content.array_records:
+            return _train_legacy(msg, run, node)
+        return _train_regional(msg, context, run, node)
+    except BudgetRefusal as refusal:
+        return Message(Error(code=BUDGET_EXHAUSTED, reason=str(refusal)), reply_to=msg)
+    except Exception as exc:
+        log.exception("node %s failed to train", name)
+        reason = f"node {name} could not train: {type(exc).__name__} (details in the node's log)"
+        return Message(Error(code=NODE_FAILED, reason=reason), reply_to=msg)
+
+
+def _train_regional(
+    msg: Message, context: Context, run: RunSettings, node: NodeSettings
+) -> Message:
     config = msg.content.config_records["config"]
     server_round = _as_int(config["server-round"]) + _as_int(config.get(ROUND_OFFSET, 0))
     record = msg.content.array_records["arrays"]
     state = record.to_numpy_ndarrays()
     keys = list(record.keys())
-    try:
-        outcome = train_round(
-            run=run, node=node, global_state=dict(zip(keys, state, strict=True)),
-            server_round=server_round,
-        )
-    except BudgetRefusal as refusal:
-        return Message(Error(code=BUDGET_EXHAUSTED, reason=str(refusal)), reply_to=msg)
+    outcome = train_round(
+        run=run, node=node, global_state=dict(zip(keys, state, strict=True)),
+        server_round=server_round,
+    )
     reply_state = outcome.state
     # Test hook (client/faults.py): corrupts the reply only if the node config sets `fault`.
     fault = fault_of(context.node_config)
@@ -87,7 +113,7 @@ def train(msg: Message, context: Context) -> Message:
         {
             "arrays": ArrayRecord({k: Array(v) for k, v in reply_state.items()}),
             "metrics": MetricRecord(_metric_values(outcome.metrics)),
-            # The node's operator-chosen name (a region), so per-region policy can apply.
+            # The node's operator-chosen name: a claim only (the server maps Flower node ids).
             NODE_RECORD: ConfigRecord({"name": node.name}),
         }
     )

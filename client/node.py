@@ -3,13 +3,22 @@
 A node holds its own click log (never sent anywhere), its own state directory (privacy
 accountant, plan, embedding cache) and its own ledger file. Each round it:
 
-1. loads the global head from the server's arrays (shape-checked);
-2. groups its clicks by user, keeping at most ``max_sessions_per_user`` sessions each;
-3. regional shape: checks the accountant: if this round would take ε past the node's
+1. checks the run config against its own pinned privacy settings (``NodeSettings.privacy``:
+   ε budget, δ, clip norm, sessions per user, privacy shape, set by the node's operator,
+   never by the server): a weaker request is refused (reply + ledger line); a larger ε is
+   capped at the node's budget and at any budget its state already recorded;
+2. loads the global head from the server's arrays (shape-checked);
+3. groups its clicks by user, keeping at most ``max_sessions_per_user`` sessions each;
+4. regional shape: checks the accountant: if this round would take ε past the effective
    budget, refuses (and writes the refusal to its ledger); otherwise trains with DP-SGD and
    records the steps it actually took; device shape: trains plainly (the server clips and
    noises the update: client-level DP);
-4. returns the new weights and aggregate metrics only.
+5. returns the new weights and public or DP-protected metrics only (``REPLY_METRICS``:
+   a constant weight, steps, ε, release round; no exact counts or losses).
+
+**Randomness.** Poisson sampling, DP noise and the per-user session choice come from a
+generator seeded from the OS CSPRNG each round (``round_randomness``); nothing about them
+follows from the run config, the round or the node's name (``shared_model.training``).
 
 **Privacy guarantee per user (regional shape).** A user's clicks all live at one node (their
 region). Per round, at most ``max_sessions_per_user`` of their sessions enter one group, and
@@ -55,68 +64,145 @@ import torch
 
 from client.inbox import Inbox
 from privacy.accountant_store import PersistentAccountant, plan_noise_multiplier
-from privacy.ledger import Ledger, LedgerEvent
+from privacy.ledger import Ledger, LedgerEvent, node_signer
 from shared_model.catalog import cached_feature_builder
 from shared_model.clicklog import read_click_logs
 from shared_model.ranker import HeadConfig, RankerHead
-from shared_model.settings import RunSettings
+from shared_model.settings import (
+    NODE_CACHE_DIR,
+    NODE_CATALOG_DIR,
+    NODE_DATA_PATH,
+    NODE_LEDGER_DIR,
+    NODE_NAME,
+    NODE_RELEASE_DIR,
+    NODE_RELEASE_KEY,
+    NODE_STATE_DIR,
+    PARTITION_ID,
+    EffectivePrivacy,
+    NodePrivacy,
+    PrivacyRequestRefused,
+    RunSettings,
+    effective_privacy,
+    simulated_node_settings_path,
+)
 from shared_model.state import head_state, load_head_state
 from shared_model.training import (
     TrainConfig,
     build_user_groups,
     sample_rate_for,
+    secure_generator,
     steps_per_round,
     train_head,
 )
 
 log = logging.getLogger("fedrank.node")
 
-# node_config keys (deployment: `flower-supernode --node-config`; simulation: derived).
-NODE_NAME = "node-name"
-DATA_PATH = "data-path"
-STATE_DIR = "state-dir"
-LEDGER_DIR = "ledger-dir"
-CATALOG_DIR = "catalog-dir"
-PARTITION_ID = "partition-id"
+# Re-exported: the node_config keys (shared_model.settings defines them, Flower-free).
+DATA_PATH = NODE_DATA_PATH
+STATE_DIR = NODE_STATE_DIR
+LEDGER_DIR = NODE_LEDGER_DIR
+CATALOG_DIR = NODE_CATALOG_DIR
 
 
 @dataclass(frozen=True)
 class NodeSettings:
-    """Where a node's data and state live."""
+    """A node's own settings: where its data and state live, and its pinned privacy.
+
+    **Where they come from.** Deployment: the SuperNode's ``node_config`` only (``fedrank
+    node start`` flags / TOML build it; keys in ``shared_model.settings``: paths
+    ``NODE_PATH_KEYS``, privacy ``NODE_PRIVACY_KEYS``); the server's run config is never
+    read for them. Simulation: Flower's node_config holds only ``partition-id``, so the
+    simulation runner, acting as every simulated node's operator, writes each node's
+    settings to ``RUN_DIR/nodes/node-<pid>/node-settings.json`` (same keys) before launch,
+    and the node reads that file (:meth:`from_node_config`).
+
+    ``release_dir``/``release_key``: where the node looks for signed releases and the
+    server's public key it pins (``None``: the node installs no releases).
+    """
 
     name: str
     data_path: Path
     state_dir: Path
     ledger_dir: Path
     catalog_dir: Path
+    cache_dir: Path | None = None
+    release_dir: Path | None = None
+    release_key: Path | None = None
+    privacy: NodePrivacy = NodePrivacy()
+
+    @classmethod
+    def from_mapping(cls, config: Mapping[str, Any]) -> NodeSettings:
+        """Parse a node's settings (node_config keys); unknown keys are ignored.
+
+        ``data-path`` is required; ``node-name`` defaults to ``node``, ``state-dir`` to
+        ``node-state/<name>``, ``ledger-dir`` to ``<state-dir>/ledger``, ``catalog-dir`` to
+        the bundled WANDS data, ``cache-dir`` to the default embedding cache; no release
+        dir/key means no release installs. Privacy keys default to :class:`NodePrivacy`'s.
+        """
+        from shared_model.data import DEFAULT_WANDS_DIR
+
+        if NODE_DATA_PATH not in config:
+            raise ValueError(
+                f"node settings need {NODE_DATA_PATH!r}; got keys {sorted(map(str, config))}"
+            )
+
+        def path(key: str) -> Path | None:
+            value = config.get(key)
+            if value is None or str(value) == "":
+                return None
+            return Path(str(value))
+
+        name = str(config.get(NODE_NAME, "node")) or "node"
+        state = path(NODE_STATE_DIR) or Path("node-state") / name
+        return cls(
+            name=name,
+            data_path=Path(str(config[NODE_DATA_PATH])),
+            state_dir=state,
+            ledger_dir=path(NODE_LEDGER_DIR) or state / "ledger",
+            catalog_dir=path(NODE_CATALOG_DIR) or DEFAULT_WANDS_DIR,
+            cache_dir=path(NODE_CACHE_DIR),
+            release_dir=path(NODE_RELEASE_DIR),
+            release_key=path(NODE_RELEASE_KEY),
+            privacy=NodePrivacy.from_mapping(config),
+        )
+
+    def to_config(self) -> dict[str, Any]:
+        """The settings as node_config values (what the simulation runner writes)."""
+        out: dict[str, Any] = {
+            NODE_NAME: self.name,
+            NODE_DATA_PATH: str(self.data_path),
+            NODE_STATE_DIR: str(self.state_dir),
+            NODE_LEDGER_DIR: str(self.ledger_dir),
+            NODE_CATALOG_DIR: str(self.catalog_dir),
+        }
+        for key, value in (
+            (NODE_CACHE_DIR, self.cache_dir),
+            (NODE_RELEASE_DIR, self.release_dir),
+            (NODE_RELEASE_KEY, self.release_key),
+        ):
+            if value is not None:
+                out[key] = str(value)
+        out.update(self.privacy.to_config())
+        return out
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any], run: RunSettings) -> NodeSettings:
-        """Deployment nodes name their paths; simulated ones derive them from partition-id."""
-        if DATA_PATH in node_config:
-            name = str(node_config.get(NODE_NAME, "node"))
-            state = Path(str(node_config.get(STATE_DIR, f"node-state/{name}")))
-            return cls(
-                name=name,
-                data_path=Path(str(node_config[DATA_PATH])),
-                state_dir=state,
-                ledger_dir=Path(str(node_config.get(LEDGER_DIR, state / "ledger"))),
-                catalog_dir=Path(str(node_config.get(CATALOG_DIR, run.catalog_path()))),
-            )
+        """Deployment: the node_config itself. Simulation (only ``partition-id``): the file
+        the runner wrote for this node (``run`` gives only that file's run folder)."""
+        if NODE_DATA_PATH in node_config:
+            return cls.from_mapping(node_config)
         if PARTITION_ID not in node_config:
             raise ValueError(
-                f"node config needs {DATA_PATH!r} (deployment) or {PARTITION_ID!r} "
+                f"node config needs {NODE_DATA_PATH!r} (deployment) or {PARTITION_ID!r} "
                 f"(simulation); got keys {sorted(node_config)}"
             )
-        pid = int(node_config[PARTITION_ID])
-        run_dir = Path(run.run_dir)
-        return cls(
-            name=f"node-{pid}",
-            data_path=Path(run.data_dir) / f"node-{pid}",
-            state_dir=run_dir / "nodes" / f"node-{pid}",
-            ledger_dir=run_dir / "ledger",
-            catalog_dir=Path(str(node_config.get(CATALOG_DIR, run.catalog_path()))),
-        )
+        path = simulated_node_settings_path(run.run_dir, int(node_config[PARTITION_ID]))
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"simulated node settings not found: {path} (the simulation runner writes "
+                "them before launch: simulations.runner.write_node_settings)"
+            )
+        return cls.from_mapping(json.loads(path.read_text()))
 
     def uses_inbox(self, run: RunSettings) -> bool:
         """Inbox semantics (``client.inbox``): online runs whose data path is a folder."""
@@ -142,7 +228,7 @@ class NodeSettings:
         if not new:
             raise NoNewClicks(
                 f"node {self.name} has no new clicks since round {inbox.last_round} "
-                f"(round {server_round}; inbox {self.data_path})"
+                f"(round {server_round})"
             )
         replay = [
             p for p in inbox.replay(run.replay_files, before_round=server_round)
@@ -175,7 +261,15 @@ class PrivacyPlan:
 
 
 class BudgetRefusal(Exception):
-    """The node will not train: its next round would pass its ε budget."""
+    """The node will not train this round (its ε budget, or its pinned privacy, forbids it).
+
+    The message is the reason sent to the server: built from numbers, keys and the node's
+    name only, never from file content or a path.
+    """
+
+
+class PrivacyRefusal(BudgetRefusal):
+    """The run config asked for weaker privacy than the node's pinned settings."""
 
 
 class NoNewClicks(BudgetRefusal):
@@ -188,35 +282,82 @@ class NoNewClicks(BudgetRefusal):
 
 @dataclass(frozen=True)
 class RoundOutcome:
-    """A node's reply content, Flower-free: weights and aggregate metrics only."""
+    """A node's reply content, Flower-free: weights and the reply metrics.
+
+    ``metrics`` is exactly :data:`REPLY_METRICS` (public or DP-protected values only).
+    ``num_users`` is node-local (logs, tests): it is an exact count and never leaves the node.
+    """
 
     state: dict[str, np.ndarray]
     metrics: dict[str, float]
+    num_users: int = 0
+
+
+# The regional reply's metric keys (the contract with server.validation). Exact counts and
+# losses (users, impressions, train loss) are data-dependent and unnoised: never sent.
+REPLY_METRICS = ("num-examples", "steps", "epsilon", "release-round")
+# ε reported by a node that trains without DP (JSON/Flower metrics need a finite float).
+NON_PRIVATE_EPSILON = 1e9
 
 
 def _plan_path(node: NodeSettings) -> Path:
     return node.state_dir / "privacy_plan.json"
 
 
-def load_or_make_plan(node: NodeSettings, run: RunSettings, num_users: int) -> PrivacyPlan:
-    """Calibrate σ once so the whole planned run meets the budget; reuse it afterwards."""
+def _read_plan(node: NodeSettings) -> PrivacyPlan | None:
     path = _plan_path(node)
-    if path.exists():
-        return PrivacyPlan(**json.loads(path.read_text()))
+    return PrivacyPlan(**json.loads(path.read_text())) if path.exists() else None
+
+
+def load_or_make_plan(
+    node: NodeSettings, run: RunSettings, num_users: int, privacy: EffectivePrivacy
+) -> PrivacyPlan:
+    """Calibrate σ once so the whole planned run meets the budget; reuse it afterwards."""
+    existing = _read_plan(node)
+    if existing is not None:
+        return existing
     config = TrainConfig(batch_size=run.batch_size, local_epochs=run.local_epochs)
     sigma = plan_noise_multiplier(
-        budget_epsilon=run.epsilon,
-        delta=run.delta,
+        budget_epsilon=privacy.epsilon,
+        delta=privacy.delta,
         sample_rate=sample_rate_for(config, num_users),
         steps_per_round=steps_per_round(config, num_users),
         rounds=run.num_server_rounds,
     )
-    plan = PrivacyPlan(sigma, run.batch_size, run.num_server_rounds, run.epsilon, run.delta)
+    plan = PrivacyPlan(
+        sigma, run.batch_size, run.num_server_rounds, privacy.epsilon, privacy.delta
+    )
+    path = _plan_path(node)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(asdict(plan)))
     os.replace(tmp, path)
     return plan
+
+
+def _accountant_path(node: NodeSettings) -> Path:
+    return node.state_dir / "accountant.json"
+
+
+def stored_budget(node: NodeSettings) -> float:
+    """The smallest ε budget the node's state already pinned (plan, accountant; inf if none).
+
+    A budget once recorded is enforced: a node that spent 0.99 of a budget of 1 never
+    accepts 8 later, whatever a run asks. (An operator who really means to raise it moves
+    the state away, and with it the history the new budget would be counted against.)
+    """
+    budgets = [math.inf]
+    plan = _read_plan(node)
+    if plan is not None:
+        budgets.append(float(plan.budget_epsilon))
+    path = _accountant_path(node)
+    if path.exists():
+        try:
+            raw = json.loads(path.read_text()).get("budget_epsilon", "inf")
+            budgets.append(math.inf if raw == "inf" else float(raw))
+        except (ValueError, AttributeError, TypeError):
+            pass  # PersistentAccountant names the corrupt file when it loads it
+    return min(budgets)
 
 
 def head_config(run: RunSettings) -> HeadConfig:
@@ -244,96 +385,182 @@ def install_latest_release(node: NodeSettings, run: RunSettings) -> float:
                    state_dir=node.state_dir, node_name=node.name)
 
 
+def _refuse(
+    node: NodeSettings, server_round: int, reason: str, *, delta: float,
+    noise_multiplier: float = 0.0, sample_rate: float = 0.0, clip_norm: float | None = None,
+    epsilon: float | None = None, unit: str = "user",
+) -> None:
+    """Write the refusal to the node's ledger (the reply carries the same reason)."""
+    if epsilon is None:
+        epsilon = _spent_epsilon(node, delta)
+    node_ledger(node).append(
+        LedgerEvent(
+            node=node.name, round=server_round, mechanism="refusal", unit_of_privacy=unit,
+            noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=0,
+            clip_norm=node.privacy.clip_norm if clip_norm is None else clip_norm,
+            delta=delta, accountant="rdp", epsilon_after=epsilon, detail=reason,
+        )
+    )
+
+
+def _ledger_delta(node: NodeSettings) -> float:
+    """δ a refusal line states: the one the node's history is kept at (else the node's)."""
+    path = _accountant_path(node)
+    try:
+        stored = json.loads(path.read_text()).get("delta") if path.exists() else None
+    except (ValueError, AttributeError):
+        stored = None
+    return float(stored) if isinstance(stored, int | float) else node.privacy.delta
+
+
+def _check_stored_delta(node: NodeSettings, privacy: EffectivePrivacy) -> None:
+    """The node's accountant keeps one δ for life: a run asking another one is refused."""
+    path = _accountant_path(node)
+    if not privacy.private or not path.exists():
+        return
+    try:
+        stored = json.loads(path.read_text()).get("delta")
+    except (ValueError, AttributeError):
+        return  # PersistentAccountant names the corrupt file when it loads it
+    if isinstance(stored, int | float) and stored != privacy.delta:
+        raise PrivacyRequestRefused(
+            f"delta={privacy.delta:g} but the node's accountant keeps delta={stored:g}"
+        )
+
+
+def _spent_epsilon(node: NodeSettings, delta: float) -> float:
+    path = _accountant_path(node)
+    if not path.exists():
+        return 0.0
+    try:
+        return PersistentAccountant(path, delta=delta, budget_epsilon=math.inf).epsilon()
+    except ValueError:  # another δ, or a corrupt file: nothing honest to state
+        return math.inf
+
+
+def round_randomness(
+    generator: torch.Generator | None,
+) -> tuple[torch.Generator, np.random.Generator]:
+    """(DP sampling/noise generator, session-choice rng) for one round.
+
+    Production (``None``): seeded from the OS CSPRNG, fresh per node and round; nothing in
+    them derives from run config, round or node name. Tests inject a seeded generator.
+    """
+    gen = generator if generator is not None else secure_generator()
+    session_seed = int(torch.randint(0, 2**62, (1,), generator=gen).item())
+    return gen, np.random.default_rng(session_seed)
+
+
 def train_round(
     *,
     run: RunSettings,
     node: NodeSettings,
     global_state: Mapping[str, np.ndarray],
     server_round: int,
+    generator: torch.Generator | None = None,
 ) -> RoundOutcome:
-    """One round of local training; raises :class:`BudgetRefusal` when over budget."""
+    """One round of local training; raises :class:`BudgetRefusal` when the node refuses.
+
+    The node's pinned privacy (``node.privacy``) is checked against the run config first
+    (:func:`shared_model.settings.effective_privacy`): a weaker request is refused, with
+    the reason in the reply and in the node's ledger; a larger ε is capped at the node's
+    budget and at any budget its state already recorded (:func:`stored_budget`).
+    ``generator``: tests only (see :func:`round_randomness`).
+    """
+    try:
+        privacy = effective_privacy(node.privacy, run, stored_budget=stored_budget(node))
+        _check_stored_delta(node, privacy)
+    except PrivacyRequestRefused as exc:
+        reason = f"node {node.name} refuses round {server_round}: run config asks {exc}"
+        _refuse(node, server_round, reason, delta=_ledger_delta(node),
+                unit="client" if node.privacy.privacy_shape == "device" else "user")
+        raise PrivacyRefusal(reason) from None
     head = RankerHead(head_config(run))
     load_head_state(head, global_state)
     release_round = install_latest_release(node, run)
-    builder = cached_feature_builder(str(node.catalog_dir), run.cache_dir)
+    builder = cached_feature_builder(
+        str(node.catalog_dir), str(node.cache_dir) if node.cache_dir else ""
+    )
     files, to_consume = node.round_click_files(run, server_round)
     clicks = read_click_logs(files)
-    seed = run.seed * 1_000_003 + server_round * 7919 + _stable_hash(node.name)
-    rng = np.random.default_rng(seed)
-    groups = build_user_groups(
-        clicks, builder, max_sessions_per_user=run.max_sessions_per_user, rng=rng
-    )
-    if groups.num_users == 0 and run.privacy_shape == "device":
+    gen, rng = round_randomness(generator)
+    sessions = privacy.max_sessions_per_user
+    groups = build_user_groups(clicks, builder, max_sessions_per_user=sessions, rng=rng)
+    if groups.num_users == 0 and privacy.privacy_shape == "device":
         # A device whose user saw no exploration traffic would send a zero update, which
         # Flower's adaptive clipping cannot normalise (and one failed device fails the whole
         # round): it learns from its logged sessions instead.
         groups = build_user_groups(
-            clicks, builder, max_sessions_per_user=run.max_sessions_per_user, rng=rng,
-            exploration_only=False,
+            clicks, builder, max_sessions_per_user=sessions, rng=rng, exploration_only=False,
         )
-    if run.privacy_shape == "device" or not run.private:
+    if privacy.privacy_shape == "device" or not privacy.private:
         config = TrainConfig(
             learning_rate=run.learning_rate,
             batch_size=run.batch_size,
             local_epochs=run.local_epochs,
-            max_sessions_per_user=run.max_sessions_per_user,
-            seed=seed % (2**31),
+            max_sessions_per_user=sessions,
+            # Non-private shuffling: seeded from the round's generator, not from config.
+            seed=int(torch.randint(0, 2**31, (1,), generator=gen).item()),
         )
         result, _ = train_head(head, groups, config)
         # Device shape: ε is the server's (client-level DP); the node reports none of its own.
-        epsilon = 0.0 if run.private else math.inf
+        epsilon = 0.0 if privacy.private else math.inf
         metrics = _metrics(result, epsilon=epsilon, release_round=release_round)
         _consume(node, to_consume, server_round)
-        return RoundOutcome(head_state(head), metrics)
+        return RoundOutcome(head_state(head), metrics, groups.num_users)
 
-    plan = load_or_make_plan(node, run, groups.num_users)
+    plan = load_or_make_plan(node, run, groups.num_users, privacy)
     accountant = PersistentAccountant(
-        node.state_dir / "accountant.json", delta=run.delta, budget_epsilon=run.epsilon
+        _accountant_path(node), delta=privacy.delta,
+        # The node's own cap (stored on disk); this run's request may be lower still.
+        budget_epsilon=min(node.privacy.epsilon_budget, stored_budget(node)),
     )
     config = TrainConfig(
         learning_rate=run.learning_rate,
         batch_size=plan.batch_size,
         local_epochs=run.local_epochs,
-        max_sessions_per_user=run.max_sessions_per_user,
-        clip_norm=run.clip_norm,
+        max_sessions_per_user=sessions,
+        clip_norm=privacy.clip_norm,
         noise_multiplier=plan.noise_multiplier,
-        seed=seed % (2**31),
     )
     q = sample_rate_for(config, groups.num_users)
     steps = steps_per_round(config, groups.num_users)
-    ledger = Ledger(node.ledger_dir / f"{node.name}.jsonl")
-    if accountant.would_exceed(noise_multiplier=plan.noise_multiplier, sample_rate=q, steps=steps):
-        planned = accountant.epsilon_after(
-            noise_multiplier=plan.noise_multiplier, sample_rate=q, steps=steps
-        )
+    planned = accountant.epsilon_after(
+        noise_multiplier=plan.noise_multiplier, sample_rate=q, steps=steps
+    )
+    if planned > privacy.epsilon:
         reason = (
             f"node {node.name} refuses round {server_round}: ε would reach {planned:.4f}, "
-            f"past its budget {run.epsilon:g} (spent {accountant.epsilon():.4f})"
+            f"past its budget {privacy.epsilon:g} (spent {accountant.epsilon():.4f})"
         )
-        ledger.append(
-            LedgerEvent(
-                node=node.name, round=server_round, mechanism="refusal", unit_of_privacy="user",
-                noise_multiplier=plan.noise_multiplier, sample_rate=q, steps=0,
-                clip_norm=run.clip_norm, delta=run.delta, accountant=accountant.accountant,
-                epsilon_after=accountant.epsilon(), detail=reason,
-            )
+        _refuse(
+            node, server_round, reason, delta=privacy.delta,
+            noise_multiplier=plan.noise_multiplier, sample_rate=q,
+            clip_norm=privacy.clip_norm, epsilon=accountant.epsilon(),
         )
         raise BudgetRefusal(reason)
-    result, history = train_head(head, groups, config)
+    ledger = node_ledger(node)
+    result, history = train_head(head, groups, config, generator=gen)
     epsilon = accountant.epsilon()
     for sigma, rate, n in history:
         epsilon = accountant.record(noise_multiplier=sigma, sample_rate=rate, steps=n)
         ledger.append(
             LedgerEvent(
                 node=node.name, round=server_round, mechanism="dp-sgd", unit_of_privacy="user",
-                noise_multiplier=sigma, sample_rate=rate, steps=n, clip_norm=run.clip_norm,
-                delta=run.delta, accountant=accountant.accountant, epsilon_after=epsilon,
+                noise_multiplier=sigma, sample_rate=rate, steps=n, clip_norm=privacy.clip_norm,
+                delta=privacy.delta, accountant=accountant.accountant, epsilon_after=epsilon,
             )
         )
     # After the accountant has the round: a crash before this re-trains and re-accounts.
     _consume(node, to_consume, server_round)
     metrics = _metrics(result, epsilon=epsilon, release_round=release_round)
-    return RoundOutcome(head_state(head), metrics)
+    return RoundOutcome(head_state(head), metrics, groups.num_users)
+
+
+def node_ledger(node: NodeSettings) -> Ledger:
+    """The node's own ledger file, each line signed with the node's key (kept in its state
+    folder, never sent anywhere; the public half is published beside the ledger)."""
+    return Ledger(node.ledger_dir / f"{node.name}.jsonl", signer=node_signer(node.state_dir))
 
 
 def _consume(node: NodeSettings, files: list[Path], server_round: int) -> None:
@@ -341,20 +568,18 @@ def _consume(node: NodeSettings, files: list[Path], server_round: int) -> None:
         node.inbox().mark_consumed(files, round=server_round)
 
 
-def _stable_hash(text: str) -> int:
-    # Python's hash() is salted per process; seeds must not be.
-    return int.from_bytes(text.encode()[:8].ljust(8, b"\0"), "little") % 1_000_003
-
-
 def _metrics(result: Any, *, epsilon: float, release_round: float) -> dict[str, float]:
-    return {
-        "release-round": release_round,
-        "num-examples": float(result.num_users),
-        "num-impressions": float(result.num_impressions),
+    """Exactly :data:`REPLY_METRICS`: public or DP-protected values only."""
+    metrics = {
+        # A constant, so FedAvg weighs nodes uniformly (the user count is exact: never sent).
+        "num-examples": 1.0,
+        # DP-SGD steps: a function of the plan (batch size, epochs, ⌈users/B⌉, as q is public).
         "steps": float(result.steps),
-        "train-loss": float(result.mean_loss) if result.steps else 0.0,
-        "epsilon": float(epsilon) if math.isfinite(epsilon) else 1e9,
+        "epsilon": float(epsilon) if math.isfinite(epsilon) else NON_PRIVATE_EPSILON,
+        "release-round": float(release_round),
     }
+    assert tuple(metrics) == REPLY_METRICS
+    return metrics
 
 
 def torch_threads(n: int = 1) -> None:

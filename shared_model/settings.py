@@ -1,5 +1,12 @@
-"""Run settings: parsed once from Flower's ``run_config`` (or a TOML table) into a frozen
-dataclass. Keys are the constants below; nothing else reads the raw mapping.
+"""Run and node settings, each parsed once into a frozen dataclass.
+
+- :class:`RunSettings`: the server's ``run_config`` (or a TOML table). Keys: the constants below.
+- :class:`NodePrivacy`: a node's *pinned* privacy settings, from the node's own settings (its
+  ``node_config``; in simulation, the file the runner writes per node). A run config can ask a
+  node for stronger privacy, never weaker: :func:`effective_privacy` caps the budget and
+  refuses the rest (:class:`PrivacyRequestRefused`).
+
+Nothing else reads the raw mappings.
 """
 
 from __future__ import annotations
@@ -38,6 +45,33 @@ CATALOG_DIR = "catalog-dir"
 CACHE_DIR = "cache-dir"
 ONLINE = "online"
 REPLAY_FILES = "replay-files"
+
+# node_config keys (a node's own settings; never read from run config). Paths:
+NODE_NAME = "node-name"
+NODE_DATA_PATH = "data-path"
+NODE_STATE_DIR = "state-dir"
+NODE_LEDGER_DIR = "ledger-dir"
+NODE_CATALOG_DIR = "catalog-dir"
+NODE_CACHE_DIR = "cache-dir"
+NODE_RELEASE_DIR = "release-dir"
+NODE_RELEASE_KEY = "release-key"
+NODE_PATH_KEYS = (
+    NODE_NAME, NODE_DATA_PATH, NODE_STATE_DIR, NODE_LEDGER_DIR, NODE_CATALOG_DIR,
+    NODE_CACHE_DIR, NODE_RELEASE_DIR, NODE_RELEASE_KEY,
+)
+# ... and privacy (the node's pinned guarantee):
+NODE_EPSILON_BUDGET = "epsilon-budget"
+NODE_DELTA = "delta"
+NODE_CLIP_NORM = "clip-norm"
+NODE_MAX_SESSIONS = "max-sessions-per-user"
+NODE_PRIVACY_SHAPE = "privacy-shape"
+NODE_PRIVACY_KEYS = (
+    NODE_EPSILON_BUDGET, NODE_DELTA, NODE_CLIP_NORM, NODE_MAX_SESSIONS, NODE_PRIVACY_SHAPE,
+)
+# Simulation: Flower's simulated node_config holds only this; the runner (each simulated
+# node's operator) writes the rest to ``simulated_node_settings_path``.
+PARTITION_ID = "partition-id"
+NODE_SETTINGS_FILE = "node-settings.json"
 
 STRATEGIES = ("fedavg", "fedadam")
 PRIVACY_SHAPES = ("regional", "device")
@@ -185,3 +219,167 @@ def _coerce(key: str, raw: Any, type_name: Any) -> Any:
         return str(raw)
     except (TypeError, ValueError):
         raise ValueError(f"run config {key!r}: cannot read {raw!r} as {kind}") from None
+
+
+def _parse_epsilon(key: str, raw: Any) -> float:
+    value = _coerce(key, raw, "float")
+    if not (value > 0):
+        raise ValueError(f"{key} must be > 0 (or inf), got {raw!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class NodePrivacy:
+    """A node's pinned privacy settings (node_config keys ``NODE_PRIVACY_KEYS``).
+
+    ``epsilon_budget`` is the node's whole-life ε budget (``math.inf``: a non-private node,
+    which trains with DP when a run asks for it). ``delta``, ``clip_norm`` and
+    ``max_sessions_per_user`` are the largest values the node accepts; ``privacy_shape`` the
+    only shape. Defaults equal :class:`RunSettings`' defaults, so a default run and a
+    default node agree.
+    """
+
+    epsilon_budget: float = 1.0
+    delta: float = 1e-5
+    clip_norm: float = 1.0
+    max_sessions_per_user: int = 2
+    privacy_shape: str = "regional"
+
+    def __post_init__(self) -> None:
+        if not (self.epsilon_budget > 0):
+            raise ValueError(
+                f"node {NODE_EPSILON_BUDGET} must be > 0 (or inf), got {self.epsilon_budget!r}"
+            )
+        if not 0 < self.delta < 1:
+            raise ValueError(f"node {NODE_DELTA} must be in (0, 1), got {self.delta!r}")
+        if not (self.clip_norm > 0 and math.isfinite(self.clip_norm)):
+            raise ValueError(
+                f"node {NODE_CLIP_NORM} must be finite and > 0, got {self.clip_norm!r}"
+            )
+        if self.max_sessions_per_user < 1:
+            raise ValueError(
+                f"node {NODE_MAX_SESSIONS} must be >= 1, got {self.max_sessions_per_user!r}"
+            )
+        if self.privacy_shape not in PRIVACY_SHAPES:
+            raise ValueError(
+                f"node {NODE_PRIVACY_SHAPE} must be one of {PRIVACY_SHAPES}, "
+                f"got {self.privacy_shape!r}"
+            )
+
+    @property
+    def private(self) -> bool:
+        """Whether the node insists on DP (a finite budget)."""
+        return math.isfinite(self.epsilon_budget)
+
+    @classmethod
+    def from_mapping(cls, config: Mapping[str, Any]) -> NodePrivacy:
+        """The privacy keys of a node_config (others ignored); absent keys take defaults."""
+        default = cls()
+        try:
+            return cls(
+                epsilon_budget=_parse_epsilon(
+                    NODE_EPSILON_BUDGET, config.get(NODE_EPSILON_BUDGET, default.epsilon_budget)
+                ),
+                delta=_coerce(NODE_DELTA, config.get(NODE_DELTA, default.delta), "float"),
+                clip_norm=_coerce(
+                    NODE_CLIP_NORM, config.get(NODE_CLIP_NORM, default.clip_norm), "float"
+                ),
+                max_sessions_per_user=_coerce(
+                    NODE_MAX_SESSIONS,
+                    config.get(NODE_MAX_SESSIONS, default.max_sessions_per_user), "int",
+                ),
+                privacy_shape=str(config.get(NODE_PRIVACY_SHAPE, default.privacy_shape)),
+            )
+        except ValueError as exc:
+            raise ValueError(str(exc).replace("run config", "node config")) from None
+
+    def to_config(self) -> dict[str, Any]:
+        """node_config values (ε = inf written as ``"inf"``)."""
+        budget = self.epsilon_budget
+        return {
+            NODE_EPSILON_BUDGET: "inf" if math.isinf(budget) else repr(float(budget)),
+            NODE_DELTA: self.delta,
+            NODE_CLIP_NORM: self.clip_norm,
+            NODE_MAX_SESSIONS: self.max_sessions_per_user,
+            NODE_PRIVACY_SHAPE: self.privacy_shape,
+        }
+
+    @classmethod
+    def of_run(cls, run: RunSettings) -> NodePrivacy:
+        """The node settings that accept exactly this run (what the simulation runner writes)."""
+        return cls(
+            epsilon_budget=run.epsilon, delta=run.delta, clip_norm=run.clip_norm,
+            max_sessions_per_user=run.max_sessions_per_user, privacy_shape=run.privacy_shape,
+        )
+
+
+class PrivacyRequestRefused(ValueError):
+    """A run config asked a node for weaker privacy than the node's pinned settings."""
+
+
+@dataclass(frozen=True)
+class EffectivePrivacy:
+    """What a node actually uses for one run: its pinned settings, tightened by the run's.
+
+    ``epsilon`` is min(node budget, stored budgets, run's ε); ``delta``, ``clip_norm`` and
+    ``max_sessions_per_user`` the run's, which are at most the node's; the shape is the
+    node's (the run's must equal it).
+    """
+
+    epsilon: float
+    delta: float
+    clip_norm: float
+    max_sessions_per_user: int
+    privacy_shape: str
+
+    @property
+    def private(self) -> bool:
+        """Whether this run trains with DP."""
+        return math.isfinite(self.epsilon)
+
+
+def effective_privacy(
+    node: NodePrivacy, run: RunSettings, *, stored_budget: float = math.inf
+) -> EffectivePrivacy:
+    """The node's privacy for ``run``; :class:`PrivacyRequestRefused` if ``run`` is weaker.
+
+    Refused (the reason names the key and both values): another privacy shape; ``epsilon =
+    inf`` on a private node; a larger δ, clip norm or sessions per user than the node's
+    (each node value is the largest it accepts; a smaller one is used as asked). A larger
+    finite ε is not refused but capped: the effective budget is min(node's,
+    ``stored_budget`` (what the node's state already pinned), run's). The node's accountant
+    keeps one δ for life: ``client.node`` also refuses a δ other than the one its stored
+    history was accounted at.
+    """
+    problems = []
+    if run.privacy_shape != node.privacy_shape:
+        problems.append(
+            f"{PRIVACY_SHAPE}={run.privacy_shape} but the node is pinned to {node.privacy_shape}"
+        )
+    cap = min(node.epsilon_budget, stored_budget)
+    if math.isinf(run.epsilon) and math.isfinite(cap):
+        problems.append(f"{EPSILON}=inf (no DP) but the node's budget is {cap:g}")
+    epsilon = min(cap, run.epsilon)
+    if math.isfinite(epsilon) and run.delta > node.delta:
+        problems.append(f"{DELTA}={run.delta:g} exceeds the node's {node.delta:g}")
+    if run.clip_norm > node.clip_norm:
+        problems.append(f"{CLIP_NORM}={run.clip_norm:g} exceeds the node's {node.clip_norm:g}")
+    if run.max_sessions_per_user > node.max_sessions_per_user:
+        problems.append(
+            f"{MAX_SESSIONS_PER_USER}={run.max_sessions_per_user} exceeds the node's "
+            f"{node.max_sessions_per_user}"
+        )
+    if problems:
+        raise PrivacyRequestRefused("; ".join(problems))
+    return EffectivePrivacy(
+        epsilon=epsilon,
+        delta=run.delta if math.isfinite(epsilon) else node.delta,
+        clip_norm=min(node.clip_norm, run.clip_norm),
+        max_sessions_per_user=min(node.max_sessions_per_user, run.max_sessions_per_user),
+        privacy_shape=node.privacy_shape,
+    )
+
+
+def simulated_node_settings_path(run_dir: str | Path, partition_id: int) -> Path:
+    """Where the simulation runner writes simulated node ``partition_id``'s settings."""
+    return Path(run_dir) / "nodes" / f"node-{partition_id}" / NODE_SETTINGS_FILE

@@ -8,12 +8,24 @@ and Gaussian noise of std ``noise_multiplier * clip_norm`` is added per step. Ne
 sets therefore differ in one user's entire click history at the node (add/remove one user), and
 the accountant's ε over all steps of all rounds is a user-level guarantee.
 
+**Randomness.** DP-SGD's Poisson sampling and Gaussian noise come from a ``torch.Generator``
+seeded from the OS CSPRNG (``secrets``) on every call (:func:`secure_generator`), fresh per
+node and round: nothing about them can be derived from the run config, the round or the node
+name. Tests inject their own generator (``train_head(..., generator=...)``); production code
+never passes a seed for them. Caveat: Opacus' ``secure_mode`` (a CSPRNG *stream*) needs
+``torchcsprng``, which is not on PyPI; so the stream is torch's Mersenne Twister seeded with
+63 bits from the CSPRNG. Its state is unpredictable to the server; it is not a
+cryptographically secure stream (nor are the noise's floating-point samples hardened against
+Mironov's attack), which the audit report states. ``TrainConfig.seed`` seeds only non-private
+shuffling (no guarantee is claimed there).
+
 No Flower here; Opacus only inside :func:`train_head`.
 """
 
 from __future__ import annotations
 
 import math
+import secrets
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -51,7 +63,8 @@ class TrainConfig:
         Opacus per-sample gradient mode. ``hooks`` is the fastest for this tiny head
         (`fedrank bench train`: ghost clipping pays for its second backward pass).
     seed
-        Seeds sampling, noise and shuffling.
+        Seeds the shuffling of *non-private* training only. DP sampling and noise never come
+        from it (see :func:`train_head`'s ``generator``).
     """
 
     learning_rate: float = 0.5
@@ -228,12 +241,22 @@ def _batch(groups: UserGroups, idx: np.ndarray) -> tuple[torch.Tensor, torch.Ten
     return feats, rank, target
 
 
+def secure_generator() -> torch.Generator:
+    """A fresh torch generator seeded from the OS CSPRNG (63 bits; see the module notes)."""
+    return torch.Generator().manual_seed(secrets.randbits(63))
+
+
 def train_head(
     head: RankerHead,
     groups: UserGroups,
     config: TrainConfig,
+    *,
+    generator: torch.Generator | None = None,
 ) -> tuple[TrainResult, list[tuple[float, float, int]]]:
     """Train ``head`` in place for one round.
+
+    ``generator`` drives DP-SGD's Poisson sampling and noise; ``None`` (production) draws a
+    fresh :func:`secure_generator`. Only tests pass one, to make a private run reproducible.
 
     Returns
     -------
@@ -241,13 +264,14 @@ def train_head(
         The second item is the DP events actually taken, in Opacus' accountant-history format
         (empty when non-private); the caller's persistent accountant records them.
     """
-    torch.manual_seed(config.seed)
-    rng = np.random.default_rng(config.seed)
     n_users = groups.num_users
     if n_users == 0:
         return TrainResult(0, 0, 0, 0.0, float("nan")), []
     if config.private:
-        return _train_private(head, groups, config)
+        return _train_private(
+            head, groups, config, generator if generator is not None else secure_generator()
+        )
+    rng = np.random.default_rng(config.seed)
     optimizer = torch.optim.SGD(head.parameters(), lr=config.learning_rate)
     criterion = ClickLoss("mean")
     losses, steps = [], 0
@@ -285,7 +309,7 @@ def steps_per_round(config: TrainConfig, num_users: int) -> int:
 
 
 def _train_private(
-    head: RankerHead, groups: UserGroups, config: TrainConfig
+    head: RankerHead, groups: UserGroups, config: TrainConfig, generator: torch.Generator
 ) -> tuple[TrainResult, list[tuple[float, float, int]]]:
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader
@@ -296,9 +320,10 @@ def _train_private(
     sample_rate = sample_rate_for(config, n_users)
     loader = DataLoader(
         _UserIndex(n_users),
-        # Opacus turns this into Poisson sampling at q = 1 / len(loader) = sample_rate_for().
+        # Opacus turns this into Poisson sampling at q = 1 / len(loader) = sample_rate_for(),
+        # drawn from this loader's generator (DPDataLoader.from_data_loader keeps it).
         batch_size=config.batch_size,
-        generator=torch.Generator().manual_seed(config.seed),
+        generator=generator,
         collate_fn=_collate_indices,
     )
     optimizer = torch.optim.SGD(head.parameters(), lr=config.learning_rate)
@@ -317,7 +342,8 @@ def _train_private(
             poisson_sampling=True,
             grad_sample_mode=config.grad_sample_mode,
             criterion=criterion_in,
-            noise_generator=torch.Generator().manual_seed(config.seed + 1),
+            # One CSPRNG-seeded stream for sampling and noise (secure_mode needs torchcsprng).
+            noise_generator=generator,
         )
     if config.grad_sample_mode == "ghost":
         model, dp_optimizer, criterion, dp_loader = made

@@ -1,7 +1,8 @@
 """Drive Flower's Simulation Engine for a scenario: prepare node data, `flwr run`, clean up.
 
 Everything a run touches lives in its run directory: node click logs (``data/``), node state
-and ledgers, checkpoints, ``metrics.json``, Flower's own home (``.flwr_home``, so connection
+and ledgers, each simulated node's own settings (``nodes/node-<pid>/node-settings.json``),
+checkpoints, ``metrics.json``, Flower's own home (``.flwr_home``, so connection
 settings never leak into the user's ``~/.flwr``) and ``flower.log``. Every process Flower
 starts (the detached SuperLink and SuperExec outlive ``flwr run``) is stopped at the end,
 also on Ctrl-C.
@@ -29,7 +30,7 @@ from shared_model.data import DEFAULT_WANDS_DIR
 from shared_model.encoder import default_cache_dir
 from shared_model.evaluation import query_folds
 from shared_model.partition import partition_device, partition_regional, write_partitions
-from shared_model.settings import RunSettings
+from shared_model.settings import NodePrivacy, RunSettings, simulated_node_settings_path
 from shared_model.world import simulate_click_log
 from simulations.scenarios import Scenario
 
@@ -56,7 +57,8 @@ def prepare_run(
     eval_fold: int = 0,
     overrides: dict[str, Any] | None = None,
 ) -> RunSettings:
-    """Write node click logs (held-out queries removed) and return the run's settings."""
+    """Write node click logs (held-out queries removed) and each simulated node's settings
+    (:func:`write_node_settings`); return the run's settings."""
     run_dir.mkdir(parents=True, exist_ok=True)
     config: dict[str, Any] = dict(scenario.run_config)
     config.update(
@@ -74,6 +76,7 @@ def prepare_run(
     )
     config.update(overrides or {})
     settings = RunSettings.from_config(config)
+    write_node_settings(scenario, settings)
     builder = cached_feature_builder(settings.catalog_dir, settings.cache_dir)  # warms the cache
     data = builder.data
     test = set(query_folds(data.query_ids, num_folds=settings.num_folds, seed=settings.seed)[
@@ -104,6 +107,46 @@ def prepare_run(
             )
         )
     return settings
+
+
+def write_node_settings(
+    scenario: Scenario, settings: RunSettings, *, privacy: NodePrivacy | None = None
+) -> list[Path]:
+    """Write each simulated node's own settings before launch (the runner is their operator).
+
+    A simulated SuperNode's node_config holds only ``partition-id``, so node ``pid`` reads
+    ``RUN_DIR/nodes/node-<pid>/node-settings.json`` (``client.node.NodeSettings``): its
+    paths (data, state, ledger, catalog, cache, release drop and pinned release key) and
+    its pinned privacy. By default the privacy is exactly what this run asks for
+    (``NodePrivacy.of_run``); pass ``privacy`` to pin something else (a test of refusals).
+    A deployed node never reads this file: its settings are its own node_config.
+    """
+    from client.node import NodeSettings
+    from server.releases import public_key_path
+
+    run_dir = Path(settings.run_dir)
+    pinned = privacy if privacy is not None else NodePrivacy.of_run(settings)
+    written = []
+    for pid in range(scenario.num_nodes):
+        name = f"node-{pid}"
+        node = NodeSettings(
+            name=name,
+            data_path=Path(settings.data_dir) / name,
+            state_dir=run_dir / "nodes" / name,
+            ledger_dir=run_dir / "ledger",
+            catalog_dir=settings.catalog_path(),
+            cache_dir=settings.cache_path(),
+            release_dir=run_dir / "releases",
+            release_key=public_key_path(run_dir),
+            privacy=pinned,
+        )
+        path = simulated_node_settings_path(run_dir, pid)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(node.to_config(), indent=1))
+        os.replace(tmp, path)
+        written.append(path)
+    return written
 
 
 def _run_config_arg(settings: RunSettings) -> str:

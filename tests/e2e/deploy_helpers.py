@@ -128,8 +128,9 @@ class Cluster:
             key=self.certs.node_keys[key or name][0] if not insecure or key else None,
             ca=None if insecure else self.certs.root / CA_CERT,
             state_dir=self.root / "nodes" / name, port=port, catalog_dir=DEFAULT_WANDS_DIR,
-            insecure=insecure, extra=extra or {}, max_wait_time=max_wait_time,
-            app_hashes=app_hashes,
+            # The nodes pin regional-3's δ (a node's privacy is its own node_config).
+            insecure=insecure, extra={"delta": "1e-4", **(extra or {})},
+            max_wait_time=max_wait_time, app_hashes=app_hashes,
         )
         proc = start_node(launch, tag=self.tag, log_path=self.root / "logs" / f"{name}.log")
         self.nodes[name] = proc

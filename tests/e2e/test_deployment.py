@@ -106,8 +106,7 @@ def test_faulty_unregistered_and_plaintext_nodes_are_refused(cluster: Cluster) -
         )
         assert content["metrics"]["type"] == "MetricRecord"
         assert set(content["metrics"]["keys"]) == {
-            "release-round", "num-examples", "num-impressions", "steps", "train-loss",
-            "epsilon",
+            "release-round", "num-examples", "steps", "epsilon",
         }
         assert set(content["metrics"]["value_types"].values()) <= {"float", "int"}
         text = json.dumps(content)

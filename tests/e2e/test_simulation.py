@@ -75,3 +75,26 @@ def test_node_with_spent_budget_refuses_and_the_run_finishes(tmp_path: Path) -> 
     for other in ("node-1", "node-2"):
         assert [e["mechanism"] for e in read_ledger(
             Path(settings.run_dir) / "ledger" / f"{other}.jsonl")] == ["dp-sgd", "dp-sgd"]
+
+
+def test_identical_simulations_draw_fresh_noise_and_send_no_exact_counts(
+    tmp_path: Path,
+) -> None:
+    # Prepare: two runs with identical settings, seed and data (one round each).
+    scenario = get_scenario("regional-3")
+    results = []
+    # Execute
+    for name in ("a", "b"):
+        settings = prepare_run(scenario, run_dir=tmp_path / name, rounds=1, epsilon=1.0)
+        results.append(run_simulation(scenario, settings, echo=lambda _line: None))
+    # Assert: both finished; same accounted ε, different weights (noise from the CSPRNG).
+    hashes = []
+    for result in results:
+        assert result.returncode == 0
+        checkpoint = json.loads((result.run_dir / "checkpoints" / "latest.json").read_text())
+        hashes.append(checkpoint["weights_sha256"])
+        log = (result.run_dir / "flower.log").read_text()
+        assert "num-impressions" not in log and "train-loss" not in log
+    assert hashes[0] != hashes[1]
+    eps = [r.metrics["final"]["epsilon_max"] for r in results]
+    assert eps[0] == eps[1] and 0 < eps[0] <= 1.0
