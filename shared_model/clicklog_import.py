@@ -28,9 +28,10 @@ duplicate (a second row for the same session and rank). Every other row is kept,
 ``rows_in = rows_kept + rows_quarantined``. Blank lines are counted apart.
 
 The input is read in batches of ``batch_rows`` rows and written batch by batch, so memory
-stays bounded by the batch size, the catalog and 10 bytes per kept row (the session/rank
-keys used to find duplicates). Output, quarantine and report are written to temporary files
-beside their targets and renamed into place at the end: a failure leaves nothing behind.
+stays bounded by the batch size, the catalog and 8 bytes per kept row (a sorted array of
+session/rank keys, used to find duplicates; see :func:`_row_keys`). Output, quarantine and
+report are written to temporary files beside their targets and renamed into place at the
+end: a failure leaves nothing behind.
 No Flower, no torch here.
 """
 
@@ -68,7 +69,6 @@ FORMATS = ("csv", "jsonl", "parquet")
 _TRUE = ["1", "true", "t", "yes", "y"]
 _FALSE = ["0", "false", "f", "no", "n"]
 _INT_ID = r"^-?[0-9]{1,18}$"
-_KEY_DTYPE = np.dtype([("session", "<i8"), ("rank", "<i2")])
 _MAX_EXAMPLES = 20
 # The click log's writer options, less the row-group size (each batch is its own row group).
 _WRITER_OPTIONS: dict[str, object] = {
@@ -309,6 +309,28 @@ def _ids(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return out
 
 
+def _row_keys(session: np.ndarray, rank: np.ndarray) -> np.ndarray:
+    """One uint64 per (session, rank), for finding duplicate rows.
+
+    Exact (``session << 15 | rank``) for session ids in 0..2**48-1; other ids (negative,
+    large, or hashed from text) are mixed into keys with the top bit set, where two different
+    pairs share a key with probability about 2**-63, as two text ids share a hashed id.
+    """
+    s = session.astype(np.int64)
+    r = rank.astype(np.uint64)
+    small = (s >= 0) & (s < 2**48)
+    keys = np.empty(len(s), dtype=np.uint64)
+    keys[small] = (s[small].astype(np.uint64) << np.uint64(15)) | r[small]
+    if not small.all():
+        with np.errstate(over="ignore"):
+            z = s[~small].view(np.uint64) * np.uint64(0x9E3779B97F4A7C15) + r[~small]
+            z ^= z >> np.uint64(31)
+            z *= np.uint64(0xBF58476D1CE4E5B9)
+            z ^= z >> np.uint64(29)
+        keys[~small] = z | np.uint64(1 << 63)
+    return keys
+
+
 def _booleans(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """(value, ok) arrays for a column of boolean words."""
     lower = pc.utf8_lower(column)
@@ -357,7 +379,7 @@ class _Converter:
     columns: ClickColumns
     names: list[str]
     region: int
-    seen: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=_KEY_DTYPE))
+    seen: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.uint64))
     reasons: dict[str, int] = field(default_factory=dict)
     clicks: int = 0
 
@@ -453,20 +475,24 @@ class _Converter:
         # Duplicates: a second row for one (session, rank), in this batch or an earlier one.
         good = np.flatnonzero(reason == None)  # noqa: E711
         if len(good):
-            keys_arr = np.empty(len(good), dtype=_KEY_DTYPE)
-            keys_arr["session"] = session[good]
-            keys_arr["rank"] = rank[good].astype(np.int16)
-            unique, first = np.unique(keys_arr, return_index=True)
+            keys = _row_keys(session[good], rank[good])
+            unique, first = np.unique(keys, return_index=True)
             repeat = np.ones(len(good), dtype=bool)
             repeat[first] = False
             if len(self.seen):
-                position = np.searchsorted(self.seen, keys_arr)
-                hit = self.seen[np.minimum(position, len(self.seen) - 1)] == keys_arr
-                repeat |= hit
+                position = np.searchsorted(self.seen, keys)
+                repeat |= self.seen[np.minimum(position, len(self.seen) - 1)] == keys
             dup = np.zeros(n, dtype=bool)
             dup[good[repeat]] = True
             flag(dup, "duplicate: another row has the same session and rank")
-            self.seen = np.union1d(self.seen, unique)
+            # Merge the new keys into the sorted array: O(seen + batch), no re-sort.
+            new_keys = unique
+            if len(self.seen):
+                new_keys = new_keys[
+                    self.seen[np.minimum(np.searchsorted(self.seen, new_keys), len(self.seen) - 1)]
+                    != new_keys
+                ]
+            self.seen = np.insert(self.seen, np.searchsorted(self.seen, new_keys), new_keys)
 
         keep = reason == None  # noqa: E711
         kept = pa.Table.from_arrays(

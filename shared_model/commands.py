@@ -371,8 +371,11 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         folds: int = typer.Option(5, "--folds", min=2, help="Folds of the k-fold-by-query split."),
         seed: int = typer.Option(0, "--seed", help="Seed for the click log and the folds."),
         users: int = typer.Option(10_000, "--users", min=1, help="Simulated users."),
+        data_dir: str | None = typer.Option(
+            None, "--data", help="Judged-search directory (fedrank data import); default WANDS."
+        ),
     ) -> None:
-        """BM25, zero-shot MiniLM and the central head on held-out WANDS queries.
+        """BM25, zero-shot MiniLM and the central head on held-out queries (WANDS or --data).
 
         Simulates the click log (WorldConfig with --users and --seed), trains the central
         head on the training folds' clicks and reports NDCG@10, MRR and AUC per model (mean,
@@ -382,6 +385,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         import json as _json
         import sys
         import time
+        from pathlib import Path
 
         def log(message: str) -> None:
             typer.echo(message, err=True)
@@ -396,14 +400,29 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
 
             from shared_model.baseline import run_baselines
             from shared_model.clicks import click_through_by_rank
-            from shared_model.data import load_wands
+            from shared_model.data import DEFAULT_WANDS_DIR, catalog_hash, load_judged_dir
             from shared_model.encoder import CachedEncoder
             from shared_model.features import FeatureBuilder
+            from shared_model.schema import DataError
             from shared_model.world import WorldConfig, simulate_click_log
 
-            data = load_wands()
+            folder = Path(data_dir) if data_dir else DEFAULT_WANDS_DIR
+            try:
+                data = load_judged_dir(folder)
+                data_hash = catalog_hash(folder)
+            except DataError as exc:
+                typer.echo(f"error: {exc}", err=True)
+                raise typer.Exit(code=2) from None
+            if len(data.query_ids) < folds:
+                typer.echo(
+                    f"error: {folder} has {len(data.query_ids)} judged queries, fewer than "
+                    f"--folds {folds}",
+                    err=True,
+                )
+                raise typer.Exit(code=2)
             log(
-                f"loaded WANDS: {len(data.query_ids)} judged queries, {len(data.products)} products"
+                f"loaded {folder}: {len(data.query_ids)} judged queries, "
+                f"{len(data.products)} products"
             )
             builder = FeatureBuilder(data, CachedEncoder())
             log(f"features ready ({time.perf_counter() - started:.1f}s)")
@@ -412,6 +431,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             result = run_baselines(builder, clicks, num_folds=folds, seed=seed)
             ctr = click_through_by_rank(clicks)
             ctr1, ctr5 = ctr.get(1), ctr.get(5)
+            result["data"] = {"dir": str(folder), "catalog_hash": data_hash}
             result["clicks"] = {
                 "ctr_at_rank": {r: round(v, 6) for r, v in ctr.items()},
                 "ctr1_over_ctr5": (ctr1 / ctr5) if ctr1 is not None and ctr5 else None,

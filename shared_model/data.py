@@ -40,6 +40,9 @@ __all__ = [
     "load_wands",
     "save_judged",
     "ON_CONFLICT",
+    "catalog_hash",
+    "catalog_mismatch",
+    "catalog_run_config",
     "IMPORT_REPORT_FILE",
     "ImportResult",
     "check_encoding",
@@ -833,6 +836,69 @@ def import_csv(
         on_conflict=on_conflict,
         strict=on_bad_row == "error",
     )
+
+
+# --------------------------------------------------------------------------------------
+# Content hash
+# --------------------------------------------------------------------------------------
+
+
+def catalog_hash(directory: Path) -> str:
+    """The content hash of a judged-search directory: ``sha256:`` + 64 hex digits.
+
+    SHA-256 over ``queries.tsv``, ``products.tsv`` and ``labels.tsv`` in that order, each as
+    its name, its byte length and its bytes (other files, such as ``import-report.json``,
+    do not count). Two folders with byte-identical files have the same hash wherever they
+    are; the server and every node must hold the same catalog.
+
+    Raises
+    ------
+    DataError
+        If a file is missing or unreadable, naming it.
+    """
+    digest = hashlib.sha256()
+    for name in (QUERIES_FILE, PRODUCTS_FILE, LABELS_FILE):
+        path = Path(directory) / name
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            raise DataError(path, None, "file not found") from None
+        except OSError as exc:
+            raise DataError(path, None, f"cannot read file: {exc.strerror or exc}") from None
+        digest.update(f"{name}\0{len(raw)}\0".encode())
+        digest.update(raw)
+    return "sha256:" + digest.hexdigest()
+
+
+def catalog_mismatch(directory: Path, expected: str) -> str:
+    """``""`` when ``directory``'s :func:`catalog_hash` is ``expected`` (or nothing is
+    expected), else a one-line reason naming both hashes. The reason goes to the server: it
+    names no path and no file content."""
+    if not expected:
+        return ""
+    try:
+        actual = catalog_hash(directory)
+    except DataError as exc:
+        return f"this node's catalog cannot be hashed ({exc.problem}); the run uses {expected}"
+    if actual == expected:
+        return ""
+    return (
+        f"catalog hash mismatch: this node's catalog is {actual}, the server's run uses "
+        f"{expected}; give the node the same imported catalog"
+    )
+
+
+def catalog_run_config(directory: Path | None) -> dict[str, str]:
+    """Run-config keys for a judged-search directory: its absolute path and content hash.
+
+    ``{}`` for ``None`` (the bundled WANDS data). The whole catalog is loaded first, so a
+    bad one fails here with a :class:`DataError` naming file and line.
+    """
+    if directory is None:
+        return {}
+    folder = Path(directory).resolve()
+    load_judged_dir(folder)
+    return {"catalog-dir": str(folder), "catalog-hash": catalog_hash(folder)}
 
 
 # --------------------------------------------------------------------------------------

@@ -128,6 +128,19 @@ def test_large_log_streams_in_bounded_batches(tmp_path: Path, catalog: Path) -> 
     assert whole["rows_kept"] == 5_000
 
 
+def test_duplicates_across_batches_with_text_sessions(tmp_path: Path, catalog: Path) -> None:
+    # Prepare: text session ids (hashed), a repeat inside batch 1 and two in later batches
+    rows = [f"u,sess-{i},10,13,1,0,1714564800\n" for i in range(6)]
+    rows[1] = rows[0]  # line 3: repeats line 2 in the same batch
+    rows += [rows[0], rows[5]]  # lines 8 and 9: repeat line 2 and line 7 in later batches
+    log = write_log(tmp_path / "log.csv", HEADER + "".join(rows))
+    # Execute
+    report = import_click_log(log, catalog, tmp_path / "c.parquet", batch_rows=3)
+    # Assert
+    assert [e["line"] for e in report["quarantine_examples"]] == [3, 8, 9]  # type: ignore[attr-defined]
+    assert report["rows_kept"] == 5
+
+
 def test_jsonl_and_parquet_inputs_match_csv(tmp_path: Path, catalog: Path) -> None:
     # Prepare
     log = write_log(tmp_path / "log.csv", HEADER + GOOD)
