@@ -1,6 +1,6 @@
 """`fedrank data import` on messy real files: encodings, conflicting text, bad rows, report.
 
-The real rows come from tests/data/wands-excerpt (54 WANDS judgments in Home Depot CSV
+The real rows come from tests/data/wands-excerpt (78 WANDS judgments in Home Depot CSV
 style, MIT); the mess (Latin-1 bytes, a second title, a bad grade) is added per test.
 """
 
@@ -46,7 +46,7 @@ def with_second_title(lines: list[str], line: int, title: str) -> list[str]:
 
 
 def messy_latin1(tmp_path: Path) -> Path:
-    """The excerpt in Latin-1, with a second title for product 224 and a bad grade."""
+    """The excerpt (78 rows) in Latin-1, a second title for product 224, a bad grade."""
     lines = with_second_title(excerpt_lines(), 2, "sunflower spoon & fork wall décor set")
     lines[9] = lines[9].rsplit(",", 1)[0] + ",N/A\n"  # line 10: a grade that does not parse
     path = tmp_path / "messy.csv"
@@ -92,13 +92,13 @@ def test_real_excerpt_imports_with_a_full_report() -> None:
     result = import_csv(EXCERPT, COLUMNS)
     # Assert: WANDS' repeated pairs are merged (max grade), nothing is dropped
     report = result.report
-    assert (report["rows_read"], report["rows_kept"], report["rows_dropped"]) == (54, 54, 0)
+    assert (report["rows_read"], report["rows_kept"], report["rows_dropped"]) == (78, 78, 0)
     assert report["rows_merged"] == {
         "duplicate_pairs": 6,
         "product_text_conflicts": 0,
         "query_text_conflicts": 0,
     }
-    assert (report["queries"], report["products"], report["judgments"]) == (3, 47, 48)
+    assert (report["queries"], report["products"], report["judgments"]) == (6, 71, 72)
     assert report["relevance_scale"] == [1.0, 3.0]
     spoon = next(q for q in result.data.queries.values() if q.text.startswith("large spoon"))
     assert result.data.relevance(spoon.query_id, "34349") == 1.0  # Exact once, Partial twice
@@ -138,11 +138,11 @@ def test_conflict_error_counts_and_lists_the_first_few(tmp_path: Path) -> None:
     # Assert
     problem = caught.value.problem
     assert problem.startswith("7 product_id(s) have different text on different rows; first 5:")
-    assert "product_id '224' has title 'renamed product 2' on line 56 (1 row(s)) but" in problem
+    assert "product_id '224' has title 'renamed product 2' on line 80 (1 row(s)) but" in problem
     assert "'sunflower decorative spoon and fork wall decor set' on line 2" in problem
     assert problem.count("product_id '") == 5
     assert "--on-conflict first" in problem
-    assert caught.value.line == 56
+    assert caught.value.line == 80
 
 
 def test_on_conflict_first_and_most_common(tmp_path: Path) -> None:
@@ -174,7 +174,7 @@ def test_messy_file_imports_with_latin1_and_first(tmp_path: Path, cli: typer.Typ
     # Assert: the bad grade is reported with its line; the counts add up
     assert result.exit_code == 0, result.output
     report = json.loads((out / IMPORT_REPORT_FILE).read_text(encoding="utf-8"))
-    assert report["rows_read"] == 55
+    assert report["rows_read"] == 79
     assert report["rows_read"] == report["rows_kept"] + report["rows_dropped"]
     assert report["dropped_by_reason"] == {"bad relevance": 1}
     assert report["dropped_rows"][0]["line"] == 10
