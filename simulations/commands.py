@@ -198,9 +198,18 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="JSON on stdout."),
         repeats: int = typer.Option(5, "--repeats"),
         users: int = typer.Option(2000, "--users"),
+        data: Path | None = typer.Option(
+            None, "--data", help="Judged-search directory (fedrank data import); default WANDS."
+        ),
     ) -> None:
         """Examples/s of the node's DP step vs non-private vs Opacus' hooks mode."""
+        from shared_model.data import catalog_run_config
         from simulations.bench import bench_train
 
-        result = bench_train(users=users, repeats=repeats)
+        try:
+            catalog = catalog_run_config(data).get("catalog-dir", "")
+        except ValueError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        result = bench_train(users=users, repeats=repeats, catalog_dir=catalog)
         typer.echo(json.dumps(result, indent=None if as_json else 2))

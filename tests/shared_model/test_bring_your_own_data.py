@@ -14,7 +14,6 @@ from typer.testing import CliRunner
 
 from client.node import NodeSettings, PrivacyRefusal, train_round
 from privacy.ledger import read_ledger
-from shared_model import commands
 from shared_model.data import (
     DEFAULT_WANDS_DIR,
     IMPORT_REPORT_FILE,
@@ -147,15 +146,19 @@ def test_bad_scenario_file_names_the_problem(tmp_path: Path, text: str, problem:
     assert str(path) in str(caught.value) and problem in str(caught.value)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def cli() -> typer.Typer:
-    from simulations import commands as sim_commands
+    """A fresh app with the commands that take --data (as fedrank.cli wires them)."""
+    from privacy import commands as privacy_commands
+    from shared_model import commands as shared_model_commands
+    from simulations import canary_commands
+    from simulations import commands as simulations_commands
 
     app = typer.Typer()
     bench_app = typer.Typer()
     app.add_typer(bench_app, name="bench")
-    commands.register(app, bench_app)
-    sim_commands.register(app, bench_app)
+    for module in (shared_model_commands, privacy_commands, canary_commands, simulations_commands):
+        module.register(app, bench_app)
     return app
 
 
@@ -167,6 +170,8 @@ def cli() -> typer.Typer:
         (["simulate", "--scenario-file", "missing.toml"], "scenario file not found"),
         (["simulate", "regional-3", "--data", "."], "queries.tsv: file not found"),
         (["baseline", "--data", "."], "queries.tsv: file not found"),
+        (["bench", "train", "--data", "."], "queries.tsv: file not found"),
+        (["audit", "canaries", "regional-3", "--epsilon", "1", "--data", "."], "queries.tsv"),
     ],
 )
 def test_cli_bad_data_or_scenario_file_exits_before_running(
