@@ -249,3 +249,24 @@ def test_no_usable_row_is_an_error(tmp_path: Path) -> None:
     path.write_text("q,t,r\nbed,oak bed,x\n", encoding="utf-8")
     with pytest.raises(DataError, match="no usable rows: all 1 row"):
         import_csv(path, CsvColumns(query="q", title="t", relevance="r"))
+
+
+def test_baseline_runs_on_the_messy_import(tmp_path: Path, cli: typer.Typer) -> None:
+    # Prepare: the bar, imported with --encoding latin-1 --on-conflict first
+    out = tmp_path / "imported"
+    imported = CliRunner().invoke(
+        cli,
+        import_args(messy_latin1(tmp_path), out, "--encoding", "latin-1", "--on-conflict", "first"),
+    )
+    assert imported.exit_code == 0, imported.output
+    # Execute
+    result = CliRunner().invoke(
+        cli, ["baseline", "--data", str(out), "--json", "--folds", "2", "--users", "200"]
+    )
+    # Assert
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout[result.stdout.index("{") :])
+    assert report["data"]["dir"] == str(out)
+    assert report["data"]["catalog_hash"].startswith("sha256:")
+    assert sum(report["split"]["fold_sizes"]) == 6
+    assert 0.0 <= report["bm25"]["ndcg@10"] <= 1.0
