@@ -97,7 +97,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             save_judged(result.data, Path(out), report=result.report)
         except (DataError, OSError) as exc:
             raise fail(str(exc)) from None
-        report = result.report
+        report_file = Path(out) / IMPORT_REPORT_FILE
+        report = json.loads(report_file.read_text(encoding="utf-8"))  # with its catalog_hash
         if as_json:
             typer.echo(json.dumps(report, indent=2))
             return
@@ -127,7 +128,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                 f"{conflicts['query_ids']} query id(s) had different text on different rows",
                 err=True,
             )
-        typer.echo(f"report: {Path(out) / IMPORT_REPORT_FILE}")
+        typer.echo(f"catalog hash {report['catalog_hash']}; report: {report_file}")
 
     @data_app.command("stats")
     def data_stats(
@@ -140,11 +141,13 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         from collections import Counter
         from pathlib import Path
 
-        from shared_model.data import DEFAULT_WANDS_DIR, load_judged_dir
+        from shared_model.data import DEFAULT_WANDS_DIR, catalog_hash, load_judged_dir
         from shared_model.schema import DataError
 
         try:
-            data = load_judged_dir(Path(data_dir) if data_dir else DEFAULT_WANDS_DIR)
+            folder = Path(data_dir) if data_dir else DEFAULT_WANDS_DIR
+            data = load_judged_dir(folder)
+            data_hash = catalog_hash(folder)
         except DataError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(code=2) from None
@@ -156,6 +159,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             "products": len(data.products),
             "judgments": len(data.judgments),
             "grades": {str(g): grades[g] for g in sorted(grades)},
+            "catalog_hash": data_hash,
         }
         typer.echo(json.dumps(stats, indent=2))
 

@@ -941,7 +941,7 @@ def save_judged(
         Target folder; its parent is created if missing.
     report
         An import report (:func:`import_csv`), written as ``import-report.json`` in the
-        same atomic step.
+        same atomic step, with the written catalog's ``catalog_hash`` added.
 
     Returns
     -------
@@ -973,6 +973,7 @@ def save_judged(
             ((j.query_id, j.product_id, repr(float(j.relevance))) for j in data.judgments),
         )
         if report is not None:
+            report = {**report, "catalog_hash": catalog_hash(temp)}
             report_path = temp / IMPORT_REPORT_FILE
             report_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         _move_into_place(temp, target)

@@ -590,6 +590,7 @@ def test_cli_data_stats(tmp_path: Path, cli: typer.Typer) -> None:
     stats = json.loads(result.stdout)
     assert (stats["queries"], stats["products"], stats["judgments"]) == (2, 3, 3)
     assert stats["grades"] == {"0.0": 1, "1.0": 2}
+    assert stats["catalog_hash"].startswith("sha256:") and len(stats["catalog_hash"]) == 71
 
 
 def test_cli_data_stats_bad_dir(tmp_path: Path, cli: typer.Typer) -> None:

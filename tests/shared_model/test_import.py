@@ -17,6 +17,7 @@ from shared_model import commands
 from shared_model.data import (
     IMPORT_REPORT_FILE,
     CsvColumns,
+    catalog_hash,
     import_csv,
     load_csv,
     load_judged_dir,
@@ -183,6 +184,8 @@ def test_messy_file_imports_with_latin1_and_first(tmp_path: Path, cli: typer.Typ
     assert report["judgments"] == report["rows_kept"] - report["rows_merged"]["duplicate_pairs"]
     assert report["encoding"] == "iso8859-1"
     assert "dropped: bad relevance 1" in result.stderr
+    assert report["catalog_hash"] == catalog_hash(out)
+    assert f"catalog hash {catalog_hash(out)}" in result.stdout
     loaded = load_judged_dir(out)
     assert len(loaded.judgments) == report["judgments"]
     assert loaded.products["224"].title == "sunflower decorative spoon and fork wall decor set"
