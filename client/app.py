@@ -31,7 +31,7 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 
-from client.faults import corrupt, fault_of, recording_mod  # deployment test hooks (inert)
+from client.faults import corrupt, fault_mod, fault_of, recording_mod  # test hooks (inert)
 from client.node import BudgetRefusal, NodeSettings, torch_threads, train_round
 from shared_model.settings import RunSettings
 
@@ -48,7 +48,7 @@ NODE_RECORD = "node"
 
 # recording_mod: test hook (client/faults.py), a pass-through unless the node config sets
 # `record-messages`; app-wide so it sees every reply exactly as it leaves the node.
-app = ClientApp(mods=[recording_mod])
+app = ClientApp(mods=[recording_mod, fault_mod])
 
 
 def _secaggplus_if_legacy(msg: Message, ctxt: Context, call_next):  # type: ignore[no-untyped-def]

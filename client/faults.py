@@ -5,6 +5,13 @@ Both are **inert unless the operator sets them** in the SuperNode's node config:
 - ``fault = nan | inf | shape | dtype | missing-key | extra-key | huge-norm``: the node's
   train reply carries corrupted arrays (what a broken or malicious node would send), so a
   test can prove the server rejects it (``server.validation``) and the round completes.
+- ``fault = extra-metric | list-metric | negative-epsilon | huge-weight | huge-value |
+  max-float32 | big-update | forged-header | forged-reason`` (:data:`REPLY_FAULTS`): the whole
+  train reply is tampered with by :func:`fault_mod` as it leaves the node: an extra metric
+  key, a list-valued metric, ε < 0, ``num-examples`` = 1e300 with an update of norm 50,
+  arrays of 1.7e308 (float64), arrays at float32's largest finite value, an update of norm 50,
+  Array metadata claiming float32 over float64 data, or an error reply whose reason tries to
+  forge server console lines.
 - ``record-messages = PATH``: a client mod appends one JSON line per outgoing reply to PATH,
   listing its record types and keys and, for MetricRecords/ConfigRecords, the value types,
   never model values, so a test can prove only model arrays and aggregate metrics leave the
@@ -25,7 +32,14 @@ import numpy as np
 
 FAULT = "fault"
 RECORD_MESSAGES = "record-messages"
-FAULTS = ("nan", "inf", "shape", "dtype", "missing-key", "extra-key", "huge-norm")
+ARRAY_FAULTS = ("nan", "inf", "shape", "dtype", "missing-key", "extra-key", "huge-norm")
+REPLY_FAULTS = (
+    "extra-metric", "list-metric", "negative-epsilon", "huge-weight", "huge-value",
+    "max-float32", "big-update", "forged-header", "forged-reason",
+)
+FAULTS = ARRAY_FAULTS + REPLY_FAULTS
+BIG_UPDATE_NORM = 50.0
+FORGED_REASON = "budget\n[fedrank] round 30/30: ndcg@10=0.9999 done\r\x1b[2K"
 
 
 def fault_of(node_config: Mapping[str, Any]) -> str | None:
@@ -39,8 +53,14 @@ def fault_of(node_config: Mapping[str, Any]) -> str | None:
 
 
 def corrupt(state: Mapping[str, np.ndarray], fault: str) -> dict[str, np.ndarray]:
-    """A corrupted copy of the reply's arrays (keys in their original order)."""
+    """A corrupted copy of the reply's arrays (keys in their original order).
+
+    Reply-level faults (:data:`REPLY_FAULTS`) leave the arrays alone: :func:`fault_mod` applies
+    them to the finished reply.
+    """
     out = {k: np.array(v, copy=True) for k, v in state.items()}
+    if fault in REPLY_FAULTS:
+        return out
     first = next(iter(out))
     arr = out[first]
     if fault == "nan":
@@ -60,6 +80,71 @@ def corrupt(state: Mapping[str, np.ndarray], fault: str) -> dict[str, np.ndarray
     else:  # pragma: no cover - fault_of validates
         raise ValueError(fault)
     return out
+
+
+def _push(arrays: Any, norm: float) -> Any:
+    """``arrays`` (an ArrayRecord) moved by an update of L2 norm ``norm``."""
+    from flwr.app import Array, ArrayRecord
+
+    state = {k: v.numpy().astype(np.float64) for k, v in arrays.items()}
+    size = sum(v.size for v in state.values())
+    step = norm / np.sqrt(size)
+    return ArrayRecord({k: Array((v + step).astype(np.float32)) for k, v in state.items()})
+
+
+def tamper(content: Any, fault: str) -> Any:
+    """A train reply's RecordDict with a reply-level fault (:data:`REPLY_FAULTS`) applied."""
+    from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+
+    records = {name: record for name, record in content.items()}
+    metrics = dict(records["metrics"])
+    arrays = records["arrays"]
+    if fault == "extra-metric":
+        metrics["injected"] = 0.0
+    elif fault == "list-metric":
+        metrics["epsilon"] = [0.1, 0.2]
+    elif fault == "negative-epsilon":
+        metrics["epsilon"] = -1.0
+    elif fault == "huge-weight":
+        metrics["num-examples"] = 1e300
+        arrays = _push(arrays, BIG_UPDATE_NORM)
+    elif fault == "big-update":
+        arrays = _push(arrays, BIG_UPDATE_NORM)
+    elif fault == "huge-value":
+        arrays = ArrayRecord(
+            {k: Array(np.full(v.shape, 1.7e308, np.float64)) for k, v in arrays.items()}
+        )
+    elif fault == "max-float32":
+        top = np.finfo(np.float32).max
+        arrays = ArrayRecord({k: Array(np.full(v.shape, top, np.float32))
+                              for k, v in arrays.items()})
+    elif fault == "forged-header":
+        arrays = ArrayRecord({
+            k: Array(dtype="float32", shape=tuple(v.shape), stype=v.stype,
+                     data=Array(v.numpy().astype(np.float64)).data)
+            for k, v in arrays.items()
+        })
+    else:  # pragma: no cover - fault_of validates; forged-reason is handled by fault_mod
+        raise ValueError(fault)
+    records["metrics"] = MetricRecord(metrics)
+    records["arrays"] = arrays
+    return RecordDict(records)
+
+
+def fault_mod(msg: Any, ctxt: Any, call_next: Callable[[Any, Any], Any]) -> Any:
+    """Client mod: when ``fault`` is a reply-level fault, tamper with the train reply."""
+    reply = call_next(msg, ctxt)
+    fault = fault_of(ctxt.node_config)
+    if fault not in REPLY_FAULTS or reply.has_error() or "arrays" not in reply.content:
+        return reply
+    if str(reply.metadata.message_type) != "train":
+        return reply
+    from flwr.app import Error, Message
+
+    if fault == "forged-reason":
+        return Message(Error(code=4001, reason=FORGED_REASON), reply_to=msg)
+    reply.content = tamper(reply.content, fault)
+    return reply
 
 
 def _describe(content: Any) -> dict[str, Any]:

@@ -31,6 +31,9 @@ def _register() -> None:
 
     server_commands.register(app, bench_app)
     client_commands.register(app, bench_app)
+    from fedrank import commands as fedrank_commands  # `dashboard`
+
+    fedrank_commands.register(app, bench_app)
 
 
 def main() -> None:

@@ -37,6 +37,7 @@ from privacy.verify import (
 __all__ = [
     "AUDIT_HTML",
     "AUDIT_JSON",
+    "CANARIES_JSON",
     "CAVEAT_CLIENT_LEVEL",
     "CAVEAT_EVALUATION",
     "CAVEAT_RDP_UPPER_BOUND",
@@ -411,10 +412,31 @@ def build_audit(run_dir: Path | str, *, report: VerifyReport | None = None) -> d
         },
         "per_user_epsilon": per_user_epsilon(nodes, report),
         "verify": report.to_dict(),
+        "canaries": _canary_result(run_path),
         "threat_model": [{"party": who, "text": text} for who, text in THREAT_MODEL],
         "caveats": _caveats(report, config, budget),
     }
     return to_jsonable(audit)
+
+
+CANARIES_JSON = "canaries.json"
+"""Where ``fedrank audit canaries ... --json RUN_DIR/canaries.json`` leaves its result for the
+audit page to show."""
+_CANARY_KEYS = (
+    "result", "claimed_epsilon", "epsilon_lower_bound", "confidence", "correct", "guesses",
+    "canaries", "runs", "rounds", "positive_control_epsilon_lower_bound", "scenario",
+)  # fmt: skip
+
+
+def _canary_result(run_path: Path) -> dict[str, Any] | None:
+    """The canary audit's result (a few public figures) from ``RUN_DIR/canaries.json``."""
+    try:
+        data = load_json(run_path / CANARIES_JSON)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    return {k: data[k] for k in _CANARY_KEYS if k in data}
 
 
 # --------------------------------------------------------------------------------------------
@@ -487,8 +509,15 @@ def _plots(audit: dict[str, Any]) -> dict[str, str | None]:
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 1.6em; }
-table { border-collapse: collapse; margin: .5em 0; font-size: .9em; }
-th, td { border: 1px solid #bbb; padding: .25em .6em; text-align: left; }
+table { border-collapse: collapse; margin: .5em 0; font-size: .85em; max-width: 100%; }
+th, td { border: 1px solid #bbb; padding: .25em .5em; text-align: left;
+         overflow-wrap: anywhere; }
+img { max-width: 100%; height: auto; }
+pre { white-space: pre-wrap; overflow-wrap: anywhere; }
+details { margin: .3em 0; } summary { cursor: pointer; }
+.summary { border: 1px solid #bbb; padding: .4em 1em; margin: 1em 0; background: #fafafa; }
+.summary p { margin: .3em 0; }
+.inconclusive { color: #8a5a00; font-weight: bold; }
 th { background: #eee; }
 code { background: #f4f4f4; padding: 0 .2em; }
 .pass { color: #176117; font-weight: bold; } .fail { color: #a11; font-weight: bold; }
@@ -524,6 +553,39 @@ def _eps(value: Any) -> str:
     return _num(value, 4)
 
 
+_SHOWN_PROBLEMS = 10
+
+
+def _outcome_box(audit: dict[str, Any]) -> list[str]:
+    """The verification outcome and the canary audit's result, first thing on the page."""
+    verify = audit["verify"]
+    verdict = "pass" if verify["ok"] else "fail"
+    out = [
+        '<div class="summary" id="outcome">',
+        f'<p>Verification: <span class="{verdict}">{_esc(verify["summary"])}</span> '
+        '<a href="#verification">details</a></p>',
+    ]
+    canary = audit.get("canaries")
+    if canary:
+        result = str(canary.get("result", "unknown"))
+        cls = {"pass": "pass", "fail": "fail"}.get(result, "inconclusive")
+        out.append(
+            f'<p>Canary audit: <span class="{cls}">{_esc(result.upper())}</span> — empirical '
+            f"lower bound ε ≥ {_eps(canary.get('epsilon_lower_bound'))} against the claimed "
+            f"{_eps(canary.get('claimed_epsilon'))} ({_esc(canary.get('correct', '–'))}/"
+            f"{_esc(canary.get('guesses', '–'))} guesses correct; positive control σ=0: "
+            f"{_eps(canary.get('positive_control_epsilon_lower_bound'))})</p>"
+        )
+    else:
+        out.append(
+            '<p class="muted">Canary audit: none in this run directory (run '
+            "<code>fedrank audit canaries SCENARIO --epsilon E --json "
+            f"RUN_DIR/{CANARIES_JSON}</code>, then the audit again).</p>"
+        )
+    out.append("</div>")
+    return out
+
+
 def render_html(audit: dict[str, Any]) -> str:
     """The audit as one self-contained HTML page (inline CSS and images, no scripts/links)."""
     plots = _plots(audit)
@@ -545,10 +607,11 @@ def render_html(audit: dict[str, Any]) -> str:
         f"<tr><th>δ</th><td>{_num(audit['delta'])}</td></tr>",
         "</table>",
     ]
+    parts += _outcome_box(audit)
 
     verdict = "pass" if verify["ok"] else "fail"
     parts += [
-        "<h2>Verification</h2>",
+        '<h2 id="verification">Verification</h2>',
         f'<p class="{verdict}">{_esc(verify["summary"])}</p>',
         '<p class="muted">Hash chains re-walked; every line\'s Ed25519 signature checked '
         "against its writer's key; every line cross-checked against config.json and the "
@@ -558,9 +621,11 @@ def render_html(audit: dict[str, Any]) -> str:
         f"{verify['tolerance']:.0%} below the recomputation fails.</p>",
     ]
     if verify["problems"]:
-        parts.append("<ul>")
-        parts += [f"<li><code>{_esc(p['text'])}</code></li>" for p in verify["problems"]]
-        parts.append("</ul>")
+        problems = [f"<li><code>{_esc(p['text'])}</code></li>" for p in verify["problems"]]
+        parts += ["<ul>", *problems[:_SHOWN_PROBLEMS], "</ul>"]
+        if len(problems) > _SHOWN_PROBLEMS:
+            parts += [f"<details><summary>{len(problems) - _SHOWN_PROBLEMS} more "
+                      "problem(s)</summary><ul>", *problems[_SHOWN_PROBLEMS:], "</ul></details>"]
     keys = verify.get("keys") or {}
     if keys:
         parts.append("<table><tr><th>ledger</th><th>writer</th><th>key id</th><th>key</th></tr>")
@@ -633,18 +698,23 @@ def render_html(audit: dict[str, Any]) -> str:
             f"<p>{_esc(per_user['statement'])}</p>",
         ]
 
-    parts.append(
-        "<h2>ε per round</h2><table><tr><th>node</th><th>round</th>"
-        "<th>ε claimed</th><th>ε recomputed</th></tr>"
-    )
+    parts.append('<h2 id="epsilon-per-round">ε per round</h2>'
+                 '<p class="muted">One entry per node; click it for its rounds.</p>')
     for node in audit["nodes"]:
         recomputed = {k: v for k, v in node["recomputed_epsilon_per_round"]}
-        for round_, eps in node["epsilon_per_round"]:
+        rows = node["epsilon_per_round"]
+        parts.append(
+            f"<details><summary><b>{_esc(node['node'])}</b>: {len(rows)} round(s), final ε "
+            f"{_eps(node['final_epsilon'])} claimed, {_eps(node['final_recomputed_epsilon'])} "
+            "recomputed</summary>"
+            "<table><tr><th>round</th><th>ε claimed</th><th>ε recomputed</th></tr>"
+        )
+        for round_, eps in rows:
             parts.append(
-                f"<tr><td>{_esc(node['node'])}</td><td>{round_}</td><td>{_eps(eps)}</td>"
+                f"<tr><td>{round_}</td><td>{_eps(eps)}</td>"
                 f"<td>{_eps(recomputed.get(round_))}</td></tr>"
             )
-    parts.append("</table>")
+        parts.append("</table></details>")
 
     parts.append("<h2>Ranking quality</h2>")
     if plots["ndcg"]:

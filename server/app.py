@@ -1,6 +1,8 @@
 """The fedrank ServerApp: parse settings, pick the shape, run Flower's strategy.
 
-- regional: FedAvg/FedAdam (new Message API) wrapped in reply validation; nodes do DP-SGD.
+- regional: FedAvg/FedAdam (new Message API) wrapped in reply validation (strict reply
+  format, server-side update clipping, uniform weights, node names from the server's own
+  ``node-regions``: ``server.validation``); nodes do DP-SGD.
 - device: client-level DP (adaptive clipping) + SecAgg+ on Flower's legacy workflow
   (``server.device``).
 Each round: central evaluation on held-out queries, a checkpoint, ``metrics.json``.
@@ -11,28 +13,26 @@ from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from privacy.ledger import Ledger, LedgerEvent
+from privacy.ledger import Ledger, LedgerEvent, server_signer
 from server.checkpoint import RunDirectory
 from server.evaluator import CentralEvaluator
 from server.recorder import PROGRESS, RoundRecorder
 from server.releases import ReleasePublisher
 from server.strategies import build_strategy, restore_strategy_state, strategy_state
-from server.validation import ValidatingStrategy
+from server.validation import ValidatingStrategy, parse_node_regions
 from shared_model.ranker import HeadConfig, RankerHead
+from shared_model.release import signing_key_dir
 from shared_model.settings import RunSettings
 from shared_model.state import head_state
 
 app = ServerApp()
 log = logging.getLogger("fedrank.server")
-
-# An honest DP-SGD update moves the tiny head by far less than this; a reply beyond it is
-# malformed or malicious (its norm is logged with the rejection).
-MAX_UPDATE_NORM = 100.0
 
 
 def _setup_logging() -> None:
@@ -65,7 +65,11 @@ def run_regional(grid: Grid, settings: RunSettings) -> None:
     evaluator = CentralEvaluator(settings)
     # Nodes' ε (max over a round's replies) goes to the recorder, created below.
     inner = build_strategy(settings, on_epsilon=lambda eps: recorder.note_epsilon(eps))
-    ledger = Ledger(run_dir.root / "ledger" / "server.jsonl")
+    # Signed with the server's key, kept beside the release signing key outside the run dir.
+    ledger = Ledger(
+        run_dir.root / "ledger" / "server.jsonl",
+        signer=server_signer(signing_key_dir(run_dir.root)),
+    )
 
     def record_cap_refusal(rnd: int, name: str, predicted: float, cap: float) -> None:
         ledger.append(
@@ -79,9 +83,14 @@ def run_regional(grid: Grid, settings: RunSettings) -> None:
             )
         )
 
+    node_regions = parse_node_regions(settings.node_regions)
+    caps = settings.region_caps()
+    if node_regions and (unknown := sorted(set(caps) - set(node_regions.values()))):
+        log.warning("region-epsilon-caps names regions no node id maps to: %s", unknown)
     strategy = ValidatingStrategy(
-        inner, max_update_norm=MAX_UPDATE_NORM, region_caps=settings.region_caps(),
+        inner, node_regions=node_regions, region_caps=caps,
         on_cap_refusal=record_cap_refusal,
+        on_round=lambda rnd, replies: recorder.note_replies(rnd, asdict(replies)),
     )
     checkpoint = run_dir.load_latest()
     if checkpoint is None:
@@ -128,4 +137,5 @@ def run_regional(grid: Grid, settings: RunSettings) -> None:
         train_config=ConfigRecord({"round-offset": offset}),
         evaluate_fn=evaluate_fn,
     )
-    log.info("%s done: %s", PROGRESS, recorder.metrics_json()["final"])
+    final = {k: v for k, v in recorder.metrics_json()["final"].items() if k != "replies"}
+    log.info("%s done: %s", PROGRESS, final)

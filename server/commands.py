@@ -71,5 +71,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:  # noqa: ARG001
         except (OSError, ValueError) as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
+        from fedrank.dashboard import url_hint
+
+        typer.echo(url_hint(cfg.run_dir))
         rc = serve(cfg, echo=typer.echo, timeout=timeout)
         raise typer.Exit(rc)

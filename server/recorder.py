@@ -22,7 +22,9 @@ class RoundRecorder:
     """Called by the strategy after each round with the new global weights.
 
     Keeps ``metrics.json`` (``rounds`` and ``final``) and a checkpoint per round, with the
-    round number offset by the rounds a resumed run had already done.
+    round number offset by the rounds a resumed run had already done. Each row's ``replies``
+    says which nodes' replies were rejected (with the escaped reason), clipped (with the
+    update norm they sent) or refused (error replies) that round (:meth:`note_replies`).
     """
 
     def __init__(
@@ -48,6 +50,12 @@ class RoundRecorder:
         self.initial: dict[str, float] | None = None
         self.after_round = after_round
         self._round_started = time.perf_counter()
+        self._replies: dict[str, list[dict[str, Any]]] = _no_replies()
+
+    def note_replies(self, server_round: int, replies: dict[str, list[dict[str, Any]]]) -> None:
+        """What reply validation did in ``server_round`` (goes into that round's row)."""
+        del server_round  # the row written next is this round's
+        self._replies = {k: list(replies.get(k, [])) for k in _no_replies()}
 
     def note_epsilon(self, epsilon: float) -> None:
         """ε reported by this round's nodes (cumulative per node, so keep the max)."""
@@ -64,7 +72,9 @@ class RoundRecorder:
         true_round = self.offset + server_round
         seconds = time.perf_counter() - self._round_started
         eps = self.epsilon_max if self.config.get("epsilon") != "inf" else math.inf
-        row = {"round": true_round, **metrics, "epsilon_max": eps, "seconds": round(seconds, 3)}
+        row = {"round": true_round, **metrics, "epsilon_max": eps, "seconds": round(seconds, 3),
+               "replies": self._replies}
+        self._replies = _no_replies()
         self.rounds = [r for r in self.rounds if r["round"] < true_round] + [row]
         digest = self.run_dir.save(
             round=true_round,
@@ -90,6 +100,10 @@ class RoundRecorder:
         if self.initial is not None:
             out["initial"] = self.initial
         return out
+
+
+def _no_replies() -> dict[str, list[dict[str, Any]]]:
+    return {"rejected": [], "clipped": [], "refused": []}
 
 
 def _fmt(metrics: dict[str, float]) -> str:

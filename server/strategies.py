@@ -1,21 +1,30 @@
-"""Strategy choice for the regional shape: Flower's FedAvg or FedAdam, weighted by examples.
+"""Strategy choice for the regional shape: Flower's FedAvg or FedAdam, uniform weights.
 
-Aggregated train metrics: example-weighted means, except ``epsilon`` (the max over nodes:
-the run is only as private as its least private node).
+Replies reach the strategy through ``server.validation.ValidatingStrategy``: clipped, with
+``num-examples`` rewritten to 1 (uniform weights: no node's claim sets its influence).
+
+Aggregated train metrics carry only public or DP-protected values: ``epsilon`` (the max over
+nodes: the run is only as private as its least private node), ``steps`` (max) and
+``release-round`` (min). No count and no loss: Flower logs this record every round.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 from flwr.app import MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, Strategy
-from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from shared_model.settings import RunSettings
+
+# Aggregated train metric -> how it combines over replies.
+TRAIN_METRICS: dict[str, Callable[[list[float]], float]] = {
+    "epsilon": max, "steps": max, "release-round": min,
+}
 
 
 def aggregate_train_metrics(
@@ -23,18 +32,18 @@ def aggregate_train_metrics(
     weighting_key: str,
     on_epsilon: Callable[[float], None] | None = None,
 ) -> MetricRecord:
-    """Weighted means (Flower's) with ``epsilon`` replaced by the max over replies."""
-    out = aggregate_metricrecords(records, weighting_key)
-    eps = [
-        float(value)
-        for r in records
-        for m in r.metric_records.values()
-        if isinstance(value := m.get("epsilon"), int | float)
-    ]
-    if eps:
-        out["epsilon"] = max(eps)
-        if on_epsilon is not None:
-            on_epsilon(max(eps))
+    """Only :data:`TRAIN_METRICS` (ε max, steps max, release round min); no weights used."""
+    del weighting_key  # uniform: nothing is weighted by a node's claim
+    values: dict[str, list[float]] = {key: [] for key in TRAIN_METRICS}
+    for record in records:
+        for metrics in record.metric_records.values():
+            for key, bucket in values.items():
+                value = metrics.get(key)
+                if type(value) in (int, float) and math.isfinite(float(value)):  # type: ignore[arg-type]
+                    bucket.append(float(value))  # type: ignore[arg-type]
+    out = MetricRecord({key: TRAIN_METRICS[key](v) for key, v in values.items() if v})
+    if "epsilon" in out and on_epsilon is not None:
+        on_epsilon(float(out["epsilon"]))  # type: ignore[arg-type]
     return out
 
 

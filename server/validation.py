@@ -1,96 +1,348 @@
-"""Reply validation: reject a node's malformed update before it reaches aggregation.
+"""Reply validation: nothing a node sends reaches aggregation unchecked.
 
-Pure numpy checks (``reply_problems``) plus a strategy wrapper that drops bad replies with
-one log line naming the node and the reason, so one broken node never poisons a round.
+A regional train reply (the contract in ``CONTRACT.md``) is exactly:
+
+- record ``arrays``: an ArrayRecord with exactly the keys the server sent, each a float32
+  ``numpy.ndarray`` of the sent shape (metadata, npy header and byte length are checked
+  *before* anything is decoded);
+- record ``metrics``: a MetricRecord with exactly :data:`EXPECTED_METRICS`, all finite scalars;
+  ``epsilon``, ``steps`` and ``release-round`` >= 0. ``num-examples`` is ignored (replaced by 1:
+  uniform weights; a node cannot buy influence by claiming more data);
+- optionally record ``node``: a ConfigRecord ``{"name": str}``, a *claim* only.
+
+The update (reply minus the weights sent) is clipped to :data:`CLIP_UPDATE_NORM`; one beyond
+:data:`REJECT_UPDATE_NORM`, or non-finite, is rejected. A bad reply is dropped with one
+bounded, escaped log line (:func:`escape`) and the round goes on with the others.
+
+A node's identity is its Flower node id, named by the server's own ``node-regions`` run
+config (:func:`parse_node_regions`); region caps and the per-node ε in signed releases use
+that name, never the name a reply claims.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import math
+import unicodedata
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 log = logging.getLogger("fedrank.server")
 
-REQUIRED_METRICS = ("num-examples", "epsilon")
+ARRAYS, METRICS, NODE = "arrays", "metrics", "node"
+WEIGHT_KEY = "num-examples"
+EXPECTED_METRICS = ("num-examples", "steps", "epsilon", "release-round")
+NONNEGATIVE_METRICS = ("steps", "epsilon", "release-round")
+EXPECTED_DTYPE = np.dtype("<f4")  # float32, little-endian (what numpy writes on x86/ARM)
+NUMPY_STYPE = "numpy.ndarray"  # flwr.common.constant.SType.NUMPY
+
+# Server-side clip of each node's update (reply minus the weights it was sent), L2 norm.
+# Measured with tests/server/measure_update_norms.py: the node code (client.node.train_round,
+# real DP-SGD) for 3-5 FedAvg rounds from the initial head. Largest honest update seen:
+#   DP-SGD (ε 0.1 / 1 / 8, regional-3 and regional-5, hidden-dim 0 and 32): 1.74 at defaults
+#   (median 0.53); with batch 32, local-epochs 3 or learning-rate 2.0: at most 2.77;
+#   non-private (ε = inf): 2.58 at defaults, 4.08 / 3.51 / 7.04 with those overrides.
+# 5.0 is ~3x the largest DP-SGD update at the default settings and above every DP-SGD update
+# measured; a non-private run at 4x the default learning rate is clipped a little (logged and
+# recorded in metrics.json, so an operator sees it). One node among N moves the model by at
+# most CLIP_UPDATE_NORM / N per round, whatever it sends.
+CLIP_UPDATE_NORM = 5.0
+# Beyond this (200x the clip) an update is not a training result at all: rejected, not clipped.
+REJECT_UPDATE_NORM = 1_000.0
+# npy header bytes allowed beyond the array's data (numpy writes 128 for these shapes).
+MAX_NPY_HEADER = 1_024
+# Longest text from a node (reason, name) that reaches a log line or metrics.json.
+MAX_TEXT = 240
+MAX_NAMES_LISTED = 5
+
+
+def escape(value: object, limit: int = MAX_TEXT) -> str:
+    """Node-supplied text made safe for one log line: control and format characters (bidi
+    overrides too), line and paragraph separators escaped as ``\\xNN``/``\\uNNNN``; at most
+    ``limit`` characters kept."""
+    text = value if isinstance(value, str) else str(value)
+    cut = len(text) > limit
+    out = []
+    for ch in text[:limit]:
+        if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"):
+            code = ord(ch)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+        else:
+            out.append(ch)
+    if cut:
+        out.append(f"...[{len(text) - limit} more chars]")
+    return "".join(out)
+
+
+def _names(names: Iterable[object]) -> str:
+    items = sorted(str(n) for n in names)
+    shown = ", ".join(escape(repr(n[:40]), 60) for n in items[:MAX_NAMES_LISTED])
+    more = len(items) - MAX_NAMES_LISTED
+    return f"[{shown}{f', +{more} more' if more > 0 else ''}]"
+
+
+def parse_node_regions(spec: str) -> dict[int, str]:
+    """``"ID=region,ID=region"`` (Flower node ids) -> ``{id: region}``; empty = ``{}``.
+
+    Region names must be unique: each node's ε is reported under its region's name.
+    """
+    out: dict[int, str] = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        raw_id, sep, region = (p.strip() for p in item.partition("="))
+        if not sep or not raw_id.isdigit() or not region:
+            raise ValueError(f"node-regions: bad item {item!r}; expected 'NODE_ID=region'")
+        node_id = int(raw_id)
+        if node_id in out:
+            raise ValueError(f"node-regions: node id {node_id} is listed twice")
+        if region in out.values():
+            raise ValueError(f"node-regions: region {region!r} is given to two node ids")
+        out[node_id] = region
+    return out
+
+
+def update_norm(delta: Iterable[np.ndarray]) -> float:
+    """L2 norm over several float64 arrays, without overflow for huge finite values."""
+    parts = [np.asarray(d, dtype=np.float64).reshape(-1) for d in delta]
+    scale = max((float(np.max(np.abs(p))) for p in parts if p.size), default=0.0)
+    if scale == 0.0:
+        return 0.0
+    if not math.isfinite(scale):
+        return math.inf
+    return scale * math.sqrt(sum(float(np.sum((p / scale) ** 2)) for p in parts))
+
+
+def _decode(arr: object, key: str, ref: np.ndarray) -> tuple[np.ndarray | None, str | None]:
+    """Check one Flower ``Array``'s metadata and npy header, then decode it."""
+    if not isinstance(arr, Array):
+        return None, f"{key}: not an Array"
+    if arr.stype != NUMPY_STYPE:
+        return None, f"{key}: serialization {escape(arr.stype, 40)!r}, expected {NUMPY_STYPE}"
+    if arr.dtype != "float32":
+        return None, f"{key}: dtype {escape(arr.dtype, 40)!r}, expected float32"
+    if tuple(arr.shape) != ref.shape:
+        return None, f"{key}: shape {escape(tuple(arr.shape), 60)}, expected {ref.shape}"
+    data = arr.data
+    nbytes = ref.size * EXPECTED_DTYPE.itemsize
+    if not isinstance(data, bytes | bytearray) or not (
+        nbytes < len(data) <= nbytes + MAX_NPY_HEADER
+    ):
+        size = len(data) if isinstance(data, bytes | bytearray) else "?"
+        return None, f"{key}: {size} bytes of data, expected {nbytes} + an npy header"
+    fh = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(fh)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(
+                fh, max_header_size=MAX_NPY_HEADER)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(
+                fh, max_header_size=MAX_NPY_HEADER)
+        else:
+            return None, f"{key}: npy format version {version} not accepted"
+    except Exception as exc:  # a malformed header must not crash the round
+        return None, f"{key}: bad npy header ({type(exc).__name__})"
+    if dtype != EXPECTED_DTYPE or tuple(shape) != ref.shape:
+        return None, (f"{key}: npy header says {escape(dtype, 40)} {escape(shape, 60)}, "
+                      f"expected float32 {ref.shape}")
+    offset = fh.tell()
+    if len(data) - offset != nbytes:
+        return None, f"{key}: {len(data) - offset} data bytes after the header, expected {nbytes}"
+    flat = np.frombuffer(data, dtype=EXPECTED_DTYPE, count=ref.size, offset=offset)
+    return flat.reshape(ref.shape, order="F" if fortran else "C"), None
+
+
+def metric_problems(record: object) -> tuple[dict[str, float], list[str]]:
+    """The reply's metrics as floats, or why they are not acceptable."""
+    if not isinstance(record, MetricRecord):
+        return {}, [f"record {METRICS!r} is not a MetricRecord"]
+    problems = []
+    keys = set(record.keys())
+    if missing := set(EXPECTED_METRICS) - keys:
+        problems.append(f"missing metric(s) {_names(missing)}")
+    if extra := keys - set(EXPECTED_METRICS):
+        problems.append(f"unexpected metric(s) {_names(extra)}")
+    values: dict[str, float] = {}
+    for key in EXPECTED_METRICS:
+        if key not in keys:
+            continue
+        value = record[key]
+        if type(value) not in (int, float):  # no bool, no list
+            problems.append(f"metric {key!r} is a {escape(type(value).__name__, 20)}, "
+                            f"not a number")
+        elif not math.isfinite(float(value)):  # type: ignore[arg-type]
+            problems.append(f"metric {key!r} is not finite")
+        elif key in NONNEGATIVE_METRICS and float(value) < 0:  # type: ignore[arg-type]
+            problems.append(f"metric {key!r} is negative: {float(value):.4g}")  # type: ignore[arg-type]
+        else:
+            values[key] = float(value)  # type: ignore[arg-type]
+    return values, problems
+
+
+@dataclass
+class CheckedReply:
+    """A reply that passed :func:`check_reply`, with its update already clipped."""
+
+    arrays: dict[str, np.ndarray]  # float32, sent + clipped update
+    metrics: dict[str, float]  # EXPECTED_METRICS, num-examples rewritten to 1.0
+    claimed_name: str | None
+    norm: float  # the update's norm as sent
+    clipped: bool
+
+    def content(self) -> RecordDict:
+        """The canonical RecordDict handed to Flower's strategy."""
+        return RecordDict({
+            ARRAYS: ArrayRecord({k: Array(v) for k, v in self.arrays.items()}),
+            METRICS: MetricRecord(dict(self.metrics)),
+        })
+
+
+def check_reply(
+    content: RecordDict,
+    reference: Mapping[str, np.ndarray],
+    *,
+    clip_norm: float = CLIP_UPDATE_NORM,
+    reject_norm: float = REJECT_UPDATE_NORM,
+) -> tuple[CheckedReply | None, list[str]]:
+    """Validate a train reply against the weights sent (``reference``); clip its update.
+
+    Returns ``(checked, [])`` or ``(None, problems)``.
+    """
+    names = set(content.keys())
+    problems = []
+    if missing := {ARRAYS, METRICS} - names:
+        problems.append(f"missing record(s) {_names(missing)}")
+    if extra := names - {ARRAYS, METRICS, NODE}:
+        problems.append(f"unexpected record(s) {_names(extra)}")
+    if problems:
+        return None, problems
+    claimed: str | None = None
+    if NODE in names:
+        node = content[NODE]
+        name = node.get("name") if isinstance(node, ConfigRecord) else None
+        if not isinstance(node, ConfigRecord) or set(node.keys()) != {"name"} or not (
+            isinstance(name, str) and 0 < len(name) <= 200
+        ):
+            problems.append(f"record {NODE!r} must be a ConfigRecord {{'name': str}}")
+        else:
+            claimed = name
+    metrics, metric_issues = metric_problems(content[METRICS])
+    problems += metric_issues
+    record = content[ARRAYS]
+    if not isinstance(record, ArrayRecord):
+        return None, problems + [f"record {ARRAYS!r} is not an ArrayRecord"]
+    keys = set(record.keys())
+    if missing := set(reference) - keys:
+        problems.append(f"missing array(s) {_names(missing)}")
+    if extra := keys - set(reference):
+        problems.append(f"unexpected array(s) {_names(extra)}")
+    if problems:  # decode nothing from a reply that is already refused
+        return None, problems
+    decoded: dict[str, np.ndarray] = {}
+    for key, ref in reference.items():
+        arr, problem = _decode(record[key], key, np.asarray(ref))
+        if problem is not None:
+            problems.append(problem)
+        elif arr is not None and not np.all(np.isfinite(arr)):
+            problems.append(f"{key}: NaN or Inf values")
+        elif arr is not None:
+            decoded[key] = arr
+    if problems:
+        return None, problems
+    refs = {k: np.asarray(v, dtype=np.float64) for k, v in reference.items()}
+    delta = {k: decoded[k].astype(np.float64) - refs[k] for k in reference}
+    norm = update_norm(delta.values())
+    if not norm <= reject_norm:
+        return None, [f"update norm {norm:.3g} is beyond any training result "
+                      f"(rejected above {reject_norm:g})"]
+    scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
+    arrays = {k: (refs[k] + delta[k] * scale).astype(np.float32) for k in reference}
+    metrics[WEIGHT_KEY] = 1.0  # uniform weights: never the node's own claim
+    return CheckedReply(arrays, metrics, claimed, norm, scale < 1.0), []
 
 
 def reply_problems(
     arrays: Mapping[str, np.ndarray],
-    metrics: Mapping[str, float],
+    metrics: Mapping[str, Any],
     *,
     reference: Mapping[str, np.ndarray],
-    max_update_norm: float,
+    max_update_norm: float = REJECT_UPDATE_NORM,
 ) -> list[str]:
-    """Why a reply cannot be aggregated (empty list = fine).
+    """:func:`check_reply` on plain numpy arrays and a metrics mapping (tests, tools)."""
+    try:
+        content = RecordDict({
+            ARRAYS: ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()}),
+            METRICS: MetricRecord(dict(metrics)),
+        })
+    except Exception as exc:
+        return [f"not a valid reply: {type(exc).__name__}"]
+    return check_reply(content, reference, reject_norm=max_update_norm)[1]
 
-    Checks keys, shapes, dtypes, finiteness, and the L2 norm of the update (reply minus the
-    weights the node was sent) against ``max_update_norm``.
-    """
-    problems = []
-    missing = sorted(set(reference) - set(arrays))
-    extra = sorted(set(arrays) - set(reference))
-    if missing:
-        problems.append(f"missing array(s) {missing}")
-    if extra:
-        problems.append(f"unexpected array(s) {extra}")
-    sq = 0.0
-    for key in sorted(set(reference) & set(arrays)):
-        arr, ref = np.asarray(arrays[key]), np.asarray(reference[key])
-        if arr.shape != ref.shape:
-            problems.append(f"{key}: shape {arr.shape}, expected {ref.shape}")
-        elif arr.dtype != ref.dtype:
-            problems.append(f"{key}: dtype {arr.dtype}, expected {ref.dtype}")
-        elif not np.all(np.isfinite(arr)):
-            problems.append(f"{key}: NaN or Inf values")
-        else:
-            sq += float(np.sum((arr.astype(np.float64) - ref) ** 2))
-    if not problems and math.sqrt(sq) > max_update_norm:
-        problems.append(f"update norm {math.sqrt(sq):.3g} exceeds the bound {max_update_norm:g}")
-    for key in REQUIRED_METRICS:
-        value = metrics.get(key)
-        if value is None:
-            problems.append(f"metric {key!r} missing")
-        elif not isinstance(value, int | float) or not math.isfinite(float(value)):
-            problems.append(f"metric {key!r} is not a finite number: {value!r}")
-    if not problems and float(metrics["num-examples"]) <= 0:
-        problems.append(f"num-examples must be > 0, got {metrics['num-examples']!r}")
-    return problems
+
+@dataclass
+class RoundReplies:
+    """What validation did with one round's replies (for metrics.json)."""
+
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+    clipped: list[dict[str, Any]] = field(default_factory=list)
+    refused: list[dict[str, Any]] = field(default_factory=list)
 
 
 class ValidatingStrategy(Strategy):
-    """Wraps a Flower strategy; replies that fail :func:`reply_problems` are dropped.
+    """Wraps a Flower strategy; replies that fail :func:`check_reply` are dropped, the others
+    reach it clipped, with uniform weights and canonical content.
 
-    Error replies (a node that refused, e.g. on budget) are logged with their reason.
+    Error replies (a node that refused, e.g. on budget) are logged with their reason, escaped.
     """
 
     def __init__(
         self,
         inner: Strategy,
         *,
-        max_update_norm: float,
+        clip_norm: float = CLIP_UPDATE_NORM,
+        reject_norm: float = REJECT_UPDATE_NORM,
+        node_regions: Mapping[int, str] | None = None,
         region_caps: Mapping[str, float] | None = None,
         on_cap_refusal: Callable[[int, str, float, float], None] | None = None,
+        on_round: Callable[[int, RoundReplies], None] | None = None,
     ) -> None:
-        if not max_update_norm > 0:
-            raise ValueError(f"max_update_norm must be > 0, got {max_update_norm!r}")
+        if not 0 < clip_norm <= reject_norm:
+            raise ValueError(
+                f"need 0 < clip_norm <= reject_norm, got {clip_norm!r} and {reject_norm!r}"
+            )
         self.inner = inner
-        self.max_update_norm = max_update_norm
+        self.clip_norm = clip_norm
+        self.reject_norm = reject_norm
+        self.node_regions = dict(node_regions or {})
         self.region_caps = dict(region_caps or {})
         self.on_cap_refusal = on_cap_refusal
-        self.node_names: dict[int, str] = {}  # Flower node id -> the node's own name
+        self.on_round = on_round
         self._eps_history: dict[str, list[float]] = {}
         self._sent: dict[str, np.ndarray] = {}
+        self._claims: dict[int, str] = {}  # last name each node claimed (logged on change)
+        self._unmapped_logged: set[int] = set()
         self.rejected: list[tuple[int, int, str]] = []  # (round, node id, reason)
-        self.node_epsilon: dict[str, float] = {}  # latest ε each node reported
+        self.node_epsilon: dict[str, float] = {}  # latest ε per node (server's names)
 
     def summary(self) -> None:
         self.inner.summary()
+
+    def identity(self, node_id: int) -> str:
+        """The server's name for a Flower node id (``node-regions``, else ``node-<id>``)."""
+        name = self.node_regions.get(node_id)
+        if name is not None:
+            return name
+        if self.node_regions and node_id not in self._unmapped_logged:
+            self._unmapped_logged.add(node_id)
+            log.warning("node id %s is not in node-regions: calling it node-%s", node_id,
+                        node_id)
+        return f"node-{node_id}"
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -101,16 +353,16 @@ class ValidatingStrategy(Strategy):
             return messages
         scheduled = []
         for msg in messages:
-            name = self.node_names.get(msg.metadata.dst_node_id)
-            predicted = self.predicted_epsilon(name) if name else None
-            cap = self.region_caps.get(name or "")
+            name = self.identity(msg.metadata.dst_node_id)
+            predicted = self.predicted_epsilon(name)
+            cap = self.region_caps.get(name)
             if cap is not None and predicted is not None and predicted > cap:
                 log.warning(
                     "round %s: not scheduling %s: its ε would reach about %.4f, past its "
                     "region cap %g", server_round, name, predicted, cap,
                 )
                 if self.on_cap_refusal is not None:
-                    self.on_cap_refusal(server_round, str(name), predicted, cap)
+                    self.on_cap_refusal(server_round, name, predicted, cap)
                 continue
             scheduled.append(msg)
         return scheduled
@@ -131,55 +383,55 @@ class ValidatingStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         good = []
+        report = RoundReplies()
         for msg in replies:
             node = msg.metadata.src_node_id
+            name = self.identity(node)
             if msg.has_error():
-                log.warning("round %s: node %s sent no update: %s", server_round, node,
-                            msg.error.reason)
+                reason = escape(msg.error.reason)
+                log.warning("round %s: node %s (%s) sent no update: %s", server_round, node,
+                            name, reason)
+                report.refused.append({"node_id": node, "node": name, "reason": reason})
                 continue
-            problems = self._problems(msg)
-            if problems:
-                reason = "; ".join(problems)
-                log.warning("round %s: rejected reply from node %s: %s", server_round, node,
-                            reason)
+            try:
+                checked, problems = check_reply(
+                    msg.content, self._sent, clip_norm=self.clip_norm,
+                    reject_norm=self.reject_norm,
+                )
+            except Exception as exc:  # belt and braces: one reply never aborts the round
+                checked, problems = None, [f"unreadable reply ({type(exc).__name__})"]
+            if checked is None:
+                reason = escape("; ".join(problems), 2 * MAX_TEXT)
+                log.warning("round %s: rejected reply from node %s (%s): %s", server_round,
+                            node, name, reason)
                 self.rejected.append((server_round, node, reason))
+                report.rejected.append({"node_id": node, "node": name, "reason": reason})
                 continue
+            self._note_claim(node, name, checked.claimed_name)
+            if checked.clipped:
+                log.warning("round %s: clipped the update of node %s (%s) from norm %.4g to "
+                            "%g", server_round, node, name, checked.norm, self.clip_norm)
+                report.clipped.append(
+                    {"node_id": node, "node": name, "norm": round(checked.norm, 6)}
+                )
+            msg.content = checked.content()
             good.append(msg)
-            metrics = next(iter(msg.content.metric_records.values()))
-            name = self._name_of(msg)
-            epsilon = metrics["epsilon"]
-            if isinstance(epsilon, int | float):  # validated above; narrows the type
-                self.node_epsilon[name] = float(epsilon)
-                self._eps_history.setdefault(name, []).append(float(epsilon))
+            epsilon = checked.metrics["epsilon"]
+            self.node_epsilon[name] = epsilon
+            self._eps_history.setdefault(name, []).append(epsilon)
+        if self.on_round is not None:
+            self.on_round(server_round, report)
         if not good:
             log.warning("round %s: no valid replies; global model unchanged", server_round)
             return None, None
         return self.inner.aggregate_train(server_round, good)
 
-    def _name_of(self, msg: Message) -> str:
-        node = msg.metadata.src_node_id
-        record = msg.content.config_records.get("node")
-        if record is not None and isinstance(record.get("name"), str):
-            self.node_names[node] = str(record["name"])
-        return self.node_names.get(node, f"node-{node}")
-
-    def _problems(self, msg: Message) -> list[str]:
-        content = msg.content
-        if len(content.array_records) != 1 or len(content.metric_records) != 1:
-            return [
-                f"expected one ArrayRecord and one MetricRecord, got "
-                f"{len(content.array_records)} and {len(content.metric_records)}"
-            ]
-        record = next(iter(content.array_records.values()))
-        metrics = next(iter(content.metric_records.values()))
-        try:
-            arrays = {k: v.numpy() for k, v in record.items()}
-        except Exception as exc:  # a malformed array must not crash the round
-            return [f"arrays could not be decoded: {exc}"]
-        values = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
-        return reply_problems(
-            arrays, values, reference=self._sent, max_update_norm=self.max_update_norm
-        )
+    def _note_claim(self, node: int, name: str, claimed: str | None) -> None:
+        if claimed is None or claimed == name or self._claims.get(node) == claimed:
+            return
+        self._claims[node] = claimed
+        log.info("node %s is %s to this server; it calls itself %r (a claim, not used)",
+                 node, name, escape(claimed, 80))
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -7,6 +7,7 @@ queries (all users pooled in one place): the ceiling a federated, private run ai
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -76,8 +77,10 @@ def run_baselines(
     seed: int = 0,
     central: CentralConfig | None = None,
     include_naive: bool = True,
+    on_fold: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
-    """k-fold-by-query evaluation of every baseline; mean, spread and per-fold values."""
+    """k-fold-by-query evaluation of every baseline; mean, spread and per-fold values
+    (``on_fold(i)`` after fold ``i``: progress)."""
     central = central or CentralConfig()
     data = builder.data
     folds = query_folds(data.query_ids, num_folds=num_folds, seed=seed)
@@ -100,6 +103,8 @@ def run_baselines(
             naive_cfg = replace(central, head=replace(central.head, position_aware=False))
             naive = train_central_head(builder, fold_clicks, naive_cfg, seed=seed + i)
             results["central_head_naive"].append(evaluate(data, test, head_scorer(naive, builder)))
+        if on_fold is not None:
+            on_fold(i)
     out: dict[str, Any] = {name: _summary(per_fold) for name, per_fold in results.items()}
     out["split"] = {
         "kind": "k-fold by query",

@@ -85,16 +85,21 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             category=category_col,
             description=description_col,
         )
+        from fedrank.progress import progress
+
         try:
-            result = import_csv(
-                Path(csv_file),
-                columns,
-                delimiter=sep,
-                encoding=encoding,
-                on_conflict=on_conflict,
-                on_bad_row=on_bad_row,
-            )
-            save_judged(result.data, Path(out), report=result.report)
+            with progress(2, f"reading {csv_file}", quiet=as_json) as bar:
+                result = import_csv(
+                    Path(csv_file),
+                    columns,
+                    delimiter=sep,
+                    encoding=encoding,
+                    on_conflict=on_conflict,
+                    on_bad_row=on_bad_row,
+                )
+                bar.update(completed=1, description=f"writing {out}")
+                save_judged(result.data, Path(out), report=result.report)
+                bar.update(completed=2)
         except (DataError, OSError) as exc:
             raise fail(str(exc)) from None
         report_file = Path(out) / IMPORT_REPORT_FILE
@@ -391,13 +396,18 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         import time
         from pathlib import Path
 
+        from fedrank.progress import progress
+
+        bar = progress(folds + 4, "baseline", quiet=as_json)  # 4 log lines + one per fold
+
         def log(message: str) -> None:
-            typer.echo(message, err=True)
+            bar.echo(message, err=True)
+            bar.update(advance=1)
 
         started = time.perf_counter()
         # Anything a library prints while we work (progress bars, model-load reports) goes to
         # stderr, so stdout carries the result alone.
-        with contextlib.redirect_stdout(sys.stderr):
+        with contextlib.redirect_stdout(sys.stderr), bar:
             from transformers.utils import logging as hf_logging
 
             hf_logging.disable_progress_bar()
@@ -432,7 +442,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             log(f"features ready ({time.perf_counter() - started:.1f}s)")
             clicks = simulate_click_log(data, WorldConfig(num_users=users, seed=seed))
             log(f"simulated {clicks.num_rows} impressions from {users} users")
-            result = run_baselines(builder, clicks, num_folds=folds, seed=seed)
+            result = run_baselines(builder, clicks, num_folds=folds, seed=seed,
+                                   on_fold=lambda i: bar.update(advance=1))
             ctr = click_through_by_rank(clicks)
             ctr1, ctr5 = ctr.get(1), ctr.get(5)
             result["data"] = {"dir": str(folder), "catalog_hash": data_hash}

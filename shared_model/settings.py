@@ -41,6 +41,7 @@ SECAGG = "secagg"
 HIDDEN_DIM = "hidden-dim"
 RELEASE_EVERY = "release-every"
 REGION_CAPS = "region-epsilon-caps"
+NODE_REGIONS = "node-regions"
 CATALOG_DIR = "catalog-dir"
 CATALOG_HASH = "catalog-hash"
 CACHE_DIR = "cache-dir"
@@ -84,6 +85,9 @@ class RunSettings:
 
     ``epsilon`` is each node's whole-run budget (``math.inf`` = non-private).
     ``region_epsilon_caps`` is ``"region=cap,region=cap"`` (server-side policy; empty = none).
+    ``node_regions`` is ``"ID=region,ID=region"``: the server's name for each Flower node id
+    (``server.validation.parse_node_regions``; empty = ``node-<id>``); a reply's own name is
+    a claim only.
     ``catalog_dir`` / ``cache_dir``: absolute paths of the judged catalog and the embedding
     cache ("" = the bundled WANDS data and ``.cache/embeddings``); Flower installs the app
     from a package that carries code only, so a run passes these explicitly.
@@ -118,6 +122,7 @@ class RunSettings:
     hidden_dim: int = 0
     release_every: int = 0
     region_epsilon_caps: str = ""
+    node_regions: str = ""
     catalog_dir: str = ""
     catalog_hash: str = ""
     cache_dir: str = ""

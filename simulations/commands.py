@@ -66,11 +66,20 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         target = run_dir or Path("runs") / f"{chosen.name}-eps{epsilon}"
         if strategy:
             overrides["strategy"] = strategy
+        from fedrank.dashboard import url_hint
+
+        typer.echo(url_hint(target))
+        from fedrank.progress import progress, round_echo
+
+        per_fold = rounds or chosen.rounds
+        fold_count = len(folds) if folds is not None else int(
+            chosen.run_config.get("num-folds", 5))
         try:
-            summary = run_folds(
-                chosen, run_dir=target, rounds=rounds or chosen.rounds, epsilon=eps,
-                folds=folds, overrides=overrides, echo=typer.echo,
-            )
+            with progress(per_fold * fold_count, "rounds") as bar:
+                summary = run_folds(
+                    chosen, run_dir=target, rounds=rounds or chosen.rounds, epsilon=eps,
+                    folds=folds, overrides=overrides, echo=round_echo(bar, per_fold),
+                )
         except KeyboardInterrupt:
             typer.echo("[fedrank] interrupted; Flower processes stopped", err=True)
             raise typer.Exit(130) from None

@@ -222,6 +222,6 @@ def test_every_injected_fault_is_rejected_by_the_server_checks(fault: str) -> No
 
     reference = {"a.weight": np.ones((2, 3), np.float32), "a.bias": np.zeros(2, np.float32)}
     bad = corrupt(reference, fault)
-    metrics = {"num-examples": 5.0, "epsilon": 0.1}
+    metrics = {"num-examples": 1.0, "steps": 3.0, "epsilon": 0.1, "release-round": 0.0}
     assert reply_problems(reference, metrics, reference=reference, max_update_norm=100) == []
     assert reply_problems(bad, metrics, reference=reference, max_update_norm=100)

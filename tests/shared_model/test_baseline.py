@@ -117,7 +117,7 @@ def test_cli_baseline_table(monkeypatch):
 
     seen: dict[str, int] = {}
 
-    def fake_run_baselines(builder, clicks, *, num_folds, seed):
+    def fake_run_baselines(builder, clicks, *, num_folds, seed, on_fold=None):
         seen.update(num_folds=num_folds, seed=seed, rows=clicks.num_rows)
         return _canned(num_folds)
 
