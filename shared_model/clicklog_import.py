@@ -147,7 +147,9 @@ def _csv_batches(
     except BaseException:
         handle.close()
         raise
-    header_line = delimiter.join(names) + "\n"
+    header_buffer = io.StringIO()
+    csv.writer(header_buffer, delimiter=delimiter, lineterminator="\n").writerow(names)
+    header_line = header_buffer.getvalue()  # quoted as needed, one line
     types = {name: pa.string() for name in names}
 
     def batches() -> Iterator[_Batch]:

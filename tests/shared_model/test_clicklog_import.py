@@ -205,6 +205,17 @@ def test_whole_file_problems_write_nothing(
     assert sorted(p.name for p in tmp_path.rglob("*") if "out" in p.parts) in ([], ["out"])
 
 
+def test_quoted_header_and_cells(tmp_path: Path, catalog: Path) -> None:
+    # Prepare: a quoted column name holding the delimiter, and a quoted query text
+    text = '"user","session","query","product","position","clicked","timestamp","a,b"\n'
+    text += 'u,s,"king poster bed",13,1,1,1714564800,x\n'
+    log = write_log(tmp_path / "log.csv", text)
+    # Execute
+    report = import_click_log(log, catalog, tmp_path / "c.parquet")
+    # Assert
+    assert (report["rows_kept"], report["rows_quarantined"]) == (1, 0)
+
+
 def test_latin1_log_with_encoding(tmp_path: Path, catalog: Path) -> None:
     text = HEADER + "bøb,s,spoon wall decor,224,1,1,1714564800\n"
     log = write_log(tmp_path / "log.csv", text, "latin-1")
