@@ -200,3 +200,36 @@ def test_server_config_data_key_sets_catalog_and_hash(tmp_path: Path) -> None:
     assert config["catalog-hash"] == WANDS_HASH
     assert default["catalog-dir"] == "" and default["catalog-hash"] == WANDS_HASH
     assert json.dumps(config)  # plain values, submittable
+
+
+def test_simulate_passes_the_scenario_file_and_data_to_the_runner(
+    tmp_path: Path, cli: typer.Typer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: the runner is replaced (no Flower); a scenario file naming its data
+    import simulations.runner as runner
+
+    seen: dict[str, object] = {}
+
+    def fake_run_folds(scenario, *, run_dir, rounds, epsilon, folds, overrides, echo):  # type: ignore[no-untyped-def]
+        seen.update(scenario=scenario, run_dir=run_dir, rounds=rounds, overrides=overrides)
+        return {"rows": [], "wall_seconds": 0.0}
+
+    monkeypatch.setattr(runner, "run_folds", fake_run_folds)
+    copy_wands(tmp_path / "shop")
+    path = tmp_path / "shop.toml"
+    path.write_text('base = "regional-3"\nrounds = 2\ndata = "shop"\n', encoding="utf-8")
+    # Execute
+    from_file = CliRunner().invoke(
+        cli, ["simulate", "--scenario-file", str(path), "--run-dir", str(tmp_path / "r")]
+    )
+    overrides_file = seen["overrides"]
+    flag = CliRunner().invoke(
+        cli, ["simulate", "regional-3", "--data", str(tmp_path / "shop"), "--strategy", "fedadam"]
+    )
+    # Assert
+    assert from_file.exit_code == 0, from_file.output
+    assert flag.exit_code == 0, flag.output
+    expected = {"catalog-dir": str((tmp_path / "shop").resolve()), "catalog-hash": WANDS_HASH}
+    assert overrides_file == expected
+    assert seen["overrides"] == {**expected, "strategy": "fedadam"}
+    assert seen["run_dir"] == Path("runs") / "regional-3-eps1"
