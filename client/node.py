@@ -67,7 +67,6 @@ from privacy.accountant_store import PersistentAccountant, plan_noise_multiplier
 from privacy.ledger import Ledger, LedgerEvent, node_signer
 from shared_model.catalog import cached_feature_builder
 from shared_model.clicklog import read_click_logs
-from shared_model.data import catalog_mismatch
 from shared_model.ranker import HeadConfig, RankerHead
 from shared_model.settings import (
     NODE_CACHE_DIR,
@@ -468,6 +467,14 @@ def train_round(
     budget and at any budget its state already recorded (:func:`stored_budget`).
     ``generator``: tests only (see :func:`round_randomness`).
     """
+    from shared_model.data import catalog_mismatch
+
+    mismatch = catalog_mismatch(node.catalog_dir, run.catalog_hash)
+    if mismatch:  # another catalog than the server's: refuse, naming both hashes
+        reason = f"node {node.name} refuses round {server_round}: {mismatch}"
+        _refuse(node, server_round, reason, delta=_ledger_delta(node),
+                unit="client" if node.privacy.privacy_shape == "device" else "user")
+        raise PrivacyRefusal(reason)
     try:
         privacy = effective_privacy(node.privacy, run, stored_budget=stored_budget(node))
         _check_stored_delta(node, privacy)
@@ -476,12 +483,6 @@ def train_round(
         _refuse(node, server_round, reason, delta=_ledger_delta(node),
                 unit="client" if node.privacy.privacy_shape == "device" else "user")
         raise PrivacyRefusal(reason) from None
-    mismatch = catalog_mismatch(node.catalog_dir, run.catalog_hash)
-    if mismatch:  # another catalog than the server's: refuse, naming both hashes
-        reason = f"node {node.name} refuses round {server_round}: {mismatch}"
-        _refuse(node, server_round, reason, delta=_ledger_delta(node),
-                unit="client" if node.privacy.privacy_shape == "device" else "user")
-        raise PrivacyRefusal(reason)
     head = RankerHead(head_config(run))
     load_head_state(head, global_state)
     release_round = install_latest_release(node, run)
