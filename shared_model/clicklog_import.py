@@ -613,6 +613,10 @@ def import_click_log(
         raise ValueError(f"delimiter must be one character, got {delimiter!r}")
     if not source.is_file():
         raise DataError(source, None, "file not found" if not source.exists() else "not a file")
+    if out.is_dir():
+        raise ValueError(
+            f"output {out} is a directory; give a file such as {out / 'clicks.parquet'}"
+        )
     data = catalog if isinstance(catalog, JudgedSearchData) else load_judged_dir(Path(catalog))
     quarantine = quarantine or out.with_suffix(".quarantine.csv")
     report_path = report or out.with_suffix(".report.json")

@@ -254,6 +254,7 @@ def test_cli_import_clicks_json(tmp_path: Path, catalog: Path, cli: typer.Typer)
         ([], "give exactly one of --csv, --jsonl, --parquet"),
         (["--csv", "nope.csv"], "nope.csv: file not found"),
         (["--csv", "log.csv", "--encoding", "klingon"], "unknown encoding 'klingon'"),
+        (["--csv", "log.csv", "--out", "."], "is a directory; give a file such as"),
     ],
 )
 def test_cli_import_clicks_errors(
@@ -261,7 +262,7 @@ def test_cli_import_clicks_errors(
 ) -> None:
     # Prepare
     write_log(tmp_path / "log.csv", HEADER + GOOD)
-    extra = [str(tmp_path / e) if e.endswith(".csv") else e for e in extra]
+    extra = [str(tmp_path / e) if e.endswith(".csv") or e == "." else e for e in extra]
     args = ["data", "import-clicks", "--catalog", str(catalog)]
     args += ["--out", str(tmp_path / "out" / "c.parquet"), *extra]
     # Execute
