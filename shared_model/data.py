@@ -3,11 +3,14 @@
 Three ways in, one way out:
 
 - :func:`load_wands` reads the bundled WANDS subset (``data/wands-pool40``).
-- :func:`load_csv` reads a plain CSV with one judgment per row (ESCI / Home Depot style).
+- :func:`load_csv` reads a plain CSV with one judgment per row (ESCI / Home Depot style);
+  :func:`import_csv` reads the same from a messy real file (``--encoding``,
+  ``--on-conflict``), dropping bad rows into a report instead of stopping.
 - :func:`load_judged_dir` reads a directory written by :func:`save_judged` (the import
   format, which is the WANDS layout with a numeric ``relevance`` column).
 
-Every bad input raises :class:`~shared_model.schema.DataError` naming the file, the 1-based
+:func:`catalog_hash` is a directory's content hash; the server and every node must agree on
+it. Every bad input raises :class:`~shared_model.schema.DataError` naming the file, the 1-based
 line (the header is line 1) and the problem with the bad value. Writes are atomic: a failed
 :func:`save_judged` leaves nothing behind.
 """
