@@ -473,6 +473,14 @@ def train_round(
     budget and at any budget its state already recorded (:func:`stored_budget`).
     ``generator``: tests only (see :func:`round_randomness`).
     """
+    from shared_model.data import catalog_mismatch
+
+    mismatch = catalog_mismatch(node.catalog_dir, run.catalog_hash)
+    if mismatch:  # another catalog than the server's: refuse, naming both hashes
+        reason = f"node {node.name} refuses round {server_round}: {mismatch}"
+        _refuse(node, server_round, reason, delta=_ledger_delta(node),
+                unit="client" if node.privacy.privacy_shape == "device" else "user")
+        raise PrivacyRefusal(reason)
     try:
         privacy = effective_privacy(node.privacy, run, stored_budget=stored_budget(node))
         _check_stored_delta(node, privacy)

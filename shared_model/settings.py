@@ -45,6 +45,7 @@ RELEASE_EVERY = "release-every"
 REGION_CAPS = "region-epsilon-caps"
 NODE_REGIONS = "node-regions"
 CATALOG_DIR = "catalog-dir"
+CATALOG_HASH = "catalog-hash"
 CACHE_DIR = "cache-dir"
 ONLINE = "online"
 REPLAY_FILES = "replay-files"
@@ -92,6 +93,8 @@ class RunSettings:
     ``catalog_dir`` / ``cache_dir``: absolute paths of the judged catalog and the embedding
     cache ("" = the bundled WANDS data and ``.cache/embeddings``); Flower installs the app
     from a package that carries code only, so a run passes these explicitly.
+    ``catalog_hash``: the catalog's content hash (``shared_model.data.catalog_hash``); a node
+    whose own catalog hashes differently refuses the run ("" = no check).
     ``online``: a node whose data path is a folder treats it as an inbox (``client.inbox``):
     each round trains on the files that arrived since its last round, plus the last
     ``replay_files`` files it consumed (0 = no replay). Off: every round trains on the whole
@@ -123,6 +126,7 @@ class RunSettings:
     region_epsilon_caps: str = ""
     node_regions: str = ""
     catalog_dir: str = ""
+    catalog_hash: str = ""
     cache_dir: str = ""
     online: bool = False
     replay_files: int = 0

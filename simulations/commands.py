@@ -27,7 +27,9 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
 
     @app.command("simulate")
     def simulate(
-        scenario: str = typer.Argument(..., help="Scenario name (regional-5, device-500, ...)."),
+        scenario: str | None = typer.Argument(
+            None, help="Scenario name (regional-5, device-500, ...); or --scenario-file."
+        ),
         rounds: int | None = typer.Option(None, "--rounds", help="Server rounds."),
         epsilon: str = typer.Option("1", "--epsilon", help="Per-node ε budget, or 'inf'."),
         run_dir: Path | None = typer.Option(None, "--run-dir", help="Run directory."),
@@ -35,20 +37,35 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             "0", "--eval-fold", help="Held-out query fold, or 'all' (one run per fold)."
         ),
         strategy: str | None = typer.Option(None, "--strategy", help="fedavg or fedadam."),
+        data: Path | None = typer.Option(
+            None, "--data", help="Judged-search directory (fedrank data import); default WANDS."
+        ),
+        scenario_file: Path | None = typer.Option(
+            None, "--scenario-file", help="Scenario TOML (simulations/scenario_file.py)."
+        ),
     ) -> None:
         """Run a scenario on Flower's Simulation Engine and print the final table."""
+        from shared_model.data import catalog_run_config
         from simulations.runner import parse_epsilon, run_folds
+        from simulations.scenario_file import load_scenario_file
         from simulations.scenarios import get_scenario
 
         try:
-            chosen = get_scenario(scenario)
+            if (scenario is None) == (scenario_file is None):
+                raise ValueError("give a scenario name or --scenario-file FILE (not both)")
+            if scenario_file is not None:
+                chosen, file_data = load_scenario_file(scenario_file)
+            else:
+                chosen, file_data = get_scenario(str(scenario)), None
             eps = parse_epsilon(epsilon)
             folds = None if eval_fold == "all" else [int(eval_fold)]
+            overrides: dict[str, Any] = catalog_run_config(data or file_data)
         except (KeyError, ValueError) as exc:
             typer.echo(f"error: {exc.args[0]}", err=True)
             raise typer.Exit(2) from None
-        target = run_dir or Path("runs") / f"{scenario}-eps{epsilon}"
-        overrides = {"strategy": strategy} if strategy else {}
+        target = run_dir or Path("runs") / f"{chosen.name}-eps{epsilon}"
+        if strategy:
+            overrides["strategy"] = strategy
         from fedrank.dashboard import url_hint
 
         typer.echo(url_hint(target))
@@ -203,9 +220,18 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="JSON on stdout."),
         repeats: int = typer.Option(5, "--repeats"),
         users: int = typer.Option(2000, "--users"),
+        data: Path | None = typer.Option(
+            None, "--data", help="Judged-search directory (fedrank data import); default WANDS."
+        ),
     ) -> None:
         """Examples/s of the node's DP step vs non-private vs Opacus' hooks mode."""
+        from shared_model.data import catalog_run_config
         from simulations.bench import bench_train
 
-        result = bench_train(users=users, repeats=repeats)
+        try:
+            catalog = catalog_run_config(data).get("catalog-dir", "")
+        except ValueError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        result = bench_train(users=users, repeats=repeats, catalog_dir=catalog)
         typer.echo(json.dumps(result, indent=None if as_json else 2))

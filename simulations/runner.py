@@ -26,7 +26,7 @@ from typing import Any
 
 from shared_model.catalog import cached_feature_builder
 from shared_model.clicks import click_through_by_rank
-from shared_model.data import DEFAULT_WANDS_DIR
+from shared_model.data import DEFAULT_WANDS_DIR, catalog_hash
 from shared_model.encoder import default_cache_dir
 from shared_model.evaluation import query_folds
 from shared_model.partition import partition_device, partition_regional, write_partitions
@@ -76,6 +76,8 @@ def prepare_run(
         }
     )
     config.update(overrides or {})
+    if not config.get("catalog-hash"):  # the run directory records the data's content hash
+        config["catalog-hash"] = catalog_hash(Path(config["catalog-dir"]))
     settings = RunSettings.from_config(config)
     write_node_settings(scenario, settings)
     builder = cached_feature_builder(settings.catalog_dir, settings.cache_dir)  # warms the cache
