@@ -152,8 +152,8 @@ class UserState:
             else:
                 ev[1] += 1.0 / rank  # P(examined | rank) under the position-based model
         if len(memo) > MAX_ITEMS_PER_QUERY:
-            keep = sorted(memo.items(), key=lambda kv: (-(kv[1][0] + kv[1][1]), kv[0]))
-            self.items[session.query_text] = dict(keep[:MAX_ITEMS_PER_QUERY])
+            kept = sorted(memo.items(), key=lambda kv: (-(kv[1][0] + kv[1][1]), kv[0]))
+            self.items[session.query_text] = dict(kept[:MAX_ITEMS_PER_QUERY])
         self.queries[session.query_text] = self.queries.get(session.query_text, 0.0) + 1.0
         if len(self.queries) > MAX_QUERIES:
             keep = sorted(self.queries.items(), key=lambda kv: (-kv[1], kv[0]))[:MAX_QUERIES]
@@ -343,3 +343,26 @@ def personal_scores(
             rows = builder.rows(candidate_ids)
             out = out + config.vector_weight * _zscore(builder.full[rows] @ v)
     return out.astype(np.float32)
+
+
+def personal_rank(
+    ranker: Any,
+    query_text: str,
+    candidate_ids: Sequence[str],
+    state: UserState | None,
+    *,
+    top: int = 10,
+    config: PersonalConfig | None = None,
+) -> list[tuple[str, float]]:
+    """A ``DeviceRanker``'s ranking re-weighted by the user state: the ``top`` best as
+    ``(product_id, personalized score)``, best first; ties by id."""
+    if top < 1:
+        raise ValueError(f"top must be >= 1, got {top!r}")
+    ids = list(candidate_ids)
+    if not ids:
+        return []
+    scores = personal_scores(
+        ranker.scores(query_text, ids), ids, state, ranker.builder, config, query_text=query_text
+    )
+    order = sorted(range(len(ids)), key=lambda i: (-float(scores[i]), ids[i]))
+    return [(ids[i], float(scores[i])) for i in order[:top]]

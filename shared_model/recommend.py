@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -68,7 +69,7 @@ class Recommender:
 
     def __init__(
         self,
-        builder: object,
+        builder: Any,
         global_scores: GlobalScorer,
         config: RecommendConfig | None = None,
         *,

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -146,7 +147,10 @@ def _pools(world: RunWorld, queries: list[str]) -> dict[str, tuple[list[str], np
     from simulations.ab import pool_features
 
     pools = pool_features(world.builder, queries)
-    return {q: (pids, np.asarray(world.scorer(f), dtype=np.float32)) for q, (pids, f) in pools.items()}
+    return {
+        q: (pids, np.asarray(world.scorer(f), dtype=np.float32))
+        for q, (pids, f) in pools.items()
+    }
 
 
 def personalized_ab(
@@ -293,7 +297,7 @@ def recommend_eval(
     scorer = world.scorer
     from shared_model.scoring import candidate_features
 
-    def global_scores(text: str, ids: list[str]) -> np.ndarray:
+    def global_scores(text: str, ids: Sequence[str]) -> np.ndarray:
         q = builder.query_vector(text)
         return np.asarray(scorer(candidate_features(builder, text, q, ids)), dtype=np.float32)
 

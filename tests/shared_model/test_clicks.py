@@ -302,7 +302,8 @@ def test_users_issue_queries_of_their_own_taste(data: JudgedSearchData, ranker: 
                               logging_ranker=ranker, sessions_per_user_mean=8.0, seed=5)
     firsts = table.filter(pc.equal(table.column("rank"), 1))
     cat_of = {q: dominant_category(data, q) for q in data.query_ids}
-    cols = np.array([pop.categories.index(cat_of[q]) for q in firsts.column("query_id").to_pylist()])
+    issued = firsts.column("query_id").to_pylist()
+    cols = np.array([pop.categories.index(cat_of[q]) for q in issued])
     users = firsts.column("user_id").to_numpy()
     # Execute: weight of the issued query's category under the issuing user's taste vs a
     # random other user's.
