@@ -240,6 +240,7 @@ def personalized_ab(
             "vector_weight": config.vector_weight,
             "click_weight": config.click_weight,
             "skip_weight": config.skip_weight,
+            "query_vector_weight": config.query_vector_weight,
         },
         "interval": lift["interval"],
     }

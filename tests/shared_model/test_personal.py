@@ -166,7 +166,8 @@ def test_recommender_is_deterministic_and_session_order_aware(builder: FeatureBu
     qa, qb = builder.data.query_ids[2], builder.data.query_ids[7]
     ab = learn_state([_session(builder, qa, 1), _session(builder, qb, 2)], builder)
     ba = learn_state([_session(builder, qb, 1), _session(builder, qa, 2)], builder)
-    rec = Recommender(builder, _global(builder), RecommendConfig(query_prior_weight=0.0, explore_weight=0.0))
+    config = RecommendConfig(query_prior_weight=0.0, explore_weight=0.0)
+    rec = Recommender(builder, _global(builder), config)
     # Execute
     first = rec.recommend(ab, 30)
     second = Recommender(builder, _global(builder), rec.config).recommend(ab, 30)
