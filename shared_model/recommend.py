@@ -41,7 +41,8 @@ class RecommendConfig:
     taste_sharpness: float = 20.0
     query_prior_weight: float = 3.0
     taste_power: float = 1.0
-    exposure_weight: float = 0.0
+    exposure_weight: float = 1.0
+    relevance: str = "softmax"
     personal: PersonalConfig = PersonalConfig()
 
     def __post_init__(self) -> None:
@@ -49,6 +50,8 @@ class RecommendConfig:
             raise ValueError(f"candidates must be >= 1, got {self.candidates!r}")
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
             raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+        if self.relevance not in ("softmax", "sigmoid"):
+            raise ValueError(f"relevance must be 'softmax' or 'sigmoid', got {self.relevance!r}")
         if not (self.explore_weight >= 0 and math.isfinite(self.explore_weight)):
             raise ValueError(f"explore_weight must be >= 0, got {self.explore_weight!r}")
 
@@ -146,10 +149,15 @@ class Recommender:
                 logits = logits - cfg.exposure_weight * cfg.temperature * np.log(
                     np.arange(1, len(ids) + 1, dtype=np.float32)
                 )
-            probs = _softmax(
-                logits,
-                cfg.temperature,
-            )
+            if cfg.relevance == "sigmoid":
+                # P(click | q, p) = P(examined | BM25 rank) * P(relevant): the release's head
+                # is a PAL relevance logit; the state's terms shift it.
+                shift = logits - personal_scores(glob, ids, None, self.builder)
+                exam = np.arange(1, len(ids) + 1, dtype=np.float64) ** -cfg.exposure_weight
+                probs = exam / (1.0 + np.exp(-(glob + shift)))
+                probs = probs / probs.sum()
+            else:
+                probs = _softmax(logits, cfg.temperature)
             for pid, p in zip(ids, probs, strict=True):
                 mass[pid] = mass.get(pid, 0.0) + weight * float(p)
         v = state.unit_vector()
