@@ -62,11 +62,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from client.evidence_release import attach_evidence, dp_sgd_noise_multiplier
 from client.inbox import Inbox
 from privacy.accountant_store import PersistentAccountant, plan_noise_multiplier
 from privacy.ledger import Ledger, LedgerEvent, node_signer
 from shared_model.catalog import node_feature_builder
 from shared_model.clicklog import read_click_logs
+from shared_model.evidence import split_evidence
 from shared_model.ranker import HeadConfig, RankerHead
 from shared_model.settings import (
     NODE_CACHE_DIR,
@@ -323,6 +325,10 @@ def load_or_make_plan(
         sample_rate=sample_rate_for(config, num_users),
         steps_per_round=steps_per_round(config, num_users),
         rounds=run.num_server_rounds,
+    ) if not run.evidence_share else dp_sgd_noise_multiplier(  # the rest beside the release
+        epsilon=privacy.epsilon, delta=privacy.delta, share=run.evidence_share,
+        sample_rate=sample_rate_for(config, num_users),
+        steps=steps_per_round(config, num_users) * run.num_server_rounds,
     )
     plan = PrivacyPlan(
         sigma, run.batch_size, run.num_server_rounds, privacy.epsilon, privacy.delta
@@ -467,6 +473,14 @@ def train_round(
     budget and at any budget its state already recorded (:func:`stored_budget`).
     ``generator``: tests only (see :func:`round_randomness`).
     """
+    from shared_model.data import catalog_mismatch
+
+    mismatch = catalog_mismatch(node.catalog_dir, run.catalog_hash)
+    if mismatch:  # another catalog than the server's: refuse, naming both hashes
+        reason = f"node {node.name} refuses round {server_round}: {mismatch}"
+        _refuse(node, server_round, reason, delta=_ledger_delta(node),
+                unit="client" if node.privacy.privacy_shape == "device" else "user")
+        raise PrivacyRefusal(reason)
     try:
         privacy = effective_privacy(node.privacy, run, stored_budget=stored_budget(node))
         _check_stored_delta(node, privacy)
@@ -476,7 +490,7 @@ def train_round(
                 unit="client" if node.privacy.privacy_shape == "device" else "user")
         raise PrivacyRefusal(reason) from None
     head = RankerHead(head_config(run))
-    load_head_state(head, global_state)
+    load_head_state(head, split_evidence(global_state)[0])
     release_round = install_latest_release(node, run)
     # A deployed node keeps its prepared builder in its state dir; a simulated one (state
     # under the run dir) shares its Ray worker's.
@@ -511,7 +525,9 @@ def train_round(
         epsilon = 0.0 if privacy.private else math.inf
         metrics = _metrics(result, epsilon=epsilon, release_round=release_round)
         _consume(node, to_consume, server_round)
-        return RoundOutcome(head_state(head), metrics, groups.num_users)
+        state = _with_evidence(head_state(head), run, node, privacy, global_state, clicks,
+                               builder.data, server_round, accountant=None, ledger=None)
+        return RoundOutcome(state, metrics, groups.num_users)
 
     plan = load_or_make_plan(node, run, groups.num_users, privacy)
     accountant = PersistentAccountant(
@@ -558,7 +574,25 @@ def train_round(
     # After the accountant has the round: a crash before this re-trains and re-accounts.
     _consume(node, to_consume, server_round)
     metrics = _metrics(result, epsilon=epsilon, release_round=release_round)
-    return RoundOutcome(head_state(head), metrics, groups.num_users)
+    state = _with_evidence(head_state(head), run, node, privacy, global_state, clicks,
+                           builder.data, server_round, accountant=accountant, ledger=ledger)
+    metrics["epsilon"] = accountant.epsilon()  # the release may have added to it
+    return RoundOutcome(state, metrics, groups.num_users)
+
+
+def _with_evidence(
+    state: dict[str, np.ndarray], run: RunSettings, node: NodeSettings,
+    privacy: EffectivePrivacy, global_state: Mapping[str, np.ndarray], clicks: Any, data: Any,
+    server_round: int, *, accountant: PersistentAccountant | None, ledger: Ledger | None,
+) -> dict[str, np.ndarray]:
+    """Head weights plus the node's evidence release (client.evidence_release)."""
+    return attach_evidence(
+        state, global_state=global_state, clicks_log=clicks, data=data,
+        epsilon=privacy.epsilon, delta=privacy.delta, share=run.evidence_share,
+        clip_norm=run.evidence_clip, max_sessions_per_user=privacy.max_sessions_per_user,
+        state_dir=node.state_dir, ledger=ledger, accountant=accountant,
+        node_name=node.name, server_round=server_round,
+    )
 
 
 def node_ledger(node: NodeSettings) -> Ledger:

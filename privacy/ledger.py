@@ -96,7 +96,7 @@ __all__ = [
 GENESIS_HASH = "0" * 64
 """``prev_hash`` of the first record."""
 
-MECHANISMS = ("dp-sgd", "client-level-gaussian", "refusal")
+MECHANISMS = ("dp-sgd", "client-level-gaussian", "count-release", "refusal")
 """Allowed values of :attr:`LedgerEvent.mechanism`."""
 
 UNITS_OF_PRIVACY = ("user", "client")
@@ -208,9 +208,11 @@ class LedgerEvent:
         Node (region) id, or ``"server"`` for server-side client-level DP.
     round : int
         Federated round, ``>= 0``.
-    mechanism : {"dp-sgd", "client-level-gaussian", "refusal"}
+    mechanism : {"dp-sgd", "client-level-gaussian", "count-release", "refusal"}
         ``"dp-sgd"``: Opacus DP-SGD on a node; ``"client-level-gaussian"``: server/client-side
-        clipping plus Gaussian noise on updates; ``"refusal"``: a round not run because it would
+        clipping plus Gaussian noise on updates; ``"count-release"``: a node's one-shot Gaussian
+        release of its users' clipped click counts (q=1, one step; ``client.evidence_release``);
+        ``"refusal"``: a round not run because it would
         exceed the budget (its parameters are the planned ones, ``steps`` may be 0).
     unit_of_privacy : {"user", "client"}
         What one neighbouring-dataset change adds or removes.

@@ -833,6 +833,8 @@ def _check_line(
     else:
         if mechanism == "dp-sgd":
             construction, sigma_eff, sizes = _check_dp_sgd(file, record, ctx, flag, node=node)
+        elif mechanism == "count-release":
+            construction, sigma_eff, sizes = _check_count_release(file, record, flag, node=node)
         else:
             construction, sigma_eff, sizes = _check_client_level(record, ctx, flag)
         acc = ctx.accountant(node, construction)
@@ -853,8 +855,9 @@ def _check_line(
                     f"ledger says {_fmt(claimed)}, recomputed {_fmt(recomputed)} "
                     f"({method}); the claim is more than {TOLERANCE:.0%} too low"
                 )
-            plan = ctx.plan(node) if mechanism == "dp-sgd" else None
-            budget = ctx.budget_for(plan) if mechanism == "dp-sgd" else expected.budget
+            node_level = mechanism in ("dp-sgd", "count-release")
+            plan = ctx.plan(node) if node_level else None
+            budget = ctx.budget_for(plan) if node_level else expected.budget
             if budget is not None and math.isfinite(budget):
                 if claimed > budget * (1 + _EXACT):
                     flag(
@@ -958,6 +961,29 @@ def _check_dp_sgd(
             plan.checked = True
             _check_plan(plan, ctx, node=node, q=q, steps=steps, delta=delta)
     return POISSON_ADD_REMOVE, sigma, None
+
+
+def _check_count_release(
+    file: str, record: Mapping[str, Any], flag: Any, *, node: str
+) -> tuple[str, float, None]:
+    """A node's one-shot Gaussian release of its clipped click counts (client.evidence_release):
+    one event (σ, q=1, steps=1), user-level, add/remove-one, composed in the node's accountant
+    with its DP-SGD steps."""
+    if record["unit_of_privacy"] != "user":
+        flag(f"count-release line with unit_of_privacy={record['unit_of_privacy']!r}")
+    if Path(file).stem != node:
+        flag(f"count-release line for node {node!r} in the ledger of {Path(file).stem!r}")
+    if float(record["sample_rate"]) != 1.0 or int(record["steps"]) != 1:
+        flag(
+            f"count-release line with sample_rate={record['sample_rate']!r}, "
+            f"steps={record['steps']!r} (a one-shot release is q=1, one step)"
+        )
+    if record.get("neighbouring", "add-remove") != "add-remove":
+        flag(f"count-release line states neighbouring={record.get('neighbouring')!r}")
+    clip: Any = record.get("clip_norm")
+    if not _number(clip) or not math.isfinite(float(clip)) or float(clip) <= 0:
+        flag(f"clip_norm {clip!r} is not a positive number")
+    return POISSON_ADD_REMOVE, float(record["noise_multiplier"]), None
 
 
 def _check_plan(

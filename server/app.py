@@ -22,10 +22,12 @@ from flwr.serverapp import Grid, ServerApp
 from privacy.ledger import Ledger, LedgerEvent, server_signer
 from server.checkpoint import RunDirectory
 from server.evaluator import CentralEvaluator
+from server.evidence import EvidenceSumming, initial_evidence
 from server.recorder import PROGRESS, RoundRecorder
 from server.releases import ReleasePublisher
 from server.strategies import build_strategy, restore_strategy_state, strategy_state
 from server.validation import ValidatingStrategy, parse_node_regions
+from shared_model.evidence import split_evidence
 from shared_model.ranker import HeadConfig, RankerHead
 from shared_model.release import signing_key_dir
 from shared_model.settings import RunSettings
@@ -87,14 +89,17 @@ def run_regional(grid: Grid, settings: RunSettings) -> None:
     caps = settings.region_caps()
     if node_regions and (unknown := sorted(set(caps) - set(node_regions.values()))):
         log.warning("region-epsilon-caps names regions no node id maps to: %s", unknown)
+    aggregating = EvidenceSumming(inner) if settings.evidence_share else inner
     strategy = ValidatingStrategy(
-        inner, node_regions=node_regions, region_caps=caps,
+        aggregating, node_regions=node_regions, region_caps=caps,
         on_cap_refusal=record_cap_refusal,
         on_round=lambda rnd, replies: recorder.note_replies(rnd, asdict(replies)),
     )
     checkpoint = run_dir.load_latest()
     if checkpoint is None:
         arrays = head_state(RankerHead(HeadConfig(hidden_dim=settings.hidden_dim)))
+        if settings.evidence_share:  # memorised click evidence travels with the head
+            arrays.update(initial_evidence(evaluator.evidence_index()))
         offset, previous = 0, []
     else:
         arrays, offset, previous = checkpoint.arrays, checkpoint.round, checkpoint.metrics_rounds
@@ -106,7 +111,8 @@ def run_regional(grid: Grid, settings: RunSettings) -> None:
     remaining = settings.num_server_rounds - offset
     head_config = HeadConfig(hidden_dim=settings.hidden_dim)
     publisher = ReleasePublisher(
-        run_dir.root, every=settings.release_every, head_config=head_config
+        run_dir.root, every=settings.release_every, head_config=head_config,
+        final_round=settings.num_server_rounds,
     )
     recorder = RoundRecorder(
         run_dir,
@@ -117,7 +123,8 @@ def run_regional(grid: Grid, settings: RunSettings) -> None:
         offset=offset,
         previous_rounds=previous,
         after_round=lambda rnd, weights, metrics: publisher.maybe_publish(
-            rnd, weights, metrics=metrics, epsilon_per_node=strategy.node_epsilon
+            rnd, split_evidence(weights)[0], metrics=metrics,
+            epsilon_per_node=strategy.node_epsilon,
         ),
     )
     if remaining <= 0:

@@ -73,6 +73,13 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:  # noqa: ARG001
             raise typer.Exit(2) from None
         from fedrank.dashboard import url_hint
 
-        typer.echo(url_hint(cfg.run_dir))
-        rc = serve(cfg, echo=typer.echo, timeout=timeout)
+        hint = [url_hint(cfg.run_dir)]
+
+        def echo(line: str) -> None:
+            # `nodes connect to HOST:PORT` stays the first line; the dashboard hint follows it.
+            typer.echo(line)
+            while hint:
+                typer.echo(hint.pop())
+
+        rc = serve(cfg, echo=echo, timeout=timeout)
         raise typer.Exit(rc)

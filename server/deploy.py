@@ -80,7 +80,9 @@ class ServerConfig:
     from ``fedrank certs init``); ``[keys]`` dir (the release signing key, outside the run
     directory; default ``RUN_DIR.keys``); ``[nodes]`` public_keys (OpenSSH ``.pub`` files to
     register); ``[run]`` run_dir plus ``run_config`` (kebab-case run settings, see
-    ``shared_model.settings``); optional ``scenario`` + ``prepare = true`` writes node data
+    ``shared_model.settings``); ``data``: the judged-search directory (``fedrank data
+    import``; its path and content hash go into the run config, nodes with another catalog
+    refuse); optional ``scenario`` + ``prepare = true`` writes node data
     for a simulated scenario first (development only).
     """
 
@@ -94,6 +96,7 @@ class ServerConfig:
     public_keys: tuple[Path, ...] = ()
     run_dir: Path = Path("runs/deploy")
     run_config: dict[str, Any] = field(default_factory=dict)
+    data: Path | None = None
     scenario: str = ""
     prepare: bool = False
     rounds: int = 3
@@ -173,6 +176,7 @@ class ServerConfig:
             public_keys=tuple(p(k) for k in nodes.get("public_keys", [])),
             run_dir=run_dir,
             run_config=dict(run.get("run_config", {})),
+            data=p(run["data"]) if "data" in run else None,
             scenario=str(run.get("scenario", "")),
             prepare=bool(run.get("prepare", False)),
             rounds=int(run.get("rounds", 3)),
@@ -355,9 +359,14 @@ class Deployment:
 
 def settings_for(cfg: ServerConfig) -> dict[str, Any]:
     """The run config to submit: the scenario's (optionally prepared) plus overrides."""
+    from shared_model.data import catalog_hash, catalog_run_config
     from shared_model.settings import RunSettings
 
     overrides = dict(cfg.run_config)
+    overrides.update(catalog_run_config(cfg.data))  # [run] data = DIR: path and content hash
+    overrides.setdefault("catalog-hash", str(catalog_hash(
+        RunSettings.from_config({"catalog-dir": overrides.get("catalog-dir", "")}).catalog_path()
+    )))
     overrides.setdefault("run-dir", str(cfg.run_dir.resolve()))
     if cfg.scenario:
         from simulations.runner import prepare_run

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from server.checkpoint import RunDirectory
+from shared_model.evaluation import nest_views
 
 log = logging.getLogger("fedrank.server")
 PROGRESS = "[fedrank]"
@@ -95,10 +96,14 @@ class RoundRecorder:
 
     def metrics_json(self) -> dict[str, Any]:
         """``{"rounds": [...], "final": {...}, "initial": {...}}`` (ε=inf written as "inf")."""
-        rounds = [_jsonable(r) for r in self.rounds]
+        rounds = [_jsonable(_with_views(r)) for r in self.rounds]
         out: dict[str, Any] = {"rounds": rounds, "final": rounds[-1] if rounds else {}}
         if self.initial is not None:
-            out["initial"] = self.initial
+            out["initial"] = _with_views(self.initial)
+        baselines = getattr(self.evaluate, "baselines", None)
+        if baselines:
+            # zero-shot MiniLM and BM25 on the same seen/unseen queries (server.evaluator)
+            out["baselines"] = baselines
         return out
 
 
@@ -122,3 +127,13 @@ def ensure_dir(path: Path) -> Path:
     """Create ``path`` (and parents) and return it."""
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def _with_views(row: dict[str, Any]) -> dict[str, Any]:
+    """A row for metrics.json: flat ``seen-<metric>`` keys (what Flower's MetricRecord
+    carries) become ``{"seen": {...}, "unseen": {...}}``; the flat unseen keys (``ndcg@10``,
+    ``mrr``, ``auc``) stay as before. Rows already in that shape are returned as they are."""
+    if not any(k.startswith("seen-") for k in row):
+        return row
+    flat = {k: v for k, v in row.items() if not k.startswith("seen-")}
+    return {**flat, **nest_views(row)}

@@ -34,6 +34,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from shared_model.evidence import EVIDENCE_KEYS
+
 log = logging.getLogger("fedrank.server")
 
 ARRAYS, METRICS, NODE = "arrays", "metrics", "node"
@@ -257,12 +259,17 @@ def check_reply(
         return None, problems
     refs = {k: np.asarray(v, dtype=np.float64) for k, v in reference.items()}
     delta = {k: decoded[k].astype(np.float64) - refs[k] for k in reference}
-    norm = update_norm(delta.values())
+    # Memorised evidence arrays carry DP counts, not a training update (server.evidence):
+    # outside the update norm and its clip, passed on as sent.
+    norm = update_norm(v for k, v in delta.items() if k not in EVIDENCE_KEYS)
     if not norm <= reject_norm:
         return None, [f"update norm {norm:.3g} is beyond any training result "
                       f"(rejected above {reject_norm:g})"]
     scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
-    arrays = {k: (refs[k] + delta[k] * scale).astype(np.float32) for k in reference}
+    arrays = {
+        k: (refs[k] + delta[k] * (1.0 if k in EVIDENCE_KEYS else scale)).astype(np.float32)
+        for k in reference
+    }
     metrics[WEIGHT_KEY] = 1.0  # uniform weights: never the node's own claim
     return CheckedReply(arrays, metrics, claimed, norm, scale < 1.0), []
 

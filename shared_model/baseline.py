@@ -91,6 +91,8 @@ def run_baselines(
     }
     if include_naive:
         results["central_head_naive"] = []
+    # The same models on each fold's training queries (seen: their clicks trained the head).
+    seen: dict[str, list[dict[str, float]]] = {name: [] for name in results}
     started = time.perf_counter()
     for i, test in enumerate(folds):
         train_q = [q for q in data.query_ids if q not in set(test)]
@@ -99,13 +101,22 @@ def run_baselines(
         results["minilm_zero_shot"].append(evaluate(data, test, cosine_scorer(builder)))
         head = train_central_head(builder, fold_clicks, central, seed=seed + i)
         results["central_head"].append(evaluate(data, test, head_scorer(head, builder)))
+        seen["bm25"].append(evaluate(data, train_q, bm25_scorer(builder)))
+        seen["minilm_zero_shot"].append(evaluate(data, train_q, cosine_scorer(builder)))
+        seen["central_head"].append(evaluate(data, train_q, head_scorer(head, builder)))
         if include_naive:
             naive_cfg = replace(central, head=replace(central.head, position_aware=False))
             naive = train_central_head(builder, fold_clicks, naive_cfg, seed=seed + i)
             results["central_head_naive"].append(evaluate(data, test, head_scorer(naive, builder)))
+            seen["central_head_naive"].append(
+                evaluate(data, train_q, head_scorer(naive, builder))
+            )
         if on_fold is not None:
             on_fold(i)
-    out: dict[str, Any] = {name: _summary(per_fold) for name, per_fold in results.items()}
+    out: dict[str, Any] = {
+        name: {**_summary(per_fold), "seen": _summary(seen[name])}
+        for name, per_fold in results.items()
+    }
     out["split"] = {
         "kind": "k-fold by query",
         "num_folds": num_folds,

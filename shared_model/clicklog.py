@@ -45,6 +45,8 @@ _WRITE_OPTIONS: dict[str, object] = {
     "data_page_version": "1.0",
     "row_group_size": 1 << 20,
 }
+WRITE_OPTIONS = _WRITE_OPTIONS
+"""Parquet writer options of every click log (also for streaming writers)."""
 
 
 def schema_problems(schema: pa.Schema) -> list[str]:

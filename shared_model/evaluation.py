@@ -72,3 +72,43 @@ def head_scorer(head: RankerHead, builder: FeatureBuilder) -> Scorer:
             return head.relevance(feats).numpy()
 
     return scorer
+
+
+# Two views of quality: the fold's training queries (seen: their clicks reach the nodes) and
+# the held-out fold (unseen). Flat metric keys (Flower's MetricRecord holds flat numbers):
+# "ndcg@10", "mrr", "auc" stay the unseen view (as before); "seen-<metric>" is the seen view.
+VIEWS = ("seen", "unseen")
+VIEW_METRICS = ("ndcg@10", "mrr", "auc")
+
+
+def seen_unseen_queries(
+    query_ids: Sequence[str], *, num_folds: int, seed: int, eval_fold: int
+) -> tuple[list[str], list[str]]:
+    """(seen, unseen): every query outside the held-out fold, and the fold's queries."""
+    unseen = query_folds(query_ids, num_folds=num_folds, seed=seed)[eval_fold]
+    held = set(unseen)
+    return sorted(q for q in query_ids if q not in held), list(unseen)
+
+
+def evaluate_views(
+    data: JudgedSearchData,
+    seen: Sequence[str],
+    unseen: Sequence[str],
+    scorer: Scorer,
+    *,
+    k: int = 10,
+) -> dict[str, float]:
+    """Flat metrics of both views: unseen as ``ndcg@10``..., seen as ``seen-ndcg@10``..."""
+    out = dict(evaluate(data, unseen, scorer, k=k))
+    out.update({f"seen-{m}": v for m, v in evaluate(data, seen, scorer, k=k).items()})
+    return out
+
+
+def nest_views(flat: dict[str, float]) -> dict[str, dict[str, float]]:
+    """``{"seen": {...}, "unseen": {...}}`` from :func:`evaluate_views`' flat keys (the seen
+    view only when present)."""
+    out = {"unseen": {m: float(flat[m]) for m in VIEW_METRICS if m in flat}}
+    seen = {m: float(flat[f"seen-{m}"]) for m in VIEW_METRICS if f"seen-{m}" in flat}
+    if seen:
+        out = {"seen": seen, **out}
+    return out

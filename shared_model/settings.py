@@ -39,10 +39,13 @@ EVAL_FOLD = "eval-fold"
 NUM_FOLDS = "num-folds"
 SECAGG = "secagg"
 HIDDEN_DIM = "hidden-dim"
+EVIDENCE_SHARE = "evidence-share"
+EVIDENCE_CLIP = "evidence-clip"
 RELEASE_EVERY = "release-every"
 REGION_CAPS = "region-epsilon-caps"
 NODE_REGIONS = "node-regions"
 CATALOG_DIR = "catalog-dir"
+CATALOG_HASH = "catalog-hash"
 CACHE_DIR = "cache-dir"
 ONLINE = "online"
 REPLAY_FILES = "replay-files"
@@ -90,6 +93,8 @@ class RunSettings:
     ``catalog_dir`` / ``cache_dir``: absolute paths of the judged catalog and the embedding
     cache ("" = the bundled WANDS data and ``.cache/embeddings``); Flower installs the app
     from a package that carries code only, so a run passes these explicitly.
+    ``catalog_hash``: the catalog's content hash (``shared_model.data.catalog_hash``); a node
+    whose own catalog hashes differently refuses the run ("" = no check).
     ``online``: a node whose data path is a folder treats it as an inbox (``client.inbox``):
     each round trains on the files that arrived since its last round, plus the last
     ``replay_files`` files it consumed (0 = no replay). Off: every round trains on the whole
@@ -121,9 +126,15 @@ class RunSettings:
     region_epsilon_caps: str = ""
     node_regions: str = ""
     catalog_dir: str = ""
+    catalog_hash: str = ""
     cache_dir: str = ""
     online: bool = False
     replay_files: int = 0
+    # Memorised click evidence (shared_model.evidence): the share of each node's ε spent on
+    # its one-shot DP count release (0 = none; the rest goes to DP-SGD), and the L2 bound of
+    # one user's [clicks, exam] contribution (sets the noise scale, not the guarantee).
+    evidence_share: float = 0.0
+    evidence_clip: float = 3.0
 
     def __post_init__(self) -> None:
         if self.num_server_rounds < 1:
@@ -146,6 +157,10 @@ class RunSettings:
             )
         if self.replay_files < 0:
             raise ValueError(f"{REPLAY_FILES} must be >= 0, got {self.replay_files!r}")
+        if not 0 <= self.evidence_share < 1:
+            raise ValueError(f"{EVIDENCE_SHARE} must be in [0, 1), got {self.evidence_share!r}")
+        if not (self.evidence_clip > 0 and math.isfinite(self.evidence_clip)):
+            raise ValueError(f"{EVIDENCE_CLIP} must be finite and > 0, got {self.evidence_clip!r}")
         self.region_caps()  # validates the format
 
     def catalog_path(self) -> Path:

@@ -26,10 +26,14 @@ MODES = {
 }
 
 
-def bench_train(*, users: int = 2000, repeats: int = 5, epochs: int = 3) -> dict[str, Any]:
-    """Median impressions/s per mode over ``repeats`` interleaved runs, and the ratios."""
+def bench_train(
+    *, users: int = 2000, repeats: int = 5, epochs: int = 3, catalog_dir: str = ""
+) -> dict[str, Any]:
+    """Median impressions/s per mode over ``repeats`` interleaved runs, and the ratios.
+
+    ``catalog_dir``: a judged-search directory ("" = the bundled WANDS subset)."""
     torch.set_num_threads(1)
-    builder = cached_feature_builder(str(DEFAULT_WANDS_DIR))
+    builder = cached_feature_builder(catalog_dir or str(DEFAULT_WANDS_DIR))
     log = simulate_click_log(builder.data, WorldConfig(num_users=users, num_regions=1, seed=1))
     groups = build_user_groups(
         log, builder, max_sessions_per_user=2, rng=np.random.default_rng(0)

@@ -174,8 +174,11 @@ class CanaryAuditResult:
         return out
 
 
-def node_groups(scenario_name: str, *, node: int = 0, seed: int = 0) -> UserGroups:
-    """The click groups of one regional node of the scenario (what the node trains on)."""
+def node_groups(
+    scenario_name: str, *, node: int = 0, seed: int = 0, catalog_dir: str = ""
+) -> UserGroups:
+    """The click groups of one regional node of the scenario (what the node trains on);
+    ``catalog_dir``: a judged-search directory ("" = the bundled WANDS subset)."""
     from shared_model.catalog import cached_feature_builder
     from shared_model.data import DEFAULT_WANDS_DIR
     from shared_model.encoder import default_cache_dir
@@ -186,7 +189,7 @@ def node_groups(scenario_name: str, *, node: int = 0, seed: int = 0) -> UserGrou
 
     scenario = get_scenario(scenario_name)
     builder = cached_feature_builder(
-        str(DEFAULT_WANDS_DIR.resolve()), str(default_cache_dir().resolve())
+        catalog_dir or str(DEFAULT_WANDS_DIR.resolve()), str(default_cache_dir().resolve())
     )
     parts = partition_regional(simulate_click_log(builder.data, scenario.world))
     key = sorted(parts)[node]

@@ -35,14 +35,19 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         node: int = typer.Option(0, "--node", min=0, help="Which regional node to audit."),
         seed: int = typer.Option(0, "--seed", help="Seeds the canaries' coins (not DP noise)."),
         as_json: Path | None = typer.Option(None, "--json", help="Write the result as JSON."),
+        data: Path | None = typer.Option(
+            None, "--data", help="Judged-search directory (fedrank data import); default WANDS."
+        ),
     ) -> None:
         """One-run canary audit (Steinke et al. 2023) with a σ = 0 positive control."""
         # Result: "pass" (bound <= claim < control's bound), "inconclusive" (control's bound
         # <= claim) or "fail" (bound > claim: exit 1).
+        from shared_model.data import catalog_run_config
         from simulations.canaries import node_groups, run_canary_audit
         from simulations.scenarios import get_scenario
 
         try:
+            catalog = catalog_run_config(data).get("catalog-dir", "")
             chosen = get_scenario(scenario)
             eps = float(epsilon)
             if not eps > 0:
@@ -58,7 +63,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             raise typer.Exit(2)
         cfg = chosen.run_config
         result = run_canary_audit(
-            real=node_groups(scenario, node=node),
+            real=node_groups(scenario, node=node, catalog_dir=catalog),
             epsilon=eps,
             delta=float(cfg.get("delta", 1e-5)),
             rounds=rounds or chosen.rounds,

@@ -27,7 +27,9 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
 
     @app.command("simulate")
     def simulate(
-        scenario: str = typer.Argument(..., help="Scenario name (regional-5, device-500, ...)."),
+        scenario: str | None = typer.Argument(
+            None, help="Scenario name (regional-5, device-500, ...); or --scenario-file."
+        ),
         rounds: int | None = typer.Option(None, "--rounds", help="Server rounds."),
         epsilon: str = typer.Option("1", "--epsilon", help="Per-node ε budget, or 'inf'."),
         run_dir: Path | None = typer.Option(None, "--run-dir", help="Run directory."),
@@ -39,20 +41,35 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             0.0, "--dropout", min=0.0, max=0.99,
             help="Device shape: each sampled device vanishes mid-round (after receiving the "
                  "model) with this probability; SecAgg+ recovers."),
+        data: Path | None = typer.Option(
+            None, "--data", help="Judged-search directory (fedrank data import); default WANDS."
+        ),
+        scenario_file: Path | None = typer.Option(
+            None, "--scenario-file", help="Scenario TOML (simulations/scenario_file.py)."
+        ),
     ) -> None:
         """Run a scenario on Flower's Simulation Engine and print the final table."""
+        from shared_model.data import catalog_run_config
         from simulations.runner import parse_epsilon, run_folds
+        from simulations.scenario_file import load_scenario_file
         from simulations.scenarios import get_scenario
 
         try:
-            chosen = get_scenario(scenario)
+            if (scenario is None) == (scenario_file is None):
+                raise ValueError("give a scenario name or --scenario-file FILE (not both)")
+            if scenario_file is not None:
+                chosen, file_data = load_scenario_file(scenario_file)
+            else:
+                chosen, file_data = get_scenario(str(scenario)), None
             eps = parse_epsilon(epsilon)
             folds = None if eval_fold == "all" else [int(eval_fold)]
+            overrides: dict[str, Any] = catalog_run_config(data or file_data)
         except (KeyError, ValueError) as exc:
             typer.echo(f"error: {exc.args[0]}", err=True)
             raise typer.Exit(2) from None
-        target = run_dir or Path("runs") / f"{scenario}-eps{epsilon}"
-        overrides = {"strategy": strategy} if strategy else {}
+        target = run_dir or Path("runs") / f"{chosen.name}-eps{epsilon}"
+        if strategy:
+            overrides["strategy"] = strategy
         from fedrank.dashboard import url_hint
 
         typer.echo(url_hint(target))
@@ -75,12 +92,21 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(1) from None
         typer.echo("")
-        typer.echo(f"{'run':<34} {'rounds':>6} {'ndcg@10':>8} {'mrr':>7} {'auc':>7} {'eps':>8}")
+        typer.echo(
+            f"{'run':<30} {'rounds':>6} {'seen':>7} {'zs-seen':>7} {'unseen':>7} "
+            f"{'zs-unseen':>9} {'mrr':>7} {'auc':>7} {'eps':>8}"
+        )
         for name, final in summary["rows"]:
+            seen = final.get("seen", {}).get("ndcg@10")
+            zs = final.get("zero_shot", {})
             typer.echo(
-                f"{name:<34} {final['round']:>6} {final['ndcg@10']:>8.4f} "
+                f"{name:<30} {final['round']:>6} {_fmt(seen if seen is not None else '-'):>7} "
+                f"{_fmt(zs.get('seen', '-')):>7} {final['ndcg@10']:>7.4f} "
+                f"{_fmt(zs.get('unseen', '-')):>9} "
                 f"{final['mrr']:>7.4f} {final['auc']:>7.4f} {_fmt(final['epsilon_max']):>8}"
             )
+        typer.echo("NDCG@10 on seen (the fold's training queries) and unseen (held-out) "
+                   "queries; zs = zero-shot MiniLM on the same queries")
         typer.echo(f"wall time {summary['wall_seconds']:.0f}s; run directory {target}")
 
     @app.command("compare")
@@ -103,13 +129,17 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         if as_json:
             typer.echo(json.dumps(table, indent=2))
             return
-        typer.echo(f"{'model':<32} {'ndcg@10':>8} {'mrr':>7} {'auc':>7} {'eps':>8} {'rel':>6}")
+        typer.echo(
+            f"{'model':<32} {'seen':>7} {'unseen':>7} {'mrr':>7} {'auc':>7} {'eps':>8} {'rel':>6}"
+        )
         for row in table["rows"]:
+            seen = row.get("seen", {}).get("ndcg@10", "-")
             typer.echo(
-                f"{row['name']:<32} {row['ndcg@10']:>8.4f} {row['mrr']:>7.4f} "
+                f"{row['name']:<32} {_fmt(seen):>7} {row['ndcg@10']:>7.4f} {row['mrr']:>7.4f} "
                 f"{row['auc']:>7.4f} {_fmt(row.get('epsilon', '-')):>8} "
                 f"{_fmt(row.get('fraction_of_central', '-')):>6}"
             )
+        typer.echo("NDCG@10 on seen (training) and unseen (held-out) queries; mrr/auc: unseen")
         typer.echo(f"plot: {table['plot']}")
 
     @app.command("drift")
@@ -167,12 +197,19 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         ),
         out: Path | None = typer.Option(None, "--out", help="Folder for ab.json/ab.png."),
         as_json: bool = typer.Option(False, "--json", help="JSON on stdout."),
+        personalized: bool = typer.Option(
+            False, "--personalized", help="Also: personalized vs global, by user, seen queries."
+        ),
     ) -> None:
         """Simulated online A/B: each round's model vs BM25 and vs the previous round (CTR)."""
         from simulations.ab import run_ab
 
         try:
             result = run_ab(run_dir, users=users, resamples=bootstrap, out_dir=out)
+            if personalized:  # issue 14 (simulations/personal.py)
+                from simulations.personal import load_run_world, personalized_ab
+
+                result.update(personalized_ab(load_run_world(run_dir)))
         except (FileNotFoundError, ValueError, KeyError) as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
@@ -188,6 +225,10 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                 f"{_pct(b['relative_lift'], b['relative_lift_ci']):>28} "
                 f"{_pct(p['relative_lift'], p['relative_lift_ci']):>28}"
             )
+        if personalized:
+            typer.echo(f"personalized {result['ctr_personalized']:.4f} vs global "
+                       f"{result['ctr_global']:.4f}: "
+                       f"{_pct(result['personalized_lift'], result['personalized_lift_ci95'])}")
         typer.echo(f"json: {result['json']}; plot: {result['plot']}")
 
     @bench_app.command("deploy")
@@ -215,9 +256,18 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="JSON on stdout."),
         repeats: int = typer.Option(5, "--repeats"),
         users: int = typer.Option(2000, "--users"),
+        data: Path | None = typer.Option(
+            None, "--data", help="Judged-search directory (fedrank data import); default WANDS."
+        ),
     ) -> None:
         """Examples/s of the node's DP step vs non-private vs Opacus' hooks mode."""
+        from shared_model.data import catalog_run_config
         from simulations.bench import bench_train
 
-        result = bench_train(users=users, repeats=repeats)
+        try:
+            catalog = catalog_run_config(data).get("catalog-dir", "")
+        except ValueError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        result = bench_train(users=users, repeats=repeats, catalog_dir=catalog)
         typer.echo(json.dumps(result, indent=None if as_json else 2))

@@ -45,9 +45,19 @@ def _mean_rounds(per_fold: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     n = min(len(r) for r in per_fold)
     return [
         {"round": per_fold[0][i]["round"],
-         "ndcg@10": sum(r[i]["ndcg@10"] for r in per_fold) / len(per_fold)}
+         "ndcg@10": sum(r[i]["ndcg@10"] for r in per_fold) / len(per_fold),
+         **(
+             {"seen": {"ndcg@10": sum(r[i]["seen"]["ndcg@10"] for r in per_fold) / len(per_fold)}}
+             if all("seen" in r[i] for r in per_fold) else {}
+         )}
         for i in range(n)
     ]
+
+
+def _seen_view(final: dict[str, Any]) -> dict[str, float] | None:
+    """The final row's seen-query metrics (runs from before the two views have none)."""
+    seen = final.get("seen")
+    return {m: float(seen[m]) for m in METRICS} if isinstance(seen, dict) else None
 
 
 def _eps(value: Any) -> float:
@@ -95,12 +105,26 @@ def compare_runs(
             rows.append({"name": name, **{m: b[f"{m}_per_fold"][int(fold)] for m in METRICS}})
     central = rows[-1]["ndcg@10"]
     zero_shot = rows[1]["ndcg@10"]
+    # Seen queries (the fold's training queries): zero-shot and BM25 from the run itself.
+    run_baselines = runs[0][1]["metrics"].get("baselines") or {}
+    for row in rows:
+        key = {"bm25": "bm25", "minilm_zero_shot": "zero_shot"}.get(row["name"])
+        if key and "seen" in run_baselines.get(key, {}):
+            row["seen"] = run_baselines[key]["seen"]
+    zero_shot_seen = run_baselines.get("zero_shot", {}).get("seen", {}).get("ndcg@10")
     for run_dir, run in runs:
         final = run["metrics"]["final"]
+        seen = _seen_view(final)
         rows.append(
             {
                 "name": run_dir.name,
                 **{m: float(final[m]) for m in METRICS},
+                **({"seen": seen} if seen else {}),
+                **(
+                    {"lift_over_zero_shot_seen": seen["ndcg@10"] - float(zero_shot_seen)}
+                    if seen and zero_shot_seen is not None
+                    else {}
+                ),
                 "epsilon_budget": _eps(run["config"]["epsilon"]),
                 "epsilon": _eps(final["epsilon_max"]),
                 "rounds": int(final["round"]),
@@ -110,7 +134,10 @@ def compare_runs(
             }
         )
     _plot(runs, central=central, zero_shot=zero_shot, path=plot_path)
-    return {"fold": fold, "rows": rows, "plot": str(plot_path)}
+    return {
+        "fold": fold, "rows": rows, "plot": str(plot_path),
+        **({"baselines": run_baselines} if run_baselines else {}),
+    }
 
 
 def _plot(
@@ -124,13 +151,46 @@ def _plot(
     fig, ax = plt.subplots(figsize=(7, 4))
     for run_dir, run in runs:
         rounds = run["metrics"]["rounds"]
-        ax.plot([r["round"] for r in rounds], [r["ndcg@10"] for r in rounds], label=run_dir.name)
+        line = ax.plot(
+            [r["round"] for r in rounds], [r["ndcg@10"] for r in rounds],
+            label=f"{run_dir.name} (unseen)",
+        )
+        if all("seen" in r for r in rounds):
+            ax.plot(
+                [r["round"] for r in rounds], [r["seen"]["ndcg@10"] for r in rounds],
+                linestyle="--", color=line[0].get_color(), label=f"{run_dir.name} (seen)",
+            )
     ax.axhline(central, color="black", linestyle="--", label="central head (no DP)")
     ax.axhline(zero_shot, color="grey", linestyle=":", label="zero-shot MiniLM")
     ax.set_xlabel("round")
-    ax.set_ylabel("NDCG@10 (held-out queries)")
+    ax.set_ylabel("NDCG@10 (unseen: held-out queries; seen: dashed)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def final_with_zero_shot(metrics: dict[str, Any]) -> dict[str, Any]:
+    """A run's final row with ``zero_shot: {"seen": ndcg, "unseen": ndcg}`` beside it (the
+    same queries; from metrics.json's ``baselines``), for the final table."""
+    final = dict(metrics.get("final") or {})
+    zero_shot = (metrics.get("baselines") or {}).get("zero_shot") or {}
+    views = {v: float(zero_shot[v]["ndcg@10"]) for v in ("seen", "unseen") if v in zero_shot}
+    if final and views:
+        final["zero_shot"] = views
+    return final
+
+
+def mean_views(finals: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean over folds of the seen view and of zero-shot (keys present in every fold)."""
+    out: dict[str, Any] = {}
+    if finals and all(isinstance(f.get("seen"), dict) for f in finals):
+        out["seen"] = {m: sum(float(f["seen"][m]) for f in finals) / len(finals) for m in METRICS}
+    if finals and all("zero_shot" in f for f in finals):
+        out["zero_shot"] = {
+            v: sum(float(f["zero_shot"][v]) for f in finals) / len(finals)
+            for v in finals[0]["zero_shot"]
+            if all(v in f["zero_shot"] for f in finals)
+        }
+    return out

@@ -26,12 +26,13 @@ from typing import Any
 
 from shared_model.catalog import cached_feature_builder
 from shared_model.clicks import click_through_by_rank
-from shared_model.data import DEFAULT_WANDS_DIR
+from shared_model.data import DEFAULT_WANDS_DIR, catalog_hash
 from shared_model.encoder import default_cache_dir
 from shared_model.evaluation import query_folds
 from shared_model.partition import partition_device, partition_regional, write_partitions
 from shared_model.settings import NodePrivacy, RunSettings, simulated_node_settings_path
 from shared_model.world import simulate_click_log
+from simulations.compare import final_with_zero_shot, mean_views
 from simulations.scenarios import Scenario
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -77,6 +78,8 @@ def prepare_run(
         }
     )
     config.update(overrides or {})
+    if not config.get("catalog-hash"):  # the run directory records the data's content hash
+        config["catalog-hash"] = catalog_hash(Path(config["catalog-dir"]))
     settings = RunSettings.from_config(config)
     write_node_settings(scenario, settings, dropout=dropout)
     builder = cached_feature_builder(settings.catalog_dir, settings.cache_dir)  # warms the cache
@@ -384,7 +387,7 @@ def run_folds(
         if dropout and result.metrics:
             result.metrics["dropout"] = dropout
             (target / "metrics.json").write_text(json.dumps(result.metrics, indent=2))
-        final = result.metrics.get("final")
+        final = final_with_zero_shot(result.metrics)
         if not final:
             raise RuntimeError(
                 f"fold {fold} produced no metrics (flwr exit {result.returncode}); "
@@ -396,6 +399,7 @@ def run_folds(
         mean: dict[str, Any] = {
             m: sum(float(f[m]) for _, f in rows) / len(rows) for m in ("ndcg@10", "mrr", "auc")
         }
+        mean.update(mean_views([f for _, f in rows]))
         eps_values = [f["epsilon_max"] for _, f in rows]
         mean["epsilon_max"] = "inf" if "inf" in eps_values else max(map(float, eps_values))
         mean["round"] = rounds

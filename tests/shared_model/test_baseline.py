@@ -53,6 +53,7 @@ def test_run_baselines_shape_and_ranges(baseline_result, wands_data, clicks):
     assert set(result) == {*MODELS, "split"}
     for model in MODELS:
         _check_model_block(result[model])
+        _check_model_block(result[model]["seen"])  # the fold's training queries
     split = result["split"]
     assert split["num_folds"] == FOLDS
     assert sum(split["fold_sizes"]) == len(wands_data.query_ids) == 40
@@ -78,7 +79,7 @@ def test_cli_baseline_json_prints_only_json(baseline_result):
     # Assert: stdout is one JSON document (progress went to stderr), same numbers as in-process.
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout)
-    assert set(out) == {*MODELS, "split", "clicks"}
+    assert set(out) == {*MODELS, "split", "data", "clicks"}
     for model in MODELS:
         _check_model_block(out[model])
         for m in METRICS:

@@ -419,7 +419,10 @@ def test_load_csv_conflicting_product(tmp_path: Path) -> None:
         load_csv(path, CsvColumns(query="q", title="t", relevance="r", product_id="pid"))
     # Assert
     assert caught.value.line == 3
-    assert "product_id '1' has title 'pine bed' here but 'oak bed' on line 2" in str(caught.value)
+    assert caught.value.problem.startswith("1 product_id(s) have different text")
+    assert "product_id '1' has title 'pine bed' on line 3 (1 row(s)) but 'oak bed' on line 2" in (
+        caught.value.problem
+    )
 
 
 def test_load_csv_missing_file(tmp_path: Path) -> None:
@@ -553,6 +556,10 @@ def test_cli_data_import(tmp_path: Path, cli: typer.Typer) -> None:
     # Assert
     assert result.exit_code == 0, result.output
     assert "imported 4 queries, 3 products, 4 judgments" in result.stdout
+    assert (
+        "rows: 4 read, 4 kept (0 merged into an earlier judgment of the same pair), 0 dropped"
+        in (result.stdout)
+    )
     assert same_content(load_judged_dir(out), load_csv(csv_path, HD_COLUMNS))
 
 
@@ -561,7 +568,7 @@ def test_cli_data_import_bad_csv(tmp_path: Path, cli: typer.Typer) -> None:
     csv_path = write(tmp_path / "bad.csv", "q,t,r\nbed,oak bed,1\nbed,pine bed,lots\n")
     out = tmp_path / "imported"
     args = ["data", "import", "--csv", str(csv_path), "--query-col", "q", "--title-col", "t"]
-    args += ["--relevance-col", "r", "--out", str(out)]
+    args += ["--relevance-col", "r", "--out", str(out), "--on-bad-row", "error"]
 
     # Execute
     result = CliRunner().invoke(cli, args)
@@ -583,6 +590,7 @@ def test_cli_data_stats(tmp_path: Path, cli: typer.Typer) -> None:
     stats = json.loads(result.stdout)
     assert (stats["queries"], stats["products"], stats["judgments"]) == (2, 3, 3)
     assert stats["grades"] == {"0.0": 1, "1.0": 2}
+    assert stats["catalog_hash"].startswith("sha256:") and len(stats["catalog_hash"]) == 71
 
 
 def test_cli_data_stats_bad_dir(tmp_path: Path, cli: typer.Typer) -> None:

@@ -58,8 +58,10 @@ def test_export_is_cached_under_the_fingerprint(onnx_encoder, onnx_dir):
     assert onnx_encoder.fingerprint == model_fingerprint(onnx_encoder.model_dir)
     assert onnx_encoder.onnx_path == onnx_model_path(onnx_dir, onnx_encoder.fingerprint)
     assert onnx_encoder.fingerprint in onnx_encoder.onnx_path.name
-    # Written atomically: only the final file is left behind.
-    assert sorted(p.name for p in onnx_dir.iterdir()) == [onnx_encoder.onnx_path.name]
+    # Written atomically: only the final file and its recorded hash are left behind.
+    assert sorted(p.name for p in onnx_dir.iterdir()) == [
+        onnx_encoder.onnx_path.name, onnx_encoder.onnx_path.name + ".sha256"
+    ]
 
 
 def test_second_construction_reuses_the_export(onnx_encoder, onnx_dir, monkeypatch):
