@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--folds", default="0,1,2,3,4")
     p.add_argument("--select", action="store_true",
                    help="also choose α by inner 4-fold CV over the seen queries only")
+    p.add_argument("--select-only", action="store_true")
     args = p.parse_args(argv)
     scenario = get_scenario("regional-5")
     builder = cached_feature_builder(str(DEFAULT_WANDS_DIR), "")
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         }
         groups = build_user_groups(restrict_to_queries(clicks, train_q), builder,
                                    max_sessions_per_user=2, rng=np.random.default_rng(i))
-        for kind in ("central", "dp"):
+        for kind in () if args.select_only else ("central", "dp"):
             t0 = time.perf_counter()
             head = RankerHead(HeadConfig())
             cfg = CentralConfig().train
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
             row[kind + "_weights"] = [round(float(w), 4) for w in
                                       head.relevance_tower.linear.weight.detach().ravel()]
             row[kind + "_s"] = round(time.perf_counter() - t0, 1)
-        if args.select:
+        if args.select or args.select_only:
             row["selection"] = select_alpha(builder, clicks, train_q, seed=i)
             print(json.dumps({"fold": i, "selection": row["selection"]}), flush=True)
             print(json.dumps({"fold": i, kind: per_alpha, "zs": row["zero_shot"],
