@@ -57,3 +57,29 @@ def test_rejects_alpha_outside_unit_interval() -> None:
 
 
 GOLDEN = [1.047907, 0.137496, -0.010961, 0.05192]
+
+
+def test_shrink_state_passes_other_arrays_and_identity_at_one() -> None:
+    import numpy as np
+
+    from shared_model.state import head_state, shrink_state
+
+    head = _trained()
+    arrays = head_state(head)
+    arrays["evidence/clicks"] = np.arange(3, dtype=np.float32)
+    assert shrink_state(arrays, 1.0, head.config).keys() == arrays.keys()
+    out = shrink_state(arrays, 0.0, head.config)
+    np.testing.assert_array_equal(out["evidence/clicks"], arrays["evidence/clicks"])
+    np.testing.assert_array_equal(
+        out["relevance_tower.linear.weight"], np.array([[1, 0, 0, 0]], np.float32)
+    )
+    assert all(out[k].dtype == np.float32 and out[k].shape == v.shape for k, v in arrays.items())
+
+
+def test_run_settings_head_shrink_validated() -> None:
+    from shared_model.settings import RunSettings
+
+    assert RunSettings().head_shrink == 1.0
+    assert RunSettings.from_config({"head-shrink": 0.5}).head_shrink == 0.5
+    with pytest.raises(ValueError, match="head-shrink"):
+        RunSettings.from_config({"head-shrink": 1.5})
