@@ -99,11 +99,11 @@ def main(argv: list[str] | None = None) -> None:
             row[kind + "_weights"] = [round(float(w), 4) for w in
                                       head.relevance_tower.linear.weight.detach().ravel()]
             row[kind + "_s"] = round(time.perf_counter() - t0, 1)
+            print(json.dumps({"fold": i, kind: per_alpha, "zs": row["zero_shot"],
+                              "w": row[kind + "_weights"]}), flush=True)
         if args.select or args.select_only:
             row["selection"] = select_alpha(builder, clicks, train_q, seed=i)
             print(json.dumps({"fold": i, "selection": row["selection"]}), flush=True)
-            print(json.dumps({"fold": i, kind: per_alpha, "zs": row["zero_shot"],
-                              "w": row[kind + "_weights"]}), flush=True)
         rows.append(row)
     if args.json:
         with open(args.json, "w") as fh:
