@@ -39,7 +39,7 @@ def select_alpha(builder: Any, clicks: Any, seen: list[str], *, seed: int,
     judgments); the outer fold's held-out queries are never touched."""
     data = builder.data
     inner = query_folds(seen, num_folds=inner_folds, seed=seed)
-    per_alpha = {str(a): [] for a in ALPHAS}
+    per_alpha: dict[str, list[float]] = {str(a): [] for a in ALPHAS}
     for j, inner_test in enumerate(inner):
         inner_train = [q for q in seen if q not in set(inner_test)]
         groups = build_user_groups(restrict_to_queries(clicks, inner_train), builder,
