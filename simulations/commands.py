@@ -192,12 +192,19 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         ),
         out: Path | None = typer.Option(None, "--out", help="Folder for ab.json/ab.png."),
         as_json: bool = typer.Option(False, "--json", help="JSON on stdout."),
+        personalized: bool = typer.Option(
+            False, "--personalized", help="Also: personalized vs global, by user, seen queries."
+        ),
     ) -> None:
         """Simulated online A/B: each round's model vs BM25 and vs the previous round (CTR)."""
         from simulations.ab import run_ab
 
         try:
             result = run_ab(run_dir, users=users, resamples=bootstrap, out_dir=out)
+            if personalized:  # issue 14 (simulations/personal.py)
+                from simulations.personal import load_run_world, personalized_ab
+
+                result.update(personalized_ab(load_run_world(run_dir)))
         except (FileNotFoundError, ValueError, KeyError) as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
@@ -213,6 +220,10 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                 f"{_pct(b['relative_lift'], b['relative_lift_ci']):>28} "
                 f"{_pct(p['relative_lift'], p['relative_lift_ci']):>28}"
             )
+        if personalized:
+            typer.echo(f"personalized {result['ctr_personalized']:.4f} vs global "
+                       f"{result['ctr_global']:.4f}: "
+                       f"{_pct(result['personalized_lift'], result['personalized_lift_ci95'])}")
         typer.echo(f"json: {result['json']}; plot: {result['plot']}")
 
     @bench_app.command("train")
