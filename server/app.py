@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
@@ -31,7 +33,7 @@ from shared_model.evidence import split_evidence
 from shared_model.ranker import HeadConfig, RankerHead
 from shared_model.release import signing_key_dir
 from shared_model.settings import RunSettings
-from shared_model.state import head_state
+from shared_model.state import head_state, shrink_state
 
 app = ServerApp()
 log = logging.getLogger("fedrank.server")
@@ -57,6 +59,22 @@ def main(grid: Grid, context: Context) -> None:
         run_device(grid, context, settings)
         return
     run_regional(grid, settings)
+
+
+class ServedEvaluator:
+    """The central evaluator applied to the served weights (``serve``); keeps ``baselines``."""
+
+    def __init__(
+        self,
+        evaluator: CentralEvaluator,
+        serve: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
+    ) -> None:
+        self.evaluator = evaluator
+        self.serve = serve
+        self.baselines = evaluator.baselines
+
+    def __call__(self, weights: dict[str, np.ndarray]) -> dict[str, float]:
+        return self.evaluator(self.serve(weights))
 
 
 def run_regional(grid: Grid, settings: RunSettings) -> None:
@@ -114,16 +132,21 @@ def run_regional(grid: Grid, settings: RunSettings) -> None:
         run_dir.root, every=settings.release_every, head_config=head_config,
         final_round=settings.num_server_rounds,
     )
+    def served(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        # What the run evaluates and releases: the head shrunk toward zero-shot (public
+        # post-processing; the nodes keep training the unshrunk global weights).
+        return shrink_state(weights, settings.head_shrink, head_config)
+
     recorder = RoundRecorder(
         run_dir,
-        evaluate=evaluator,
+        evaluate=ServedEvaluator(evaluator, served),
         strategy_state=lambda: strategy_state(inner),
         config=config,
         total_rounds=settings.num_server_rounds,
         offset=offset,
         previous_rounds=previous,
         after_round=lambda rnd, weights, metrics: publisher.maybe_publish(
-            rnd, split_evidence(weights)[0], metrics=metrics,
+            rnd, split_evidence(served(weights))[0], metrics=metrics,
             epsilon_per_node=strategy.node_epsilon,
         ),
     )

@@ -128,3 +128,30 @@ def score(head: RankerHead, features: torch.Tensor) -> torch.Tensor:
     head.eval()
     with torch.no_grad():
         return head.relevance(features)
+
+
+def shrink_toward_init(head: RankerHead, alpha: float) -> RankerHead:
+    """A copy of ``head`` whose relevance tower is moved ``alpha`` of the way from its
+    zero-shot start (``alpha=0``: zero-shot cosine; ``1``: ``head`` unchanged).
+
+    For the linear tower this scores exactly ``alpha·head + (1−alpha)·zero-shot`` (the
+    blend); the MLP residual (init zero) is scaled by ``alpha`` at its output layer. The
+    position tower is kept (it is dropped at scoring anyway).
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+    out = RankerHead(head.config)
+    init = RankerHead(head.config).state_dict()
+    state = head.state_dict()
+    blended = {}
+    for key, value in state.items():
+        if key.startswith("relevance_tower.mlp.") and not key.startswith(
+            "relevance_tower.mlp.2."
+        ):
+            blended[key] = value.clone()  # hidden layer: scaling the output layer suffices
+        elif key.startswith("relevance_tower."):
+            blended[key] = init[key] + alpha * (value - init[key])
+        else:
+            blended[key] = value.clone()
+    out.load_state_dict(blended)
+    return out

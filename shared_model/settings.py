@@ -135,6 +135,10 @@ class RunSettings:
     # one user's [clicks, exam] contribution (sets the noise scale, not the guarantee).
     evidence_share: float = 0.0
     evidence_clip: float = 3.0
+    # The served head (evaluated and released): moved this fraction of the way from its
+    # zero-shot start (shared_model.state.shrink_state; 1 = as trained). Post-processing of
+    # the global weights, chosen on seen queries only (docs/results.md, "Unseen floor").
+    head_shrink: float = 1.0
 
     def __post_init__(self) -> None:
         if self.num_server_rounds < 1:
@@ -161,6 +165,8 @@ class RunSettings:
             raise ValueError(f"{EVIDENCE_SHARE} must be in [0, 1), got {self.evidence_share!r}")
         if not (self.evidence_clip > 0 and math.isfinite(self.evidence_clip)):
             raise ValueError(f"{EVIDENCE_CLIP} must be finite and > 0, got {self.evidence_clip!r}")
+        if not 0 <= self.head_shrink <= 1:
+            raise ValueError(f"head-shrink must be in [0, 1], got {self.head_shrink!r}")
         self.region_caps()  # validates the format
 
     def catalog_path(self) -> Path:

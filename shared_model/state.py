@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from shared_model.ranker import RankerHead
+from shared_model.ranker import HeadConfig, RankerHead, shrink_toward_init
 
 
 class ModelStateError(ValueError):
@@ -46,3 +46,23 @@ def load_head_state(head: RankerHead, state: Mapping[str, np.ndarray]) -> None:
 def head_state(head: RankerHead) -> dict[str, np.ndarray]:
     """The head's weights as float32 numpy arrays."""
     return {k: v.detach().numpy().astype(np.float32).copy() for k, v in head.state_dict().items()}
+
+
+def shrink_state(
+    arrays: Mapping[str, np.ndarray], alpha: float, config: HeadConfig
+) -> dict[str, np.ndarray]:
+    """The served model: the head's arrays moved ``alpha`` of the way from their zero-shot
+    start (:func:`shared_model.ranker.shrink_toward_init`); other arrays (memorised evidence)
+    pass through unchanged. ``alpha = 1`` returns the arrays as they are.
+
+    A public, data-independent post-processing of the global weights (no DP cost): the
+    server applies it to what it evaluates and releases, never to what the nodes train.
+    """
+    if alpha == 1.0:
+        return dict(arrays)
+    head = RankerHead(config)
+    keys = set(head.state_dict())
+    load_head_state(head, {k: v for k, v in arrays.items() if k in keys})
+    out = dict(arrays)
+    out.update(head_state(shrink_toward_init(head, alpha)))
+    return out
