@@ -1100,9 +1100,43 @@ def _check_client_level(
         if sizes is not None and not math.isclose(sizes[0] / sizes[1], q, rel_tol=_EXACT):
             flag(f"detail says sampled={sizes[0]} population={sizes[1]} but sample_rate={q!r}")
             sizes = None
-        # replacing one client moves the clipped sum by up to 2C; the noise is zC
-        return construction, z / 2.0, sizes
+        parts = _noise_parts_from_detail(record.get("detail"))
+        if parts is None:
+            # replacing one client moves the clipped sum by up to 2C; the noise is zC
+            return construction, z / 2.0, sizes
+        # The line states both Gaussian queries of the round (the clipped sum, noise z_u·C,
+        # sensitivity 2C; the clipped count, noise σ_b, sensitivity 1): recompute their
+        # combined per-unit-sensitivity multiplier independently and hold the claim to it.
+        z_u, sigma_b = parts
+        combined = (4.0 / z_u**2 + 1.0 / sigma_b**2) ** -0.5
+        if not math.isclose(z, combined, rel_tol=1e-6):
+            flag(
+                f"noise_multiplier {z!r} is not the combined multiplier {combined!r} of "
+                f"update_noise_multiplier={z_u!r} and clipped_count_stddev={sigma_b!r}"
+            )
+        return construction, combined, sizes
     return construction, z, None
+
+
+_NOISE_PARTS = re.compile(
+    r"update_noise_multiplier\s*=\s*([0-9.eE+-]+)\D+clipped_count_stddev\s*=\s*([0-9.eE+-]+)"
+)
+
+
+def _noise_parts_from_detail(detail: Any) -> tuple[float, float] | None:
+    """``(z_u, σ_b)`` from a device line's ``detail``, or None when it states neither."""
+    if not isinstance(detail, str):
+        return None
+    match = _NOISE_PARTS.search(detail)
+    if not match:
+        return None
+    try:
+        z_u, sigma_b = float(match.group(1)), float(match.group(2))
+    except ValueError:
+        return None
+    if not (z_u > 0 and sigma_b > 0 and math.isfinite(z_u) and math.isfinite(sigma_b)):
+        return None
+    return z_u, sigma_b
 
 
 _SIZES = re.compile(r"sampled\s*=\s*(\d+)\D+population\s*=\s*(\d+)")

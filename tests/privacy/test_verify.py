@@ -380,6 +380,47 @@ def test_client_level_line_without_relation_fails_and_is_recomputed_with_2c(
     assert final.recomputed_epsilon > 2.5 * final.claimed_epsilon
 
 
+def _combined_device_run(root: Path, *, claimed_z: float) -> Path:
+    """Device lines as server/device.py writes them: the combined multiplier with its parts."""
+    run = root / "combined"
+    (run / "ledger").mkdir(parents=True)
+    config = {"privacy-shape": "device", "epsilon": "10.0", "delta": DELTA, "secagg": True}
+    (run / "config.json").write_text(json.dumps(config))
+    ledger = Ledger(run / "ledger" / "server.jsonl", signer=server_signer(run / "server-key"))
+    z_u, sigma_b = 4.0, 8.0
+    combined = (4.0 / z_u**2 + 1.0 / sigma_b**2) ** -0.5
+    for round_, eps in enumerate(_wor_epsilons(combined, 10, 50, 3), start=1):
+        ledger.append(
+            LedgerEvent(
+                node="server", round=round_, mechanism="client-level-gaussian",
+                unit_of_privacy="client", noise_multiplier=claimed_z, sample_rate=10 / 50,
+                steps=1, clip_norm=0.5, delta=DELTA, accountant="rdp-wor", epsilon_after=eps,
+                detail=f"sampled=10 population=50 update_noise_multiplier={z_u!r} "
+                f"clipped_count_stddev={sigma_b!r}",
+                sampling="without-replacement", neighbouring="replace-one",
+            )
+        )  # fmt: skip
+    return run
+
+
+def test_client_level_combined_multiplier_is_recomputed_from_its_parts(tmp_path: Path) -> None:
+    # Prepare: honest lines state z = (4/z_u^2 + 1/sigma_b^2)^-1/2; a forged one claims more
+    combined = (4.0 / 4.0**2 + 1.0 / 8.0**2) ** -0.5
+    honest = _combined_device_run(tmp_path / "a", claimed_z=combined)
+    forged = _combined_device_run(tmp_path / "b", claimed_z=2 * combined)
+
+    # Execute
+    good = verify_run(honest, pld_reference=False)
+    bad = verify_run(forged, pld_reference=False)
+
+    # Assert: the parts, not the stated z, decide the recomputed ε
+    assert good.ok, [str(p) for p in good.problems]
+    rows = [r for r in good.rows if r.mechanism != "refusal"]
+    assert all(r.recomputed_epsilon == pytest.approx(r.claimed_epsilon) for r in rows)
+    assert not bad.ok
+    assert any("not the combined multiplier" in p.problem for p in bad.problems)
+
+
 def test_client_level_poisson_add_remove_is_recomputed_with_c(tmp_path: Path) -> None:
     # Prepare: Poisson-sampled devices, add/remove-one: sensitivity C, Gaussian z, rate q
     run = tmp_path / "poisson"
