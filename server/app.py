@@ -22,7 +22,7 @@ from flwr.serverapp import Grid, ServerApp
 from privacy.ledger import Ledger, LedgerEvent, server_signer
 from server.checkpoint import RunDirectory
 from server.evaluator import CentralEvaluator
-from server.evidence import EvidenceSumming, initial_evidence
+from server.evidence import EvidenceBound, EvidenceSumming, initial_evidence
 from server.recorder import PROGRESS, RoundRecorder
 from server.releases import ReleasePublisher
 from server.strategies import build_strategy, restore_strategy_state, strategy_state
@@ -94,6 +94,8 @@ def run_regional(grid: Grid, settings: RunSettings) -> None:
         aggregating, node_regions=node_regions, region_caps=caps,
         on_cap_refusal=record_cap_refusal,
         on_round=lambda rnd, replies: recorder.note_replies(rnd, asdict(replies)),
+        evidence_bound=EvidenceBound.from_settings(settings) if settings.evidence_share
+        else None,
     )
     checkpoint = run_dir.load_latest()
     if checkpoint is None:
