@@ -151,3 +151,32 @@ def measure(
 
     attacked = [poison(attack, strength, sent, replies[0], replies[1:]), *replies[1:]]
     return {"no_attack": err(replies), "attacked": err(attacked)}
+
+
+def table(seeds: int = 5) -> list[str]:
+    """The markdown rows of docs/results.md's poisoning table (all strategies, clip on/off)."""
+    import logging
+
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr in ("_run_id", "_node_id", "_task_id"):  # a ServerApp's identity, for Messages
+        setattr(TaskIdentity, attr, 1)
+    for name in ("fedrank.server", "flwr"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    rows = []
+    for attack, strength in [("scale", 100.0), ("signflip", 1.0), ("signflip", 100.0),
+                             ("lie", 1.0)]:
+        for name in strategies(5):
+            for validate in (False, True):
+                errs = [measure(attack, strength, name, seed=k, validate=validate)
+                        for k in range(seeds)]
+                rows.append(
+                    f"| {attack} | {strength:g} | {name} | {'on' if validate else 'off'} | "
+                    f"{np.mean([e['no_attack'] for e in errs]):.3f} | "
+                    f"{np.mean([e['attacked'] for e in errs]):.3f} |"
+                )
+    return rows
+
+
+if __name__ == "__main__":
+    print("\n".join(table()))
