@@ -55,3 +55,16 @@ def test_bulyan_needs_seven_nodes_for_one_attacker() -> None:
     replies[0] = poison("scale", 100.0, sent, replies[0], replies[1:])
     agg = aggregate_with(strategies(7)["bulyan"](), sent, replies)
     assert np.linalg.norm(agg["w"] - sent["w"]) < 1.0
+
+
+def test_click_fraud_bots_are_users_each_bounded_by_the_clip() -> None:
+    from privacy.count_release import clip_and_sum
+    from simulations.clickfraud import bot_rows
+
+    bots = bot_rows(20, pair=3, sessions=2, rank=10, first_user=100)
+    assert bots.num_users == 20 and len(bots.user) == 40 and set(bots.pair) == {3}
+    assert np.allclose(bots.exam, 0.1) and np.all(bots.clicks == 1.0)
+    clicks, exam, _ = clip_and_sum(bots.user, bots.pair, bots.clicks * 10, bots.exam,
+                                   num_pairs=5, clip_norm=3.0)
+    # Each bot contributes at most C = 3 in L2: 20 bots add at most 60 to the pair.
+    assert clicks[3] <= 20 * 3.0 + 1e-9 and np.all(clicks[[0, 1, 2, 4]] == 0)
