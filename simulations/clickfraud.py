@@ -122,8 +122,11 @@ def run(
         "target_rank_after": rank(attacked),
     }
     if evaluate_seen:
-        out["no_attack"] = {"seen": evaluate(data, seen, clean)["ndcg@10"]}
-        out["attacked"] = {"seen": evaluate(data, seen, attacked)["ndcg@10"]}
+        unseen = [q for q in data.query_ids if q not in set(seen)]
+        out["no_attack"] = {"seen": evaluate(data, seen, clean)["ndcg@10"],
+                            "unseen": evaluate(data, unseen, clean)["ndcg@10"]}
+        out["attacked"] = {"seen": evaluate(data, seen, attacked)["ndcg@10"],
+                           "unseen": evaluate(data, unseen, attacked)["ndcg@10"]}
     return out
 
 

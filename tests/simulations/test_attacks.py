@@ -68,3 +68,21 @@ def test_click_fraud_bots_are_users_each_bounded_by_the_clip() -> None:
                                    num_pairs=5, clip_norm=3.0)
     # Each bot contributes at most C = 3 in L2: 20 bots add at most 60 to the pair.
     assert clicks[3] <= 20 * 3.0 + 1e-9 and np.all(clicks[[0, 1, 2, 4]] == 0)
+
+
+def test_attack_command_names_what_is_not_built() -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from simulations import commands
+
+    app, bench_app = typer.Typer(), typer.Typer()
+    app.add_typer(bench_app, name="bench")
+    commands.register(app, bench_app)
+    runner = CliRunner()
+    result = runner.invoke(app, ["attack", "regional-5", "--attack", "scale", "--strength",
+                                 "100", "--json"])
+    assert result.exit_code == 2 and "simulations.attacks" in result.output
+    bad = runner.invoke(app, ["attack", "regional-5", "--attack", "clickfraud", "--strength",
+                              "5", "--json"])
+    assert bad.exit_code == 2 and "fraction" in bad.output
