@@ -345,6 +345,7 @@ class ValidatingStrategy(Strategy):
         on_cap_refusal: Callable[[int, str, float, float], None] | None = None,
         on_round: Callable[[int, RoundReplies], None] | None = None,
         evidence_bound: EvidenceBound | None = None,
+        evidence_released: Iterable[int] = (),
     ) -> None:
         if not 0 < clip_norm <= reject_norm:
             raise ValueError(
@@ -358,9 +359,9 @@ class ValidatingStrategy(Strategy):
         self.on_cap_refusal = on_cap_refusal
         self.on_round = on_round
         self.evidence_bound = evidence_bound
-        # Node ids whose evidence was accepted (once per node; restored on resume by the
-        # caller when it persists it).
-        self.evidence_released: set[int] = set()
+        # Node ids whose evidence was accepted (once per node; the server app persists it in
+        # the run directory and passes it back on resume).
+        self.evidence_released: set[int] = set(evidence_released)
         self._eps_history: dict[str, list[float]] = {}
         self._sent: dict[str, np.ndarray] = {}
         self._claims: dict[int, str] = {}  # last name each node claimed (logged on change)

@@ -145,3 +145,19 @@ def test_one_node_sending_1e6_cannot_move_any_entry_beyond_the_bound_and_only_on
     assert np.allclose(out2[EVIDENCE_CLICKS], sent[EVIDENCE_CLICKS])
     assert np.allclose(out2[EVIDENCE_EXAM], sent[EVIDENCE_EXAM])
     assert [e["action"] for e in reports[-1].evidence] == ["dropped"]
+
+
+def test_a_release_remembered_from_before_a_restart_is_not_accepted_again(
+    task_identity: None,
+) -> None:
+    inner = FedAvg(fraction_evaluate=0.0, min_available_nodes=3, min_train_nodes=3,
+                   train_metrics_aggr_fn=aggregate_train_metrics)
+    reports: list[RoundReplies] = []
+    strategy = ValidatingStrategy(EvidenceSumming(inner), evidence_bound=BOUND,
+                                  evidence_released=[11],
+                                  on_round=lambda _, r: reports.append(r))
+    honest = _content(**_honest_evidence())
+    out = _round(strategy, 1, REF, {11: honest, 22: honest, 33: honest})
+    assert np.allclose(out[EVIDENCE_CLICKS], 2 * 2.0)  # only nodes 22 and 33 added
+    assert strategy.evidence_released == {11, 22, 33}
+    assert [(e["node_id"], e["action"]) for e in reports[-1].evidence] == [(11, "dropped")]
