@@ -18,9 +18,15 @@ $(BIN)/fedrank: pyproject.toml constraints.txt
 
 setup: $(BIN)/fedrank
 
+RUN_DIR := runs/regional-5-eps1
+
 run: setup
-	$(BIN)/fedrank simulate regional-5 --epsilon 1 --run-dir runs/regional-5-eps1
-	$(BIN)/fedrank audit runs/regional-5-eps1
+	rm -rf $(RUN_DIR)
+	$(BIN)/fedrank simulate regional-5 --epsilon 1 --run-dir $(RUN_DIR)
+	$(BIN)/fedrank audit $(RUN_DIR)
+	# On-device scoring with the final signed release, verified against the server's key.
+	$(BIN)/fedrank score --release $(RUN_DIR)/releases/round-0030 \
+		--public-key $(RUN_DIR).keys/server-signing.pub --query "modern velvet accent chair" --top 5
 
 test: setup
 	$(BIN)/python -m pytest -q

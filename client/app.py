@@ -31,6 +31,7 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 
+from client.device_mods import compact_masked_mod, dropout_mod
 from client.faults import corrupt, fault_mod, fault_of, recording_mod  # test hooks (inert)
 from client.node import BudgetRefusal, NodeSettings, torch_threads, train_round
 from shared_model.settings import RunSettings
@@ -65,8 +66,10 @@ def _adaptiveclipping_if_legacy(msg: Message, ctxt: Context, call_next):  # type
     return call_next(msg, ctxt)
 
 
-# Order matters: SecAgg+ (outer) must mask the *clipped* update.
-@app.train(mods=[_secaggplus_if_legacy, _adaptiveclipping_if_legacy])
+# Order matters: SecAgg+ (outer) must mask the *clipped* update; a simulated device may
+# vanish once it has the model (dropout_mod); the masked upload goes out as uint32.
+@app.train(mods=[dropout_mod, compact_masked_mod, _secaggplus_if_legacy,
+                 _adaptiveclipping_if_legacy])
 def train(msg: Message, context: Context) -> Message:
     """Train on this node's clicks and reply with weights + public/DP-protected metrics.
 

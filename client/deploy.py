@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from server.deploy import (
+from shared_model.processes import (
     PROJECT_ROOT,
     deploy_env,
     flower_bin,

@@ -66,7 +66,7 @@ from client.evidence_release import attach_evidence, dp_sgd_noise_multiplier
 from client.inbox import Inbox
 from privacy.accountant_store import PersistentAccountant, plan_noise_multiplier
 from privacy.ledger import Ledger, LedgerEvent, node_signer
-from shared_model.catalog import cached_feature_builder
+from shared_model.catalog import node_feature_builder
 from shared_model.clicklog import read_click_logs
 from shared_model.evidence import split_evidence
 from shared_model.ranker import HeadConfig, RankerHead
@@ -492,8 +492,12 @@ def train_round(
     head = RankerHead(head_config(run))
     load_head_state(head, split_evidence(global_state)[0])
     release_round = install_latest_release(node, run)
-    builder = cached_feature_builder(
-        str(node.catalog_dir), str(node.cache_dir) if node.cache_dir else ""
+    # A deployed node keeps its prepared builder in its state dir; a simulated one (state
+    # under the run dir) shares its Ray worker's.
+    simulated = Path(node.state_dir).parent == Path(run.run_dir) / "nodes"
+    builder = node_feature_builder(
+        str(node.catalog_dir), str(node.cache_dir) if node.cache_dir else "",
+        None if simulated else node.state_dir,
     )
     files, to_consume = node.round_click_files(run, server_round)
     clicks = read_click_logs(files)

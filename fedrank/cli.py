@@ -16,15 +16,19 @@ def _register() -> None:
     # Imported here so `fedrank --help` shows every command while each module stays separate.
     from privacy import commands as privacy_commands
     from shared_model import commands as shared_model_commands
-    from shared_model import release_commands
+    from shared_model import personal_commands, release_commands
     from simulations import canary_commands
     from simulations import commands as simulations_commands
 
     shared_model_commands.register(app, bench_app)
     release_commands.register(app, bench_app)
+    personal_commands.register(app, bench_app)  # issue 14: recommend, bench personal
     privacy_commands.register(app, bench_app)
     canary_commands.register(app, bench_app)  # `audit canaries`: needs the audit group
     simulations_commands.register(app, bench_app)
+    from simulations import personal_commands as simulations_personal
+
+    simulations_personal.register(app, bench_app)  # issue 14: recommend-eval
     # Deployment Engine: `certs`, `server` (server/commands.py), `node` (client/commands.py).
     from client import commands as client_commands
     from server import commands as server_commands

@@ -128,7 +128,8 @@ def run_regional(grid: Grid, settings: RunSettings) -> None:
     remaining = settings.num_server_rounds - offset
     head_config = HeadConfig(hidden_dim=settings.hidden_dim)
     publisher = ReleasePublisher(
-        run_dir.root, every=settings.release_every, head_config=head_config
+        run_dir.root, every=settings.release_every, head_config=head_config,
+        final_round=settings.num_server_rounds,
     )
     recorder = RoundRecorder(
         run_dir,

@@ -22,6 +22,17 @@ Privacy accounting (client-level, one client = one user; see
 * ``z`` is calibrated so the planned rounds meet the ε budget, at
   ``delta = min(configured delta, 1/(10 population))``.
 
+Drop-outs (a sampled device that vanishes mid-round, after receiving the model): SecAgg+
+removes its masks with its peers' shares and the round aggregates the devices that replied.
+The accounting is unchanged and still an upper bound: which devices vanish does not depend on
+the data of others, the sensitivity bound ``2C`` of the clipped *sum* holds per participating
+device whether or not the one differing device took part (if it vanished, the sums are equal),
+the noise on the sum is ``z_u C`` whatever the number of survivors (the mean of ``k`` results
+gets ``z_u C / k``), and a device contributes with probability at most ``sampled/population``,
+the rate accounted. Survivor counts only change utility (fewer updates, same noise). SecAgg+
+tolerates drop-outs up to its reconstruction threshold (:func:`secagg_shares`); below it the
+round fails and nothing is released.
+
 What the server learns is *not* covered: it adds the noise itself and receives each device's
 clipped-count bit in the clear (a central-DP guarantee for whoever sees the released models).
 
@@ -71,6 +82,7 @@ from privacy.ledger import Ledger, LedgerEvent, server_signer
 from server.checkpoint import RunDirectory
 from server.evaluator import CentralEvaluator
 from server.recorder import PROGRESS, RoundRecorder
+from server.traffic import TrafficGrid
 from shared_model.ranker import HeadConfig, RankerHead
 from shared_model.release import signing_key_dir
 from shared_model.settings import RunSettings
@@ -268,8 +280,12 @@ class AccountedAdaptiveClipping(DifferentialPrivacyClientSideAdaptiveClipping):
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         """Aggregate, noise with this round's clip norm, account, then adapt the norm."""
-        if failures or not results:
+        if not results:
             return None, {}
+        if failures:
+            # Devices that vanished mid-round (SecAgg+ already removed their masks).
+            log.info("round %d: %d devices dropped out", server_round,
+                     self.num_sampled_clients - len(results))
         if len(results) != self.num_sampled_clients:
             log.warning(
                 "round %d: %d results for %d sampled devices",
@@ -293,8 +309,9 @@ class AccountedAdaptiveClipping(DifferentialPrivacyClientSideAdaptiveClipping):
         rng = self.rng_factory()
         # Noise on the mean of k results: z_u * C / k, i.e. z_u * C on the sum.
         std = self.noise_multiplier * clip_used / len(results)
+        # The model is float32 (SecAgg+ dequantizes to float64): float32 goes back out.
         arrays = [
-            (a + rng.normal(0.0, std, np.shape(a))).astype(np.asarray(a).dtype, copy=False)
+            (a + rng.normal(0.0, std, np.shape(a))).astype(np.float32)
             for a in parameters_to_ndarrays(params)
         ]
         noised_count = clipped + float(rng.normal(0.0, self.clipped_count_stddev))
@@ -374,8 +391,73 @@ class AccountedAdaptiveClipping(DifferentialPrivacyClientSideAdaptiveClipping):
         )
 
 
+# SecAgg+ share graph: each device's secrets go to ``num_shares`` peers (itself included),
+# any ``threshold`` of which recover them; sized for drop-outs (:func:`secagg_shares`).
+SECAGG_MAX_SHARES = 41
+SECAGG_DROPOUT_TOLERANCE = 0.3
+SECAGG_FAILURE_PROBABILITY = 1e-6
+
+
+def secagg_shares(sampled: int) -> tuple[int, int]:
+    """(num_shares, reconstruction_threshold) for ``sampled`` devices per round.
+
+    ``num_shares``: odd, at most :data:`SECAGG_MAX_SHARES` (each device's cost grows with
+    ``num_shares * threshold``: Shamir in pure Python, one key agreement per peer).
+    ``threshold``: the largest one for which a device whose share holders each vanish with
+    probability :data:`SECAGG_DROPOUT_TOLERANCE` keeps fewer than ``threshold`` live ones
+    with probability at most :data:`SECAGG_FAILURE_PROBABILITY` (binomial tail; then the
+    round could not be unmasked), at least 2. 29 shares: threshold 8 (4.6e-7); 41: 14.
+    The price is collusion resistance: the server together with ``threshold - 1`` of a
+    device's share holders could unmask that device's update (SecAgg+'s trust assumption,
+    here with a threshold well below a majority so that 30% drop-outs are survivable).
+    """
+    from scipy.stats import binom
+
+    shares = min(sampled - (1 - sampled % 2), SECAGG_MAX_SHARES)
+    if shares < 3:  # Flower reads 1 as "all sampled devices"; a majority of them
+        return shares, shares // 2 + 1
+    survive = 1.0 - SECAGG_DROPOUT_TOLERANCE
+    ok = [t for t in range(2, shares)
+          if binom.cdf(t - 1, shares, survive) <= SECAGG_FAILURE_PROBABILITY]
+    return shares, max(ok, default=2)
+
+
+class ThresholdSecAggPlusWorkflow(SecAggPlusWorkflow):  # type: ignore[misc]
+    """Flower's SecAgg+ workflow, unmasking each secret from ``threshold`` shares.
+
+    Flower 1.42 hands *every* collected share of a secret to Shamir's ``combine_shares``
+    (cost grows with the square of the shares: 0.1 s per secret with 41 shares, 50 secrets a
+    round); any ``threshold`` of them determine it (Flower checks there are at least that
+    many before combining), so this workflow combines the first ``threshold``: the same
+    secret, about 4x faster. Nothing else changes.
+    """
+
+    def unmask_stage(self, grid: Any, context: Any, state: Any) -> bool:
+        from flwr.server.workflow.secure_aggregation import secaggplus_workflow as module
+
+        combine = module.combine_shares
+        threshold = int(state.threshold)
+        setattr(module, "combine_shares",  # noqa: B010
+                lambda shares: combine(list(shares)[:threshold]))
+        try:
+            return bool(super().unmask_stage(grid, context, state))
+        finally:
+            setattr(module, "combine_shares", combine)  # noqa: B010
+
+
+def trainable_parameters(state: dict[str, np.ndarray]) -> int:
+    """Number of model parameters trained and sent (the head: every array in its state)."""
+    return int(sum(np.asarray(a).size for a in state.values()))
+
+
 def run_device(grid: Grid, context: Context, settings: RunSettings) -> None:
-    """Device shape: legacy DefaultWorkflow + SecAgg+ + client-level adaptive-clipping DP."""
+    """Device shape: legacy DefaultWorkflow + SecAgg+ + client-level adaptive-clipping DP.
+
+    ``metrics.json`` rows also carry the round's traffic (``server.traffic``): mean bytes up
+    and down per device that completed the round, sampled and dropped-out devices, and
+    ``trainable_params``.
+    """
+    grid = TrafficGrid(grid)  # type: ignore[assignment]
     run_dir = RunDirectory(Path(settings.run_dir))
     population = len(list(grid.get_node_ids()))
     sampled = max(2, int(population * settings.fraction_train))
@@ -390,14 +472,20 @@ def run_device(grid: Grid, context: Context, settings: RunSettings) -> None:
         config["neighbouring"] = NEIGHBOURING
     run_dir.write_config(config)
     evaluator = CentralEvaluator(settings)
+    initial = head_state(RankerHead(HeadConfig(hidden_dim=settings.hidden_dim)))
+    params = trainable_parameters(initial)
+
+    def evaluate_with_traffic(weights: dict[str, np.ndarray]) -> dict[str, float]:
+        traffic = grid.round_summary()  # type: ignore[attr-defined]
+        return {**evaluator(weights), **traffic, "trainable_params": params}
+
     recorder = RoundRecorder(
         run_dir,
-        evaluate=evaluator,
+        evaluate=evaluate_with_traffic,
         strategy_state=dict,
         config=config,
         total_rounds=settings.num_server_rounds,
     )
-    initial = head_state(RankerHead(HeadConfig(hidden_dim=settings.hidden_dim)))
     keys = list(initial)
     log.info("%s device shape: %d devices, %d sampled per round", PROGRESS, population, sampled)
 
@@ -459,12 +547,11 @@ def run_device(grid: Grid, context: Context, settings: RunSettings) -> None:
             recorder=recorder,
             max_epsilon=settings.epsilon,
         )
-    # SecAgg+: shares among a small odd number of peers; threshold a majority of them.
-    num_shares = min(sampled - (1 - sampled % 2), 7)
+    num_shares, threshold = secagg_shares(sampled)
     workflow = DefaultWorkflow(
-        fit_workflow=SecAggPlusWorkflow(
+        fit_workflow=ThresholdSecAggPlusWorkflow(
             num_shares=num_shares,
-            reconstruction_threshold=num_shares // 2 + 1,
+            reconstruction_threshold=threshold,
             max_weight=1.0,
         )
         if settings.secagg

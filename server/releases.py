@@ -42,17 +42,27 @@ def public_key_path(run_dir: Path) -> Path:
 
 
 class ReleasePublisher:
-    """Writes a signed release every ``every`` rounds (0 = never)."""
+    """Writes a signed release every ``every`` rounds (0 = never) and after ``final_round``.
 
-    def __init__(self, run_dir: Path, *, every: int, head_config: HeadConfig) -> None:
+    The final global model is always released (when ``final_round`` is given): a run ends
+    the way the product is used, with a signed release nodes and devices can score with.
+    """
+
+    def __init__(
+        self, run_dir: Path, *, every: int, head_config: HeadConfig,
+        final_round: int | None = None,
+    ) -> None:
         if every < 0:
             raise ValueError(f"release-every must be >= 0, got {every!r}")
+        if final_round is not None and final_round < 1:
+            raise ValueError(f"final_round must be >= 1, got {final_round!r}")
         self.run_dir = Path(run_dir)
         self.every = every
+        self.final_round = final_round
         self.head_config = head_config
         key_dir = signing_key_dir(self.run_dir)
         key_path = key_dir / SIGNING_KEY_FILE
-        if every:
+        if every or final_round is not None:
             if key_path.exists() or key_path.is_symlink():
                 self.key = load_signing_key(key_path)  # refuses a group/world-readable key
             else:
@@ -69,7 +79,8 @@ class ReleasePublisher:
         epsilon_per_node: Mapping[str, float],
     ) -> Path | None:
         """Publish if this round is due; returns the release folder."""
-        if not self.every or server_round % self.every:
+        due = bool(self.every) and server_round % self.every == 0
+        if not due and server_round != self.final_round:
             return None
         target = self.run_dir / "releases" / f"round-{server_round:04d}"
         if target.exists():

@@ -22,6 +22,20 @@ Population
     ``min(1, alpha(rel) * (1 + taste_strength * w[region, category(product)]))`` with
     taste_strength = 0.5 (products outside the query categories get no bonus).
 
+Per-user tastes
+    Each user also draws their own Dirichlet (concentration 0.3) over the same categories;
+    the user's category weights are ``w_user = (1 - user_taste_mix) * w[region] +
+    user_taste_mix * own draw`` with ``user_taste_mix = 0.5`` (a fixed, documented default,
+    not tuned). ``w_user`` replaces the region's weights for that user in both places above
+    (query choice and the ``1 + taste_strength * w`` multiplier), so users of one region
+    share a taste but differ from each other; ``user_taste_mix = 0`` gives the region-only
+    world exactly. The user draws come from the population's generator after the region
+    draws, so regions and region assignments do not depend on the mix.
+
+Time order
+    A user's sessions are consecutive rows with strictly increasing timestamps;
+    :func:`user_session_order` gives each session's 0-based index in its user's history.
+
 ``simulate_sessions`` turns both into a click log (``shared_model.clicklog`` schema).
 No Flower, no torch here.
 """
@@ -46,6 +60,7 @@ DEFAULT_CONCENTRATION = 0.3
 DEFAULT_EXPLORATION_PROBABILITY = 0.3
 DEFAULT_TASTE_STRENGTH = 0.5
 DEFAULT_QUERY_SMOOTHING = 0.02
+DEFAULT_USER_TASTE_MIX = 0.5
 
 
 class Ranker(Protocol):
@@ -135,10 +150,12 @@ def query_categories(data: JudgedSearchData) -> dict[str, str]:
 
 @dataclass(frozen=True, eq=False)
 class UserPopulation:
-    """Users, their regions, and each region's taste over categories.
+    """Users, their regions, each region's and each user's taste over categories.
 
     ``region_weights[r, c]`` is region ``r``'s Dirichlet weight on ``categories[c]``
-    (rows sum to 1). Build with ``make_population``.
+    (rows sum to 1); ``user_weights[u, c]`` is user ``u``'s mix of its region's weights and
+    its own draw (rows sum to 1; equal to the region's row when ``user_taste_mix`` is 0).
+    Build with ``make_population``.
     """
 
     user_ids: np.ndarray  # int64, shape (num_users,)
@@ -149,6 +166,30 @@ class UserPopulation:
     query_smoothing: float = DEFAULT_QUERY_SMOOTHING
     concentration: float = DEFAULT_CONCENTRATION
     seed: int = 0
+    user_weights: np.ndarray | None = None  # float64, shape (num_users, num_categories)
+    user_taste_mix: float = 0.0
+
+    @property
+    def tastes(self) -> np.ndarray:
+        """``(num_users, num_categories)`` category weights of every user."""
+        if self.user_weights is not None:
+            return self.user_weights
+        return self.region_weights[self.region_ids]
+
+    def user_weights_for(self, categories: Sequence[str]) -> np.ndarray:
+        """(num_users, len(categories)) user weights; unknown categories weigh 0."""
+        index = {c: i for i, c in enumerate(self.categories)}
+        padded = np.concatenate([self.tastes, np.zeros((self.num_users, 1))], axis=1)
+        cols = np.array([index.get(c, len(self.categories)) for c in categories], dtype=np.int64)
+        return padded[:, cols]
+
+    def user_taste_multiplier(self, user: int, category: str) -> float:
+        """User's attractiveness multiplier 1 + taste_strength * w_user (before capping)."""
+        try:
+            c = self.categories.index(category)
+        except ValueError:
+            return 1.0
+        return 1.0 + self.taste_strength * float(self.tastes[user, c])
 
     @property
     def num_users(self) -> int:
@@ -201,11 +242,14 @@ def make_population(
     concentration: float = DEFAULT_CONCENTRATION,
     taste_strength: float = DEFAULT_TASTE_STRENGTH,
     query_smoothing: float = DEFAULT_QUERY_SMOOTHING,
+    user_taste_mix: float = DEFAULT_USER_TASTE_MIX,
 ) -> UserPopulation:
     """Draw a population: users spread evenly (shuffled) over regions, Dirichlet tastes.
 
     Give exactly one of ``data`` (categories = the distinct ``dominant_category`` of its
-    queries) or ``categories``. Same arguments, same population.
+    queries) or ``categories``. Each user's weights are ``(1 - user_taste_mix)`` × its
+    region's plus ``user_taste_mix`` × its own Dirichlet(``concentration``) draw. Same
+    arguments, same population.
     """
     if num_users < 1:
         raise ValueError(f"num_users must be >= 1, got {num_users!r}")
@@ -217,6 +261,8 @@ def make_population(
         raise ValueError(f"taste_strength must be >= 0, got {taste_strength!r}")
     if not (query_smoothing >= 0 and math.isfinite(query_smoothing)):
         raise ValueError(f"query_smoothing must be >= 0, got {query_smoothing!r}")
+    if not 0.0 <= user_taste_mix <= 1.0:
+        raise ValueError(f"user_taste_mix must be in [0, 1], got {user_taste_mix!r}")
     if (data is None) == (categories is None):
         raise ValueError("give exactly one of data= or categories=")
     if data is not None:
@@ -230,6 +276,8 @@ def make_population(
     weights = rng.dirichlet(np.full(len(cats), concentration), size=num_regions)
     weights = np.nan_to_num(weights, nan=0.0)
     regions = rng.permutation(np.arange(num_users) % num_regions).astype(np.int32)
+    own = np.nan_to_num(rng.dirichlet(np.full(len(cats), concentration), size=num_users), nan=0.0)
+    user_weights = (1.0 - user_taste_mix) * weights[regions] + user_taste_mix * own
     return UserPopulation(
         user_ids=np.arange(num_users, dtype=np.int64),
         region_ids=regions,
@@ -239,6 +287,8 @@ def make_population(
         query_smoothing=float(query_smoothing),
         concentration=float(concentration),
         seed=int(seed),
+        user_weights=user_weights,
+        user_taste_mix=float(user_taste_mix),
     )
 
 
@@ -265,10 +315,11 @@ def simulate_sessions(
     rest of the candidate pool.
 
     Each user runs max(1, Poisson(sessions_per_user_mean)) sessions; in each, the user issues
-    one query (drawn from their region's query distribution, over ``query_ids`` or every
-    judged query), sees the logging ranker's top ``top_k`` of that query's pool, and clicks
-    each shown result independently with probability
-    ``examination(rank) * min(1, attractiveness(rel) * taste_multiplier)``.
+    one query (drawn from their own query distribution, P ∝ w_user[category(query)] +
+    query_smoothing, over ``query_ids`` or every judged query), sees the logging ranker's top
+    ``top_k`` of that query's pool, and clicks each shown result independently with
+    probability ``examination(rank) * min(1, attractiveness(rel) * (1 + taste_strength *
+    w_user[category(product)]))``.
     A user's sessions are 1 minute to 2 days apart, starting within a day of ``start_time``.
     Rows are ordered by session then rank; same inputs and seed give an identical table.
     """
@@ -304,17 +355,23 @@ def simulate_sessions(
     lengths = np.minimum(pool_sizes, top_k)
     shown_ids: list[str] = []
     rel = np.zeros((num_q, width))
-    prod_cats: list[str] = []
+    cat_index = {c: i for i, c in enumerate(population.categories)}
+    prod_cat = np.full((num_q, width), len(population.categories), dtype=np.int64)
     for i, (ranked, rels) in enumerate(pools):
         padded = ranked + [""] * (width - len(ranked))
         shown_ids.extend(padded)
         rel[i, : len(ranked)] = [rels[p] for p in ranked]
-        prod_cats.extend(data.products[p].top_category if p else "" for p in padded)
-    taste = 1.0 + population.taste_strength * population.weights_for(prod_cats)  # (R, Q*W)
+        prod_cat[i, : len(ranked)] = [
+            cat_index.get(data.products[p].top_category, len(population.categories))
+            for p in ranked
+        ]
     base = click_model.attractiveness(rel)  # (Q, W)
-    attract = np.minimum(1.0, base[None, :, :] * taste.reshape(num_r, num_q, width))
     exam = click_model.examination(np.arange(1, top_k + 1))
-    query_probs = population.query_probabilities([dominant_category(data, q) for q in qids])
+    tastes = population.tastes  # (U, C); column C (unknown category) weighs 0
+    padded_tastes = np.concatenate([tastes, np.zeros((len(tastes), 1))], axis=1)
+    query_mass = population.user_weights_for(
+        [dominant_category(data, q) for q in qids]
+    ) + population.query_smoothing  # (U, Q)
 
     rng = np.random.default_rng(seed)
     num_u = population.num_users
@@ -325,14 +382,15 @@ def simulate_sessions(
     if np.any(sess_region < 0) or np.any(sess_region >= num_r):
         raise ValueError("population has region ids outside its region weights")
 
-    # Query choice: inverse-CDF per region.
+    # Query choice: inverse-CDF per user (a row with zero mass is uniform).
     u = rng.random(num_s)
+    totals = query_mass.sum(axis=1, keepdims=True)
+    query_probs = np.where(
+        totals > 0, query_mass / np.where(totals > 0, totals, 1.0), 1.0 / num_q
+    )
     cdf = np.cumsum(query_probs, axis=1)
     cdf[:, -1] = 1.0
-    sess_query = np.empty(num_s, dtype=np.int64)
-    for r in range(num_r):
-        rows = sess_region == r
-        sess_query[rows] = np.searchsorted(cdf[r], u[rows], side="right")
+    sess_query = (cdf[sess_user] <= u[:, None]).sum(axis=1).astype(np.int64)
     np.minimum(sess_query, num_q - 1, out=sess_query)
 
     # Timestamps: strictly increasing within each user.
@@ -351,8 +409,11 @@ def simulate_sessions(
     keys = np.where(explore[:, None], rng.random((num_s, width)), np.arange(width)[None, :])
     order = np.argsort(np.where(in_pool, keys, np.inf), axis=1, kind="stable")[:, :top_k]
 
-    # Clicks.
-    p_click = attract[sess_region[:, None], sess_query[:, None], order] * exam[None, :]
+    # Clicks: each shown item's attractiveness times the user's taste multiplier, capped at 1.
+    shown_cat = prod_cat[sess_query[:, None], order]  # (S, top_k)
+    taste = 1.0 + population.taste_strength * padded_tastes[sess_user[:, None], shown_cat]
+    attract = np.minimum(1.0, base[sess_query[:, None], order] * taste)
+    p_click = attract * exam[None, :]
     clicked = rng.random((num_s, top_k)) < p_click
 
     sess_idx, pos = np.nonzero(valid)
@@ -371,6 +432,31 @@ def simulate_sessions(
         pa.array(explore[sess_idx]),
     ]
     return pa.Table.from_arrays(columns, schema=CLICK_LOG_SCHEMA)
+
+
+def user_session_order(table: pa.Table) -> np.ndarray:
+    """0-based index of each row's session in its user's time-ordered history, per row.
+
+    Sessions are ordered by (timestamp, session_id) within a user; rows of one session share
+    the index. Works on any click log (a device's own log, a region's, a whole world's).
+    """
+    n = table.num_rows
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    users = table.column("user_id").to_numpy()
+    sessions = table.column("session_id").to_numpy()
+    times = table.column("timestamp").to_numpy()
+    keys, inverse = np.unique(np.stack([users, sessions]), axis=1, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    first_time = np.full(keys.shape[1], np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(first_time, inverse, times)
+    order = np.lexsort((keys[1], first_time, keys[0]))
+    ranked_users = keys[0][order]
+    start = np.r_[True, ranked_users[1:] != ranked_users[:-1]]
+    group_start = np.maximum.accumulate(np.where(start, np.arange(len(order)), 0))
+    index = np.empty(len(order), dtype=np.int64)
+    index[order] = np.arange(len(order)) - group_start
+    return index[inverse]
 
 
 def click_through_by_rank(table: pa.Table) -> dict[int, float]:

@@ -45,6 +45,52 @@ def model_fingerprint(model_dir: Path) -> str:
     return digest.hexdigest()
 
 
+FINGERPRINTS_FILE = "fingerprints.json"
+
+
+def cached_model_fingerprint(model_dir: Path, cache_dir: Path) -> str:
+    """:func:`model_fingerprint`, remembered in ``cache_dir/fingerprints.json``.
+
+    The sha256 of the 87 MB model is recomputed only when one of its defining files changed
+    size, modification time or inode since it was recorded (what a replaced or edited model
+    changes); otherwise the recorded digest is returned after a few ``stat`` calls. A node's
+    ClientApp runs in a fresh process per message: this keeps it from hashing the model
+    every time. Anyone who can write the cache folder can already alter cached vectors, so
+    trusting it for the digest adds no exposure.
+    """
+    model_dir = Path(model_dir).resolve()
+    try:
+        stats = [
+            [name, st.st_size, st.st_mtime_ns, st.st_ino]
+            for name in _FINGERPRINT_FILES
+            for st in [(model_dir / name).stat()]
+        ]
+    except FileNotFoundError:
+        return model_fingerprint(model_dir)  # names the missing file
+    path = Path(cache_dir) / FINGERPRINTS_FILE
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    entry = known.get(str(model_dir)) if isinstance(known, dict) else None
+    if isinstance(entry, dict) and entry.get("stats") == stats and isinstance(
+        entry.get("sha256"), str
+    ):
+        return str(entry["sha256"])
+    digest = model_fingerprint(model_dir)
+    known = known if isinstance(known, dict) else {}
+    known[str(model_dir)] = {"stats": stats, "sha256": digest}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".json",
+                                         delete=False) as fh:
+            json.dump(known, fh)
+        os.replace(fh.name, path)
+    except OSError:
+        pass  # a read-only cache: hash again next time
+    return digest
+
+
 class MiniLMEncoder:
     """Batched sentence encoder over all-MiniLM-L6-v2.
 
@@ -187,10 +233,13 @@ class CachedEncoder:
     def __init__(self, encoder: MiniLMEncoder | None = None, cache_dir: Path | None = None):
         self._encoder = encoder
         self._model_dir = encoder.model_dir if encoder is not None else default_model_dir()
+        cache_root = cache_dir or default_cache_dir()
         self.fingerprint = (
-            encoder.fingerprint if encoder is not None else model_fingerprint(self._model_dir)
+            encoder.fingerprint
+            if encoder is not None
+            else cached_model_fingerprint(self._model_dir, cache_root)
         )
-        self.cache = EmbeddingCache(cache_dir or default_cache_dir(), self.fingerprint)
+        self.cache = EmbeddingCache(cache_root, self.fingerprint)
 
     @property
     def encoder(self) -> MiniLMEncoder:

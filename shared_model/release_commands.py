@@ -30,6 +30,10 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         data_dir: str | None = typer.Option(
             None, "--data", help="Catalog directory (default: the bundled WANDS subset)."
         ),
+        history: str | None = typer.Option(
+            None, "--history", help="The user's own click log (Parquet): personalize with it."
+        ),
+        user: int | None = typer.Option(None, "--user", help="User id in --history."),
     ) -> None:
         """Rank products for a query with a release's ONNX head."""
         from pathlib import Path
@@ -59,7 +63,13 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                     raise ValueError(f"{candidates}: no product ids")
             else:
                 ids = top_by_bm25(builder, query, 100)
-            ranked = ranker.rank(query, ids, top=top)
+            if history:  # issue 14: on-device personalization (shared_model/personal.py)
+                from shared_model.personal import learn_state, personal_rank, read_history
+
+                state = learn_state(read_history(Path(history), data, user=user), builder)
+                ranked = personal_rank(ranker, query, ids, state, top=top)
+            else:
+                ranked = ranker.rank(query, ids, top=top)
         except (ReleaseError, DataError, OSError, KeyError, ValueError) as exc:
             message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
             typer.echo(f"error: {message}", err=True)

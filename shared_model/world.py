@@ -10,7 +10,13 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from shared_model.bm25 import Bm25Ranker
-from shared_model.clicks import PositionBasedClickModel, make_population, simulate_sessions
+from shared_model.clicks import (
+    DEFAULT_USER_TASTE_MIX,
+    PositionBasedClickModel,
+    UserPopulation,
+    make_population,
+    simulate_sessions,
+)
 from shared_model.schema import JudgedSearchData
 
 
@@ -33,6 +39,9 @@ class WorldConfig:
     exploration_probability
         Share of sessions that show random pool items in random order (epsilon-greedy
         logging), so position bias is learnable and the whole candidate pool gets clicks.
+    user_taste_mix
+        Each user's category weights are ``(1 - mix)`` × its region's plus ``mix`` × its own
+        Dirichlet(0.3) draw (default 0.5, fixed; 0 = every user has its region's taste).
     seed
         Seeds the population and the clicks.
     """
@@ -45,6 +54,7 @@ class WorldConfig:
     eta: float = 1.0
     noise_floor: float = 0.05
     alpha_max: float = 0.9
+    user_taste_mix: float = DEFAULT_USER_TASTE_MIX
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -60,6 +70,17 @@ class WorldConfig:
         )
 
 
+def world_population(data: JudgedSearchData, config: WorldConfig) -> UserPopulation:
+    """The world's users, regions and tastes (what :func:`simulate_click_log` simulates)."""
+    return make_population(
+        num_users=config.num_users,
+        num_regions=config.num_regions,
+        seed=config.seed,
+        data=data,
+        user_taste_mix=config.user_taste_mix,
+    )
+
+
 def simulate_click_log(
     data: JudgedSearchData,
     config: WorldConfig,
@@ -68,9 +89,7 @@ def simulate_click_log(
     seed_offset: int = 0,
 ) -> pa.Table:
     """Simulate the world's sessions over ``query_ids`` (default: every judged query)."""
-    population = make_population(
-        num_users=config.num_users, num_regions=config.num_regions, seed=config.seed, data=data
-    )
+    population = world_population(data, config)
     return simulate_sessions(
         data,
         population,

@@ -85,6 +85,10 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             "0", "--eval-fold", help="Held-out query fold, or 'all' (one run per fold)."
         ),
         strategy: str | None = typer.Option(None, "--strategy", help="fedavg or fedadam."),
+        dropout: float = typer.Option(
+            0.0, "--dropout", min=0.0, max=0.99,
+            help="Device shape: each sampled device vanishes mid-round (after receiving the "
+                 "model) with this probability; SecAgg+ recovers."),
         data: Path | None = typer.Option(
             None, "--data", help="Judged-search directory (fedrank data import); default WANDS."
         ),
@@ -127,6 +131,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                 summary = run_folds(
                     chosen, run_dir=target, rounds=rounds or chosen.rounds, epsilon=eps,
                     folds=folds, overrides=overrides, echo=round_echo(bar, per_fold),
+                    dropout=dropout,
                 )
         except KeyboardInterrupt:
             typer.echo("[fedrank] interrupted; Flower processes stopped", err=True)
@@ -240,12 +245,19 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         ),
         out: Path | None = typer.Option(None, "--out", help="Folder for ab.json/ab.png."),
         as_json: bool = typer.Option(False, "--json", help="JSON on stdout."),
+        personalized: bool = typer.Option(
+            False, "--personalized", help="Also: personalized vs global, by user, seen queries."
+        ),
     ) -> None:
         """Simulated online A/B: each round's model vs BM25 and vs the previous round (CTR)."""
         from simulations.ab import run_ab
 
         try:
             result = run_ab(run_dir, users=users, resamples=bootstrap, out_dir=out)
+            if personalized:  # issue 14 (simulations/personal.py)
+                from simulations.personal import load_run_world, personalized_ab
+
+                result.update(personalized_ab(load_run_world(run_dir)))
         except (FileNotFoundError, ValueError, KeyError) as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
@@ -261,7 +273,31 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                 f"{_pct(b['relative_lift'], b['relative_lift_ci']):>28} "
                 f"{_pct(p['relative_lift'], p['relative_lift_ci']):>28}"
             )
+        if personalized:
+            typer.echo(f"personalized {result['ctr_personalized']:.4f} vs global "
+                       f"{result['ctr_global']:.4f}: "
+                       f"{_pct(result['personalized_lift'], result['personalized_lift_ci95'])}")
         typer.echo(f"json: {result['json']}; plot: {result['plot']}")
+
+    @bench_app.command("deploy")
+    def bench_deploy_cmd(
+        as_json: bool = typer.Option(False, "--json", help="JSON on stdout."),
+        rounds: int = typer.Option(3, "--rounds", help="Rounds per app."),
+        port: int = typer.Option(9600, "--port", help="Gateway port (SuperLink +1, nodes +10..)."),
+        keep: Path | None = typer.Option(None, "--keep", help="Keep the cluster's files here."),
+    ) -> None:
+        """Loopback cluster (TLS, node auth, 3 SuperNodes): fedrank's round vs a no-op app's."""
+        import json as _json
+
+        from simulations.bench_deploy import bench_deploy
+
+        result = bench_deploy(rounds=rounds, port=port, root=keep,
+                              echo=(lambda s: typer.echo(s, err=True)) if as_json else typer.echo)
+        if as_json:
+            typer.echo(_json.dumps(result))
+        else:
+            typer.echo(f"fedrank {result['fedrank_round_s']}s/round, floor "
+                       f"{result['floor_round_s']}s/round: ratio {result['ratio']}")
 
     @bench_app.command("train")
     def bench_train_cmd(

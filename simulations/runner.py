@@ -57,9 +57,11 @@ def prepare_run(
     epsilon: float,
     eval_fold: int = 0,
     overrides: dict[str, Any] | None = None,
+    dropout: float = 0.0,
 ) -> RunSettings:
     """Write node click logs (held-out queries removed) and each simulated node's settings
-    (:func:`write_node_settings`); return the run's settings."""
+    (:func:`write_node_settings`; ``dropout``: each simulated device vanishes mid-round with
+    this probability, ``client.device_mods``); return the run's settings."""
     run_dir.mkdir(parents=True, exist_ok=True)
     config: dict[str, Any] = dict(scenario.run_config)
     config.update(
@@ -79,7 +81,7 @@ def prepare_run(
     if not config.get("catalog-hash"):  # the run directory records the data's content hash
         config["catalog-hash"] = catalog_hash(Path(config["catalog-dir"]))
     settings = RunSettings.from_config(config)
-    write_node_settings(scenario, settings)
+    write_node_settings(scenario, settings, dropout=dropout)
     builder = cached_feature_builder(settings.catalog_dir, settings.cache_dir)  # warms the cache
     data = builder.data
     test = set(query_folds(data.query_ids, num_folds=settings.num_folds, seed=settings.seed)[
@@ -113,7 +115,8 @@ def prepare_run(
 
 
 def write_node_settings(
-    scenario: Scenario, settings: RunSettings, *, privacy: NodePrivacy | None = None
+    scenario: Scenario, settings: RunSettings, *, privacy: NodePrivacy | None = None,
+    dropout: float = 0.0,
 ) -> list[Path]:
     """Write each simulated node's own settings before launch (the runner is their operator).
 
@@ -129,6 +132,8 @@ def write_node_settings(
 
     run_dir = Path(settings.run_dir)
     pinned = privacy if privacy is not None else NodePrivacy.of_run(settings)
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
     written = []
     for pid in range(scenario.num_nodes):
         name = f"node-{pid}"
@@ -146,7 +151,9 @@ def write_node_settings(
         path = simulated_node_settings_path(run_dir, pid)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(node.to_config(), indent=1))
+        # `dropout`: a simulation-only fault (client.device_mods), never a deployed node's.
+        values = {**node.to_config(), **({"dropout": dropout} if dropout else {})}
+        tmp.write_text(json.dumps(values, indent=1))
         os.replace(tmp, path)
         written.append(path)
     return written
@@ -358,6 +365,7 @@ def run_folds(
     folds: list[int] | None,
     overrides: dict[str, Any] | None = None,
     echo: Callable[[str], None] = print,
+    dropout: float = 0.0,
 ) -> dict[str, Any]:
     """One run per held-out fold (``folds=None``: all of them, into ``run_dir/fold-K``).
 
@@ -373,9 +381,12 @@ def run_folds(
         echo(f"{PROGRESS} preparing {scenario.name} fold {fold} in {target} ...")
         settings = prepare_run(
             scenario, run_dir=target, rounds=rounds, epsilon=epsilon, eval_fold=fold,
-            overrides=overrides,
+            overrides=overrides, dropout=dropout,
         )
         result = run_simulation(scenario, settings, echo=echo)
+        if dropout and result.metrics:
+            result.metrics["dropout"] = dropout
+            (target / "metrics.json").write_text(json.dumps(result.metrics, indent=2))
         final = final_with_zero_shot(result.metrics)
         if not final:
             raise RuntimeError(

@@ -161,6 +161,27 @@ SCENARIOS: dict[str, Scenario] = {
             },
             description="500 devices (one per user), 10% per round; client-level DP + SecAgg+",
         ),
+        Scenario(
+            name="device-1000",
+            world=WorldConfig(num_users=1000, num_regions=5, sessions_per_user=8.0, seed=0),
+            partition="device",
+            rounds=100,
+            run_config={
+                "privacy-shape": "device",
+                "fraction-train": 0.03,
+                "min-train-nodes": 2,
+                "batch-size": 4,
+                "local-epochs": 2,
+                "learning-rate": 0.2,
+                "max-sessions-per-user": 8,
+                "secagg": True,
+                "delta": 1e-4,
+            },
+            description=(
+                "1,000 devices (one per user), 3% per round, 100 rounds; client-level DP + "
+                "SecAgg+ (try --dropout 0.3)"
+            ),
+        ),
     )
 }
 

@@ -236,13 +236,31 @@ def test_release_over_budget_is_withheld_and_logged(tmp_path: Path) -> None:
     assert strategy.clipping_norm == 1.0  # the count was not released either
 
 
-def test_failures_release_nothing(tmp_path: Path) -> None:
+def test_no_results_release_nothing(tmp_path: Path) -> None:
     strategy = _wrapper(tmp_path)
-    params, _ = strategy.aggregate_fit(1, _results(M, dim=4, clipped=True), [RuntimeError("x")])
+    params, _ = strategy.aggregate_fit(1, [], [RuntimeError("x")])
     assert params is None
     assert not (tmp_path / "ledger" / "server.jsonl").exists() or not read_ledger(
         tmp_path / "ledger" / "server.jsonl"
     )
+
+
+def test_dropped_devices_still_release_the_survivors_sum_with_full_noise(
+    tmp_path: Path,
+) -> None:
+    # Devices that vanished mid-round (SecAgg+ failures) leave the survivors' sum: released
+    # with sum noise z_u * C (mean noise z_u * C / k) and accounted like any round.
+    strategy = _wrapper(tmp_path)
+    k = M - 7
+    strategy.clip_by_round[1] = strategy.clipping_norm
+    params, _ = strategy.aggregate_fit(
+        1, _results(k, dim=100_000, clipped=True), [RuntimeError("dropped")] * 7
+    )
+    assert params is not None
+    noise = parameters_to_ndarrays(params)[0]
+    assert noise.dtype == np.float32
+    assert float(np.std(noise.astype(np.float64))) * k == pytest.approx(3.0, rel=0.01)
+    assert len(read_ledger(tmp_path / "ledger" / "server.jsonl")) == 1
 
 
 def test_noise_generator_is_fresh_each_round_by_default(tmp_path: Path) -> None:

@@ -68,6 +68,24 @@ def test_release_every_two_rounds_is_signed_and_installed_by_a_node(tmp_path: Pa
     assert installed_round == 2.0
 
 
+def test_final_round_is_always_released_and_verifies(tmp_path: Path) -> None:
+    # Prepare
+    run_dir = tmp_path / "run"
+    publisher = ReleasePublisher(run_dir, every=0, head_config=HeadConfig(), final_round=3)
+    arrays = head_state(RankerHead())
+    # Execute
+    written = [
+        publisher.maybe_publish(rnd, arrays, metrics={}, epsilon_per_node={})
+        for rnd in (1, 2, 3)
+    ]
+    # Assert: only the final round, signed with the run's key (kept outside the run dir)
+    assert written[:2] == [None, None]
+    assert written[2] == run_dir / "releases" / "round-0003"
+    assert verify_release(written[2], load_public_key(public_key_path(run_dir))).round == 3
+    with pytest.raises(ValueError, match="final_round"):
+        ReleasePublisher(run_dir, every=0, head_config=HeadConfig(), final_round=0)
+
+
 def test_signing_key_lives_outside_the_run_dir_private(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     _publish(run_dir, [1])

@@ -25,6 +25,7 @@ from shared_model.clicks import (
     dominant_category,
     make_population,
     simulate_sessions,
+    user_session_order,
 )
 from shared_model.obd import DEFAULT_OBD_DIR, fit_eta, obd_ctr_by_position
 from shared_model.partition import partition_device, partition_regional, write_partitions
@@ -133,24 +134,28 @@ def test_click_model_rejects_bad_rank_and_relevance() -> None:
 def test_examination_curve_recovered_from_simulated_log(
     data: JudgedSearchData, population: UserPopulation, big_log: pa.Table
 ) -> None:
-    # Prepare: the true per-row attractiveness (relevance, then the region's taste bonus).
+    # Prepare: the true per-row attractiveness (relevance, then the user's taste bonus).
+    # (Per-user tastes, issue 14: this used the region's multiplier before.)
     model = PositionBasedClickModel()
     base = {
         (j.query_id, j.product_id): float(model.attractiveness(j.relevance)) for j in data.judgments
     }
-    taste = {
-        (r, c): population.taste_multiplier(r, c)
-        for r in range(population.num_regions)
-        for c in {p.top_category for p in data.products.values()}
-    }
+    cats = population.categories
+    cat_col = {c: i for i, c in enumerate(cats)}
     cat = {pid: p.top_category for pid, p in data.products.items()}
     rows = zip(
         big_log.column("query_id").to_pylist(),
         big_log.column("product_id").to_pylist(),
-        big_log.column("region_id").to_pylist(),
+        big_log.column("user_id").to_pylist(),
         strict=True,
     )
-    attract = np.array([min(1.0, base[(q, p)] * taste[(r, cat[p])]) for q, p, r in rows])
+    tastes = population.tastes
+
+    def multiplier(u: int, c: str) -> float:
+        w = float(tastes[u, cat_col[c]]) if c in cat_col else 0.0
+        return 1.0 + population.taste_strength * w
+
+    attract = np.array([min(1.0, base[(q, p)] * multiplier(u, cat[p])) for q, p, u in rows])
     ranks = big_log.column("rank").to_numpy().astype(int)
     clicked = big_log.column("clicked").to_numpy(zero_copy_only=False).astype(float)
 
@@ -246,6 +251,86 @@ def test_regions_issue_queries_from_different_categories(
     for r in range(5):
         favourite = population.categories[int(np.argmax(population.region_weights[r]))]
         assert cats[int(np.argmax(dist[r]))] == favourite
+
+
+def test_user_tastes_mix_region_and_own_draw(data: JudgedSearchData) -> None:
+    # Prepare / Execute
+    mixed = make_population(num_users=400, num_regions=3, seed=2, data=data)
+    region_only = make_population(
+        num_users=400, num_regions=3, seed=2, data=data, user_taste_mix=0.0
+    )
+    # Assert: documented default 0.5; rows sum to 1; mix 0 is the region's row exactly; the
+    # regions and their users do not depend on the mix; users of one region differ.
+    assert mixed.user_taste_mix == 0.5
+    assert np.allclose(mixed.tastes.sum(axis=1), 1.0)
+    assert np.array_equal(region_only.tastes, region_only.region_weights[region_only.region_ids])
+    assert np.array_equal(mixed.region_ids, region_only.region_ids)
+    assert np.array_equal(mixed.region_weights, region_only.region_weights)
+    own = (mixed.tastes - 0.5 * mixed.region_weights[mixed.region_ids]) / 0.5
+    assert np.all(own >= -1e-12) and np.allclose(own.sum(axis=1), 1.0)
+    in_region = mixed.tastes[mixed.region_ids == 0]
+    assert np.abs(in_region - in_region.mean(axis=0)).max() > 0.2
+    u0 = int(np.argmax(mixed.tastes[:, 0]))
+    assert mixed.user_taste_multiplier(u0, mixed.categories[0]) == pytest.approx(
+        1.0 + 0.5 * mixed.tastes[u0, 0]
+    )
+    assert mixed.user_taste_multiplier(u0, "no such category") == 1.0
+
+
+def test_region_only_mix_reproduces_region_world(
+    data: JudgedSearchData, ranker: Bm25Ranker
+) -> None:
+    # Prepare: a population whose users all carry their region's taste.
+    pop = make_population(num_users=300, num_regions=3, seed=1, data=data, user_taste_mix=0.0)
+    legacy = UserPopulation(
+        user_ids=pop.user_ids, region_ids=pop.region_ids, categories=pop.categories,
+        region_weights=pop.region_weights,
+    )  # no user_weights: the region-only world
+    # Execute
+    a = simulate_sessions(data, pop, click_model=PositionBasedClickModel(),
+                          logging_ranker=ranker, seed=4)
+    b = simulate_sessions(data, legacy, click_model=PositionBasedClickModel(),
+                          logging_ranker=ranker, seed=4)
+    # Assert
+    assert a.equals(b)
+
+
+def test_users_issue_queries_of_their_own_taste(data: JudgedSearchData, ranker: Bm25Ranker) -> None:
+    # Prepare: one region, so any difference between users comes from their own draws.
+    pop = make_population(num_users=600, num_regions=1, seed=5, data=data)
+    table = simulate_sessions(data, pop, click_model=PositionBasedClickModel(),
+                              logging_ranker=ranker, sessions_per_user_mean=8.0, seed=5)
+    firsts = table.filter(pc.equal(table.column("rank"), 1))
+    cat_of = {q: dominant_category(data, q) for q in data.query_ids}
+    issued = firsts.column("query_id").to_pylist()
+    cols = np.array([pop.categories.index(cat_of[q]) for q in issued])
+    users = firsts.column("user_id").to_numpy()
+    # Execute: weight of the issued query's category under the issuing user's taste vs a
+    # random other user's.
+    own = pop.tastes[users, cols]
+    other = pop.tastes[np.roll(np.arange(pop.num_users), 1)[users], cols]
+    # Assert
+    assert own.mean() > other.mean() + 0.05
+
+
+def test_user_session_order_follows_time(data: JudgedSearchData, ranker: Bm25Ranker) -> None:
+    # Prepare
+    table = small_log(data, ranker, seed=3)
+    # Execute
+    order = user_session_order(table)
+    # Assert: 0..n-1 per user, increasing with time, constant within a session; and the same
+    # after the rows are shuffled.
+    users = table.column("user_id").to_numpy()
+    times = table.column("timestamp").to_numpy()
+    sessions = table.column("session_id").to_numpy()
+    for u in np.unique(users)[:20]:
+        rows = users == u
+        n = len(np.unique(sessions[rows]))
+        assert sorted(set(order[rows].tolist())) == list(range(n))
+        by_index = {int(i): int(t) for i, t in zip(order[rows], times[rows], strict=True)}
+        assert [by_index[i] for i in range(n)] == sorted(by_index.values())
+    perm = np.random.default_rng(0).permutation(table.num_rows)
+    assert np.array_equal(user_session_order(table.take(pa.array(perm))), order[perm])
 
 
 def test_make_population_validates() -> None:

@@ -6,6 +6,7 @@ The model is loaded once for the module (``minilm`` fixture); cache tests hand t
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import cast
 
 import numpy as np
@@ -166,3 +167,41 @@ def test_missing_model_file_raises_naming_it(tmp_path, missing):
         model_fingerprint(tmp_path)
     with pytest.raises(FileNotFoundError, match=missing.replace(".", r"\.")):
         MiniLMEncoder(tmp_path)
+
+
+def test_cached_fingerprint_is_recorded_and_follows_file_changes(tmp_path: Path) -> None:
+    import json as _json
+    import os as _os
+
+    from shared_model.encoder import _FINGERPRINT_FILES, cached_model_fingerprint
+
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in _FINGERPRINT_FILES:
+        (model / name).write_bytes(name.encode())
+    cache = tmp_path / "cache"
+    first = cached_model_fingerprint(model, cache)
+    assert first == model_fingerprint(model)
+    recorded = _json.loads((cache / "fingerprints.json").read_text())
+    assert recorded[str(model.resolve())]["sha256"] == first
+    assert cached_model_fingerprint(model, cache) == first  # from the record
+    (model / "config.json").write_bytes(b"another model")
+    st = (model / "config.json").stat()
+    _os.utime(model / "config.json", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    changed = cached_model_fingerprint(model, cache)
+    assert changed == model_fingerprint(model) != first
+
+
+def test_node_feature_builder_is_reused_in_process_and_never_pickled(tmp_path: Path) -> None:
+    # Prepare
+    from shared_model import catalog
+    from shared_model.data import DEFAULT_WANDS_DIR
+
+    state = tmp_path / "state"
+    catalog._IN_PROCESS.clear()  # as a fresh ClientApp process
+    # Execute
+    first = catalog.node_feature_builder(str(DEFAULT_WANDS_DIR), "", state)
+    again = catalog.node_feature_builder(str(DEFAULT_WANDS_DIR), "", tmp_path / "x")
+    # Assert: one builder per process, and nothing written (no pickle to load later)
+    assert again is first
+    assert not state.exists() and not (tmp_path / "x").exists()

@@ -1,0 +1,358 @@
+"""Measuring on-device personalization and "for you" recommendation on a run directory.
+
+Both re-simulate the run's world (``config.json``: ``scenario``, ``seed``, folds), which gives
+exactly the click logs the run's nodes trained on (training-fold queries only), and use the
+run's final global model (its signed release when present, else its checkpoint). No Flower.
+
+Personalized A/B (:func:`personalized_ab`)
+    Every user's device learns its :class:`~shared_model.personal.UserState` from the user's
+    own sessions in that log. Then each user runs max(1, Poisson(5)) *future* sessions on
+    *seen* queries (training-fold queries, which the federation trained on), each query drawn
+    from the user's own taste (the simulator's P ∝ w_user[category] + 0.02), sees the arm's top
+    10 of the query's judged pool and clicks with the simulator's click model, user taste
+    included: ``(1/rank) * min(1, alpha(rel) * (1 + 0.5 * w_user[category]))``. A seeded half
+    of the users sees the personalized ranking (release + state), the other half the release
+    alone; CTR, lift and its 95% interval by user (``simulations.ab.ctr_lift``).
+
+Recommendation (:func:`recommend_eval`)
+    Each user's sessions in time order; the last ``holdout`` share (at least one session, the
+    user needs two or more) is held out. The device's recommender (``shared_model.recommend``)
+    sees only the earlier sessions; a held-out session counts as a hit when one of its clicked
+    products is in the top 10. hit@10 and ndcg@10 (binary gain: clicked in the held-out
+    sessions) are means over users with at least one held-out click. Baselines:
+    ``popular_in_region`` (the 10 most-clicked products of the user's region in everyone's
+    earlier sessions) and ``similar_items`` (the 10 products most similar in MiniLM space to
+    the user's last click, the clicked ones included).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from shared_model.personal import (
+    PersonalConfig,
+    Session,
+    UserState,
+    learn_state,
+    personal_scores,
+)
+from simulations.ab import ArmCounts, ctr_lift
+
+TOP_K = 10
+
+
+@dataclass
+class RunWorld:
+    """What the measurements need from a run directory."""
+
+    config: dict[str, Any]
+    builder: Any
+    population: Any
+    train_queries: list[str]
+    test_queries: list[str]
+    log: pa.Table
+    scorer: Any  # features [N, F] -> logits [N]
+    model: str
+
+
+def load_run_world(run_dir: Path, *, builder: Any = None, world: Any = None) -> RunWorld:
+    """The run's world, its click log (training queries) and final global model."""
+    from shared_model.catalog import cached_feature_builder
+    from shared_model.data import DEFAULT_WANDS_DIR
+    from shared_model.evaluation import query_folds
+    from shared_model.world import simulate_click_log, world_population
+    from simulations.ab import model_scorer, round_sources
+
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"{config_path} not found: is {run_dir} a fedrank run directory?")
+    config = json.loads(config_path.read_text())
+    if builder is None:
+        builder = cached_feature_builder(
+            config.get("catalog-dir") or str(DEFAULT_WANDS_DIR), config.get("cache-dir", "")
+        )
+    if world is None:
+        from simulations.scenarios import get_scenario
+
+        world = get_scenario(str(config["scenario"])).world
+    data = builder.data
+    test = query_folds(
+        data.query_ids, num_folds=int(config["num-folds"]), seed=int(config.get("seed", 0))
+    )[int(config["eval-fold"])]
+    train = [q for q in data.query_ids if q not in set(test)]
+    log = simulate_click_log(data, world, query_ids=train)
+    sources = round_sources(run_dir)
+    hidden = int(config.get("hidden-dim", 0))
+    if sources:
+        rnd, (kind, path) = list(sources.items())[-1]
+        scorer = model_scorer(kind, path, hidden_dim=hidden)
+        model = f"round {rnd} ({kind})"
+    else:
+        scorer = model_scorer("checkpoint", None, hidden_dim=hidden)
+        model = "initial head (zero-shot)"
+    return RunWorld(
+        config, builder, world_population(data, world), train, list(test), log, scorer, model
+    )
+
+
+def user_histories(log: pa.Table, data: Any) -> dict[int, list[Session]]:
+    """Every user's sessions in time order (fast path of ``sessions_from_log``)."""
+    from shared_model.clicks import user_session_order
+
+    order = user_session_order(log)
+    users = log.column("user_id").to_numpy()
+    qids = log.column("query_id").to_pylist()
+    pids = log.column("product_id").to_pylist()
+    ranks = log.column("rank").to_numpy()
+    clicked = log.column("clicked").to_numpy(zero_copy_only=False)
+    times = log.column("timestamp").to_numpy()
+    rows = np.lexsort((ranks, order, users))
+    out: dict[int, list[Session]] = {}
+    start = 0
+    n = len(rows)
+    while start < n:
+        r0 = rows[start]
+        end = start
+        while end < n and users[rows[end]] == users[r0] and order[rows[end]] == order[r0]:
+            end += 1
+        idx = rows[start:end]
+        q = qids[r0]
+        query = data.queries.get(q)
+        out.setdefault(int(users[r0]), []).append(
+            Session(
+                timestamp=int(times[r0]),
+                query_id=q,
+                query_text=query.text if query is not None else q,
+                shown=tuple(pids[i] for i in idx),
+                clicked=tuple(pids[i] for i in idx if clicked[i]),
+            )
+        )
+        start = end
+    return out
+
+
+# ---- personalized A/B ------------------------------------------------------------------------
+
+
+def _pools(world: RunWorld, queries: list[str]) -> dict[str, tuple[list[str], np.ndarray]]:
+    from simulations.ab import pool_features
+
+    pools = pool_features(world.builder, queries)
+    return {
+        q: (pids, np.asarray(world.scorer(f), dtype=np.float32))
+        for q, (pids, f) in pools.items()
+    }
+
+
+def personalized_ab(
+    world: RunWorld,
+    *,
+    config: PersonalConfig | None = None,
+    users: int | None = None,
+    seed: int = 0,
+    sessions_per_user: float = 5.0,
+    histories: dict[int, list[Session]] | None = None,
+) -> dict[str, Any]:
+    """The personalized-vs-global A/B on seen queries (module docstring)."""
+    from shared_model.clicks import PositionBasedClickModel, dominant_category
+
+    config = config or PersonalConfig()
+    data, builder, pop = world.builder.data, world.builder, world.population
+    histories = histories if histories is not None else user_histories(world.log, data)
+    queries = list(world.train_queries)
+    pools = _pools(world, queries)
+    judged = {q: {j.product_id: j.relevance for j in data.judged(q)} for q in queries}
+    rng = np.random.default_rng(seed * 7_919 + 14)
+    ids = np.array(sorted(histories), dtype=np.int64)
+    if users is not None and users < len(ids):
+        ids = np.sort(rng.choice(ids, size=users, replace=False))
+    if len(ids) < 2:
+        raise ValueError("the A/B needs at least two users")
+    arm = np.zeros(len(ids), dtype=np.int8)
+    arm[rng.permutation(len(ids))[: len(ids) // 2]] = 1  # 0 = personalized, 1 = global
+    qcats = [dominant_category(data, q) for q in queries]
+    mass = pop.user_weights_for(qcats)[ids] + pop.query_smoothing
+    probs = mass / mass.sum(axis=1, keepdims=True)
+    per_user = np.maximum(1, rng.poisson(sessions_per_user, size=len(ids)))
+    cat_col = {c: i for i, c in enumerate(pop.categories)}
+    tastes = np.concatenate([pop.tastes, np.zeros((pop.num_users, 1))], axis=1)
+    model = PositionBasedClickModel()
+    exam = model.examination(np.arange(1, TOP_K + 1))
+    global_top = {
+        q: np.lexsort((np.arange(len(p)), -s))[:TOP_K] for q, (p, s) in pools.items()
+    }
+    clicks = np.zeros(len(ids))
+    imps = np.zeros(len(ids))
+    expected = np.zeros((2, len(ids)))  # expected clicks of both arms for every user (paired)
+
+    def click_probability(u: int, q: str, top: np.ndarray) -> np.ndarray:
+        pids = pools[q][0]
+        shown = [pids[j] for j in top]
+        rel = np.array([judged[q][p] for p in shown])
+        cats = [cat_col.get(data.products[p].top_category, len(pop.categories)) for p in shown]
+        mult = 1.0 + pop.taste_strength * tastes[u, cats]
+        return exam[: len(shown)] * np.minimum(1.0, model.attractiveness(rel) * mult)
+
+    for i, u in enumerate(ids.tolist()):
+        state = learn_state(histories[u], builder)
+        qs = rng.choice(len(queries), size=int(per_user[i]), p=probs[i])
+        uniform = rng.random((len(qs), TOP_K))
+        for s, qi in enumerate(qs.tolist()):
+            q = queries[qi]
+            pids, glob = pools[q]
+            pers = personal_scores(
+                glob, pids, state, builder, config, query_text=data.queries[q].text
+            )
+            tops = (np.lexsort((np.arange(len(pids)), -pers))[:TOP_K], global_top[q])
+            p_arms = [click_probability(u, q, t) for t in tops]
+            expected[0, i] += float(p_arms[0].sum())
+            expected[1, i] += float(p_arms[1].sum())
+            p_click = p_arms[int(arm[i])]
+            clicks[i] += float((uniform[s, : len(p_click)] < p_click).sum())
+            imps[i] += len(p_click)
+    a = ArmCounts(clicks[arm == 0], imps[arm == 0])
+    b = ArmCounts(clicks[arm == 1], imps[arm == 1])
+    lift = ctr_lift(a, b)
+    return {
+        "ctr_personalized": lift["ctr_a"],
+        "ctr_global": lift["ctr_b"],
+        "personalized_lift": lift["relative_lift"],
+        "personalized_lift_ci95": lift["relative_lift_ci"],
+        "absolute_lift": lift["lift"],
+        "absolute_lift_ci95": lift["lift_ci"],
+        # Same users, both rankings, expected clicks (no click noise): the effect itself.
+        "paired_expected_lift": float(expected[0].sum() / expected[1].sum() - 1.0),
+        "users_personalized": lift["users_a"],
+        "users_global": lift["users_b"],
+        "queries": "seen (training folds)",
+        "model": world.model,
+        "personal_config": {
+            "category_weight": config.category_weight,
+            "vector_weight": config.vector_weight,
+            "click_weight": config.click_weight,
+            "skip_weight": config.skip_weight,
+            "query_vector_weight": config.query_vector_weight,
+        },
+        "interval": lift["interval"],
+    }
+
+
+# ---- recommendation ----------------------------------------------------------------------------
+
+
+def split_history(
+    sessions: list[Session], holdout: float = 0.2
+) -> tuple[list[Session], list[Session]]:
+    """Earlier sessions and the held-out later ones (at least one of each; [] when < 2)."""
+    if len(sessions) < 2:
+        return sessions, []
+    k = min(len(sessions) - 1, max(1, int(math.ceil(holdout * len(sessions)))))
+    return sessions[:-k], sessions[-k:]
+
+
+def _ndcg(ranked: list[str], relevant: set[str], k: int = TOP_K) -> float:
+    gains = [1.0 / math.log2(i + 2) for i, p in enumerate(ranked[:k]) if p in relevant]
+    ideal = sum(1.0 / math.log2(i + 2) for i in range(min(k, len(relevant))))
+    return sum(gains) / ideal if ideal else 0.0
+
+
+def recommend_eval(
+    world: RunWorld,
+    *,
+    users: int | None = None,
+    seed: int = 0,
+    holdout: float = 0.2,
+    histories: dict[int, list[Session]] | None = None,
+    recommender_config: Any = None,
+) -> dict[str, Any]:
+    """hit@10 / ndcg@10 of the device recommender and two baselines (module docstring)."""
+    from shared_model.recommend import RecommendConfig, Recommender
+
+    data, builder, pop = world.builder.data, world.builder, world.population
+    histories = histories if histories is not None else user_histories(world.log, data)
+    splits = {u: split_history(s, holdout) for u, s in histories.items()}
+    # Region popularity over everyone's earlier sessions.
+    region_counts: dict[int, dict[str, int]] = {}
+    for u, (past, _) in splits.items():
+        counts = region_counts.setdefault(int(pop.region_ids[u]), {})
+        for s in past:
+            for p in s.clicked:
+                counts[p] = counts.get(p, 0) + 1
+    popular = {
+        r: [p for p, _ in sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))[:TOP_K]]
+        for r, c in region_counts.items()
+    }
+    eligible = [u for u, (_, future) in splits.items() if any(s.clicked for s in future)]
+    rng = np.random.default_rng(seed * 7_919 + 15)
+    if users is not None and users < len(eligible):
+        eligible = sorted(rng.choice(eligible, size=users, replace=False).tolist())
+    scorer = world.scorer
+    from shared_model.scoring import candidate_features
+
+    def global_scores(text: str, ids: Sequence[str]) -> np.ndarray:
+        q = builder.query_vector(text)
+        return np.asarray(scorer(candidate_features(builder, text, q, ids)), dtype=np.float32)
+
+    recommender = Recommender(builder, global_scores, recommender_config or RecommendConfig())
+    full = builder.full
+    sums = {"hit@10": 0.0, "ndcg@10": 0.0, "hit@10_popular_in_region": 0.0,
+            "ndcg@10_popular_in_region": 0.0, "hit@10_similar_items": 0.0,
+            "ndcg@10_similar_items": 0.0}
+    for u in eligible:
+        past, future = splits[u]
+        target = {p for s in future for p in s.clicked}
+        state = learn_state(past, builder)
+        ours = [p for p, _ in recommender.recommend(state, top=TOP_K)]
+        pop_list = popular.get(int(pop.region_ids[u]), [])
+        last = state.recent[-1] if state.recent else None
+        if last is not None:
+            sims = full @ full[builder.product_row[last]]
+            order = np.lexsort((np.arange(len(sims)), -sims))[:TOP_K]
+            similar = [builder.product_ids[i] for i in order]
+        else:
+            similar = []
+        for name, ranked in (("", ours), ("_popular_in_region", pop_list),
+                             ("_similar_items", similar)):
+            sums[f"hit@10{name}"] += float(any(p in target for p in ranked[:TOP_K]))
+            sums[f"ndcg@10{name}"] += _ndcg(ranked, target)
+    n = max(1, len(eligible))
+    result: dict[str, Any] = {k: v / n for k, v in sums.items()}
+    result.update(
+        {
+            "users": len(eligible),
+            "holdout": holdout,
+            "model": world.model,
+            "lift_vs_popular_in_region": (
+                result["hit@10"] / result["hit@10_popular_in_region"]
+                if result["hit@10_popular_in_region"] else float("inf")
+            ),
+        }
+    )
+    return result
+
+
+def personal_state_size(world: RunWorld, histories: dict[int, list[Session]]) -> dict[str, int]:
+    """Largest and median serialised state over the users (bytes)."""
+    sizes = [len(learn_state(s, world.builder).to_bytes()) for s in histories.values()]
+    return {"state_bytes_max": int(max(sizes)), "state_bytes_median": int(np.median(sizes))}
+
+
+__all__ = [
+    "RunWorld",
+    "UserState",
+    "load_run_world",
+    "personal_state_size",
+    "personalized_ab",
+    "recommend_eval",
+    "split_history",
+    "user_histories",
+]
