@@ -11,11 +11,14 @@ A run directory with a checkpoint resumes from it.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
@@ -24,7 +27,7 @@ from flwr.serverapp import Grid, ServerApp
 from privacy.ledger import Ledger, LedgerEvent, server_signer
 from server.checkpoint import RunDirectory
 from server.evaluator import CentralEvaluator
-from server.evidence import EvidenceSumming, initial_evidence
+from server.evidence import EvidenceBound, EvidenceSumming, initial_evidence
 from server.recorder import PROGRESS, RoundRecorder
 from server.releases import ReleasePublisher
 from server.strategies import build_strategy, restore_strategy_state, strategy_state
@@ -108,10 +111,24 @@ def run_regional(grid: Grid, settings: RunSettings) -> None:
     if node_regions and (unknown := sorted(set(caps) - set(node_regions.values()))):
         log.warning("region-epsilon-caps names regions no node id maps to: %s", unknown)
     aggregating = EvidenceSumming(inner) if settings.evidence_share else inner
+    # Node ids whose evidence the server accepted: once per node, across restarts too.
+    released_path = run_dir.root / "evidence_released.json"
+    released = json.loads(released_path.read_text()) if released_path.exists() else []
+
+    def on_round(rnd: int, replies: Any) -> None:
+        recorder.note_replies(rnd, asdict(replies))
+        if strategy.evidence_released != set(released):
+            released[:] = sorted(strategy.evidence_released)
+            tmp = released_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(released))
+            os.replace(tmp, released_path)
+
     strategy = ValidatingStrategy(
         aggregating, node_regions=node_regions, region_caps=caps,
-        on_cap_refusal=record_cap_refusal,
-        on_round=lambda rnd, replies: recorder.note_replies(rnd, asdict(replies)),
+        on_cap_refusal=record_cap_refusal, on_round=on_round,
+        evidence_bound=EvidenceBound.from_settings(settings) if settings.evidence_share
+        else None,
+        evidence_released=[int(n) for n in released],
     )
     checkpoint = run_dir.load_latest()
     if checkpoint is None:

@@ -27,7 +27,7 @@ import math
 import unicodedata
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -35,6 +35,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from shared_model.evidence import EVIDENCE_KEYS
+
+if TYPE_CHECKING:
+    from server.evidence import EvidenceBound
 
 log = logging.getLogger("fedrank.server")
 
@@ -196,6 +199,11 @@ class CheckedReply:
     claimed_name: str | None
     norm: float  # the update's norm as sent
     clipped: bool
+    # Memorised evidence: what bounding did (None = as sent), whether the delta was dropped
+    # (a second release), and whether the reply added any evidence at all.
+    evidence_cut: dict[str, float] | None = None
+    evidence_dropped: bool = False
+    evidence_added: bool = False
 
     def content(self) -> RecordDict:
         """The canonical RecordDict handed to Flower's strategy."""
@@ -211,8 +219,13 @@ def check_reply(
     *,
     clip_norm: float = CLIP_UPDATE_NORM,
     reject_norm: float = REJECT_UPDATE_NORM,
+    evidence_bound: EvidenceBound | None = None,
+    evidence_allowed: bool = True,
 ) -> tuple[CheckedReply | None, list[str]]:
     """Validate a train reply against the weights sent (``reference``); clip its update.
+
+    Evidence arrays (when sent) are bounded by ``evidence_bound`` (``server.evidence``);
+    with ``evidence_allowed=False`` (the node already released) their delta is set to zero.
 
     Returns ``(checked, [])`` or ``(None, problems)``.
     """
@@ -260,7 +273,17 @@ def check_reply(
     refs = {k: np.asarray(v, dtype=np.float64) for k, v in reference.items()}
     delta = {k: decoded[k].astype(np.float64) - refs[k] for k in reference}
     # Memorised evidence arrays carry DP counts, not a training update (server.evidence):
-    # outside the update norm and its clip, passed on as sent.
+    # outside the head's update norm and clip, bounded on their own (EvidenceBound).
+    evidence_cut: dict[str, float] | None = None
+    dropped = added = False
+    if all(k in delta for k in EVIDENCE_KEYS):
+        added = any(bool(np.any(delta[k] != 0)) for k in EVIDENCE_KEYS)
+        if added and not evidence_allowed:
+            dropped, added = True, False
+            delta.update({k: np.zeros_like(delta[k]) for k in EVIDENCE_KEYS})
+        elif added and evidence_bound is not None:
+            bounded, evidence_cut = evidence_bound.apply({k: delta[k] for k in EVIDENCE_KEYS})
+            delta.update(bounded)
     norm = update_norm(v for k, v in delta.items() if k not in EVIDENCE_KEYS)
     if not norm <= reject_norm:
         return None, [f"update norm {norm:.3g} is beyond any training result "
@@ -271,7 +294,8 @@ def check_reply(
         for k in reference
     }
     metrics[WEIGHT_KEY] = 1.0  # uniform weights: never the node's own claim
-    return CheckedReply(arrays, metrics, claimed, norm, scale < 1.0), []
+    return CheckedReply(arrays, metrics, claimed, norm, scale < 1.0, evidence_cut, dropped,
+                        added), []
 
 
 def reply_problems(
@@ -299,6 +323,8 @@ class RoundReplies:
     rejected: list[dict[str, Any]] = field(default_factory=list)
     clipped: list[dict[str, Any]] = field(default_factory=list)
     refused: list[dict[str, Any]] = field(default_factory=list)
+    # Evidence deltas bounded (EvidenceBound) or dropped (a node's second release).
+    evidence: list[dict[str, Any]] = field(default_factory=list)
 
 
 class ValidatingStrategy(Strategy):
@@ -318,6 +344,8 @@ class ValidatingStrategy(Strategy):
         region_caps: Mapping[str, float] | None = None,
         on_cap_refusal: Callable[[int, str, float, float], None] | None = None,
         on_round: Callable[[int, RoundReplies], None] | None = None,
+        evidence_bound: EvidenceBound | None = None,
+        evidence_released: Iterable[int] = (),
     ) -> None:
         if not 0 < clip_norm <= reject_norm:
             raise ValueError(
@@ -330,6 +358,10 @@ class ValidatingStrategy(Strategy):
         self.region_caps = dict(region_caps or {})
         self.on_cap_refusal = on_cap_refusal
         self.on_round = on_round
+        self.evidence_bound = evidence_bound
+        # Node ids whose evidence was accepted (once per node; the server app persists it in
+        # the run directory and passes it back on resume).
+        self.evidence_released: set[int] = set(evidence_released)
         self._eps_history: dict[str, list[float]] = {}
         self._sent: dict[str, np.ndarray] = {}
         self._claims: dict[int, str] = {}  # last name each node claimed (logged on change)
@@ -403,7 +435,8 @@ class ValidatingStrategy(Strategy):
             try:
                 checked, problems = check_reply(
                     msg.content, self._sent, clip_norm=self.clip_norm,
-                    reject_norm=self.reject_norm,
+                    reject_norm=self.reject_norm, evidence_bound=self.evidence_bound,
+                    evidence_allowed=node not in self.evidence_released,
                 )
             except Exception as exc:  # belt and braces: one reply never aborts the round
                 checked, problems = None, [f"unreadable reply ({type(exc).__name__})"]
@@ -421,6 +454,19 @@ class ValidatingStrategy(Strategy):
                 report.clipped.append(
                     {"node_id": node, "node": name, "norm": round(checked.norm, 6)}
                 )
+            if checked.evidence_added:
+                self.evidence_released.add(node)
+            if checked.evidence_dropped:
+                log.warning("round %s: dropped the evidence of node %s (%s): it released "
+                            "before (once per node)", server_round, node, name)
+                report.evidence.append({"node_id": node, "node": name, "action": "dropped"})
+            elif checked.evidence_cut is not None:
+                cut = checked.evidence_cut
+                log.warning("round %s: bounded the evidence of node %s (%s): norm %.4g, "
+                            "cap %.4g", server_round, node, name, cut["evidence_norm"],
+                            cut["l2_cap"])
+                report.evidence.append({"node_id": node, "node": name, "action": "bounded",
+                                        **{k: round(float(v), 6) for k, v in cut.items()}})
             msg.content = checked.content()
             good.append(msg)
             epsilon = checked.metrics["epsilon"]

@@ -25,6 +25,54 @@ def _pct(value: float, ci: list[float]) -> str:
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     """Attach this package's commands to the `fedrank` app."""
 
+    @app.command("attack")
+    def attack(
+        scenario: str = typer.Argument(..., help="Scenario name (its world size is used)."),
+        attack: str = typer.Option(..., "--attack", help="scale|signflip|lie|clickfraud"),
+        strength: float = typer.Option(..., "--strength",
+                                       help="x factor, lie's z, or the bots' user fraction"),
+        defence: str = typer.Option("on", "--defence", help="on|off"),
+        epsilon: str = typer.Option("1", "--epsilon", help="Per-node ε, or 'inf'."),
+        as_json: bool = typer.Option(False, "--json", help="JSON on stdout."),
+    ) -> None:
+        """Measure an attack (issue 11). clickfraud: Flower-free evidence pipeline
+        (simulations.clickfraud); the model-poisoning attacks are measured at unit level by
+        `python -m simulations.attacks` (Simulation Engine runs not built yet)."""
+        import json as _json
+
+        from simulations.runner import parse_epsilon
+        from simulations.scenarios import get_scenario
+
+        try:
+            chosen = get_scenario(scenario)
+            eps = parse_epsilon(epsilon)
+            if defence not in ("on", "off"):
+                raise ValueError("--defence is on or off")
+            if attack in ("scale", "signflip", "lie"):
+                raise ValueError(f"--attack {attack}: federated runs are not built yet; "
+                                 "`python -m simulations.attacks` measures it at unit level")
+            if attack != "clickfraud":
+                raise ValueError(f"unknown attack {attack!r}")
+            if not 0 < strength < 1:
+                raise ValueError("clickfraud --strength is the bots' fraction, in (0, 1)")
+        except (KeyError, ValueError) as exc:
+            typer.echo(f"error: {exc.args[0]}", err=True)
+            raise typer.Exit(2) from None
+        from simulations.clickfraud import run as clickfraud_run
+
+        # The server's defences (reply validation, evidence bound) do not touch bots: they
+        # are users inside an honest node, bounded only by user-level DP.
+        result = clickfraud_run(fraction=strength, epsilon=eps,
+                                users=chosen.world.num_users, evaluate_seen=True)
+        out = {"attack": attack, "defence": defence, "no_attack": result["no_attack"],
+               "attacked": result["attacked"],
+               "target_rank_before": result["target_rank_before"],
+               "target_rank_after": result["target_rank_after"]}
+        typer.echo(_json.dumps(out) if as_json else
+                   f"{attack} {strength:g} at ε {epsilon}: target rank "
+                   f"{out['target_rank_before']} -> {out['target_rank_after']}; seen NDCG@10 "
+                   f"{out['no_attack']['seen']:.4f} -> {out['attacked']['seen']:.4f}")
+
     @app.command("simulate")
     def simulate(
         scenario: str | None = typer.Argument(

@@ -382,8 +382,9 @@ def test_recorder_writes_each_rounds_rejections_and_clips(tmp_path: Path) -> Non
     recorder(1, dict(REF))
     recorder(2, dict(REF))
     rows = json.loads((tmp_path / "metrics.json").read_text())["rounds"]
-    assert rows[0]["replies"] == {"rejected": [rejected], "clipped": [], "refused": []}
-    assert rows[1]["replies"] == {"rejected": [], "clipped": [], "refused": []}
+    empty = {"rejected": [], "clipped": [], "refused": [], "evidence": []}
+    assert rows[0]["replies"] == {**empty, "rejected": [rejected]}
+    assert rows[1]["replies"] == empty
 
 
 def test_every_reply_fault_is_known_to_the_tests() -> None:

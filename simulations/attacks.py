@@ -1,0 +1,182 @@
+"""Model-poisoning attacks by one regional node, and an aggregation harness to measure them.
+
+Issue 11, first part (unit level): the attacks transform what one node replies, given the
+weights it was sent and (for "a little is enough") the honest updates it can estimate.
+
+- ``scale``: the node's update times ``strength`` (x100 in the issue);
+- ``signflip``: the node's update times ``-strength``;
+- ``lie``: "a little is enough" (Baruch et al. 2019): ``mean - strength * std`` per
+  coordinate over the honest updates (``strength`` is their z, ~1 for 5 nodes).
+
+:func:`aggregate_with` runs one round of replies through the server's reply validation
+(``server.validation.ValidatingStrategy``: clip to ``CLIP_UPDATE_NORM``, uniform weights)
+and a Flower strategy (FedAvg, FedMedian, FedTrimmedAvg, Krum, MultiKrum, Bulyan) with real
+``flwr`` Messages, and returns the aggregated weights. ``measure`` compares the aggregate
+with and without the attack on seeded synthetic updates. The Simulation Engine runs with
+NDCG@10 (``fedrank attack``) are not built yet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import (
+    Bulyan,
+    FedAvg,
+    FedMedian,
+    FedTrimmedAvg,
+    Krum,
+    MultiKrum,
+    Strategy,
+)
+
+from server.strategies import aggregate_train_metrics
+from server.validation import ValidatingStrategy
+
+ATTACKS = ("scale", "signflip", "lie")
+Weights = dict[str, np.ndarray]
+
+
+def poison(
+    attack: str, strength: float, sent: Mapping[str, np.ndarray], own: Mapping[str, np.ndarray],
+    honest: Sequence[Mapping[str, np.ndarray]],
+) -> Weights:
+    """The attacker's reply (float32) from the weights ``sent``, its own honest reply ``own``
+    and the honest replies ``honest`` (used by ``lie`` only)."""
+    out: Weights = {}
+    for key, base in sent.items():
+        base64 = np.asarray(base, np.float64)
+        update = np.asarray(own[key], np.float64) - base64
+        if attack == "scale":
+            new = strength * update
+        elif attack == "signflip":
+            new = -strength * update
+        elif attack == "lie":
+            stack = np.stack([np.asarray(h[key], np.float64) - base64 for h in honest])
+            new = stack.mean(axis=0) - strength * stack.std(axis=0)
+        else:
+            raise ValueError(f"unknown attack {attack!r}; expected one of {ATTACKS}")
+        out[key] = (base64 + new).astype(np.float32)
+    return out
+
+
+def strategies(num_nodes: int, num_malicious: int = 1) -> dict[str, Callable[[], Strategy]]:
+    """Flower strategies to compare (uniform weights, all nodes every round)."""
+    common: dict[str, Any] = dict(
+        fraction_evaluate=0.0, min_train_nodes=num_nodes, min_available_nodes=num_nodes,
+        train_metrics_aggr_fn=aggregate_train_metrics,
+    )
+    f = num_malicious
+    return {
+        "fedavg": lambda: FedAvg(**common),
+        "fedmedian": lambda: FedMedian(**common),
+        "trimmedavg": lambda: FedTrimmedAvg(**common, beta=0.2),
+        "krum": lambda: Krum(**common, num_malicious_nodes=f),
+        "multikrum": lambda: MultiKrum(**common, num_malicious_nodes=f,
+                                       num_nodes_to_select=num_nodes - f),
+        **({"bulyan": lambda: Bulyan(**common, num_malicious_nodes=f)}
+           if num_nodes >= 4 * f + 3 else {}),  # Bulyan needs n >= 4f + 3 (7 for f = 1)
+    }
+
+
+class _Grid:
+    def __init__(self, ids: Sequence[int]) -> None:
+        self.ids = list(ids)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.ids)
+
+
+METRICS = {"num-examples": 1.0, "steps": 1.0, "epsilon": 1.0, "release-round": 0.0}
+
+
+def aggregate_with(
+    inner: Strategy, sent: Mapping[str, np.ndarray], replies: Sequence[Mapping[str, np.ndarray]],
+    *, validate: bool = True,
+) -> Weights:
+    """One round: ``replies[i]`` from node ``i + 1``, through validation (clip) and ``inner``.
+
+    Needs a ServerApp task identity (tests set ``TaskIdentity``; see tests/simulations).
+    """
+    ids = list(range(1, len(replies) + 1))
+    strategy: Strategy = ValidatingStrategy(inner) if validate else inner
+    record = ArrayRecord({k: Array(np.asarray(v, np.float32)) for k, v in sent.items()})
+    msgs = list(strategy.configure_train(1, record, ConfigRecord(), _Grid(ids)))  # type: ignore[arg-type]
+    by_id = {m.metadata.dst_node_id: m for m in msgs}
+    answers = []
+    for node, reply in zip(ids, replies, strict=True):
+        content = RecordDict({
+            "arrays": ArrayRecord({k: Array(np.asarray(v, np.float32)) for k, v in reply.items()}),
+            "metrics": MetricRecord(dict(METRICS)),
+        })
+        answers.append(Message(content, reply_to=by_id[node]))
+    arrays, _ = strategy.aggregate_train(1, answers)
+    if arrays is None:
+        raise RuntimeError("no aggregate")
+    return {k: v.numpy() for k, v in arrays.items()}
+
+
+def synthetic_round(
+    *, num_nodes: int = 5, dim: int = 400, signal: float = 0.5, noise: float = 0.3, seed: int = 0,
+) -> tuple[Weights, list[Weights]]:
+    """Seeded stand-in for one DP-SGD round: every node's update is a shared direction of norm
+    ``signal`` plus independent Gaussian noise of norm ~``noise`` (DP noise, data skew)."""
+    rng = np.random.default_rng(seed)
+    sent = {"w": rng.normal(size=dim).astype(np.float32)}
+    direction = rng.normal(size=dim)
+    direction *= signal / np.linalg.norm(direction)
+    replies = []
+    for _ in range(num_nodes):
+        update = direction + rng.normal(size=dim) * noise / np.sqrt(dim)
+        replies.append({"w": (sent["w"] + update).astype(np.float32)})
+    return sent, replies
+
+
+def measure(
+    attack: str, strength: float, strategy: str, *, num_nodes: int = 5, seed: int = 0,
+    validate: bool = True,
+) -> dict[str, float]:
+    """Relative error of the aggregated update vs the honest nodes' mean update, without and
+    with node 1 attacking (seeded synthetic updates)."""
+    sent, replies = synthetic_round(num_nodes=num_nodes, seed=seed)
+    target = np.mean([r["w"] - sent["w"] for r in replies[1:]], axis=0)
+    make = strategies(num_nodes)[strategy]
+
+    def err(rs: Sequence[Mapping[str, np.ndarray]]) -> float:
+        agg = aggregate_with(make(), sent, rs, validate=validate)
+        return float(np.linalg.norm(agg["w"] - sent["w"] - target) / np.linalg.norm(target))
+
+    attacked = [poison(attack, strength, sent, replies[0], replies[1:]), *replies[1:]]
+    return {"no_attack": err(replies), "attacked": err(attacked)}
+
+
+def table(seeds: int = 5) -> list[str]:
+    """The markdown rows of docs/results.md's poisoning table (all strategies, clip on/off)."""
+    import logging
+
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr in ("_run_id", "_node_id", "_task_id"):  # a ServerApp's identity, for Messages
+        setattr(TaskIdentity, attr, 1)
+    for name in ("fedrank.server", "flwr"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    rows = []
+    for attack, strength in [("scale", 100.0), ("signflip", 1.0), ("signflip", 100.0),
+                             ("lie", 1.0)]:
+        for name in strategies(5):
+            for validate in (False, True):
+                errs = [measure(attack, strength, name, seed=k, validate=validate)
+                        for k in range(seeds)]
+                rows.append(
+                    f"| {attack} | {strength:g} | {name} | {'on' if validate else 'off'} | "
+                    f"{np.mean([e['no_attack'] for e in errs]):.3f} | "
+                    f"{np.mean([e['attacked'] for e in errs]):.3f} |"
+                )
+    return rows
+
+
+if __name__ == "__main__":
+    print("\n".join(table()))

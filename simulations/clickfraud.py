@@ -1,0 +1,136 @@
+"""Click fraud against the memorised evidence (issue 11), Flower-free.
+
+The same pipeline as ``simulations.evidence_study`` (what the regional federation computes
+for the evidence): the world's click log over the fold's seen queries, partitioned by
+region; each region keeps <= K sessions per user, clips each user's [clicks, exam] vector to
+C, adds Gaussian noise for its share of ε; the server sums. Bots: ``fraction`` of one
+region's users (added to that region), each searching the target query K times (the most
+that counts) and clicking the target product, shown at rank ``bot_rank``. The target is
+the query's least relevant judged product (ties: the one the clean model ranks lowest).
+
+``run(fraction=0.01, epsilon=1.0)`` returns the target's rank on the target query (1 =
+top) without and with the bots, and seen NDCG@10 of both. ``python -m
+simulations.clickfraud`` prints the rows of docs/results.md's table.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import numpy as np
+
+from privacy.accounting import calibrate_noise_multiplier
+from privacy.count_release import clip_and_sum
+from shared_model.catalog import cached_feature_builder
+from shared_model.data import DEFAULT_WANDS_DIR
+from shared_model.encoder import default_cache_dir
+from shared_model.evaluation import cosine_scorer, evaluate, query_folds
+from shared_model.evidence import (
+    EVIDENCE_CLICKS,
+    EVIDENCE_EXAM,
+    EVIDENCE_NOISE_VAR,
+    EvidenceIndex,
+    EvidenceModel,
+    UserPairRows,
+    user_pair_rows,
+)
+from shared_model.partition import partition_regional
+from shared_model.world import WorldConfig, simulate_click_log
+
+_CACHE: dict[tuple[int, int], Any] = {}
+
+
+def bot_rows(num_bots: int, pair: int, *, sessions: int, rank: int, first_user: int
+             ) -> UserPairRows:
+    """``num_bots`` users, each ``sessions`` sessions clicking ``pair`` shown at ``rank``."""
+    users = np.repeat(np.arange(first_user, first_user + num_bots, dtype=np.int64), sessions)
+    n = len(users)
+    return UserPairRows(user=users, pair=np.full(n, pair, np.int64), clicks=np.ones(n),
+                        exam=np.full(n, float(rank) ** -1.0), num_users=num_bots)
+
+
+def _world(users: int, seed: int) -> Any:
+    key = (users, seed)
+    if key not in _CACHE:
+        builder = cached_feature_builder(str(DEFAULT_WANDS_DIR), str(default_cache_dir()))
+        data = builder.data
+        index = EvidenceIndex(data)
+        unseen = set(query_folds(data.query_ids, num_folds=5, seed=seed)[0])
+        seen = [q for q in data.query_ids if q not in unseen]
+        log = simulate_click_log(data, WorldConfig(num_users=users, num_regions=5, seed=seed),
+                                 query_ids=seen)
+        parts = partition_regional(log)
+        rows = {r: user_pair_rows(p, index, max_sessions_per_user=2) for r, p in parts.items()}
+        _CACHE[key] = (builder, data, index, seen, rows)
+    return _CACHE[key]
+
+
+def run(
+    *, fraction: float, epsilon: float, users: int = 10_000, clip: float = 3.0,
+    share: float = 0.75, delta: float = 1e-5, bot_rank: int = 10, seed: int = 0,
+    query: str | None = None, evaluate_seen: bool = False,
+) -> dict[str, Any]:
+    builder, data, index, seen, rows = _world(users, seed)
+    base = cosine_scorer(builder)
+    region = sorted(rows)[0]
+    if query is None:  # a seen query with a full pool and real traffic: the most judged one
+        query = max(seen, key=lambda q: (len(index.products[q]), q))
+    pids = index.products[query]
+    grades = {j.product_id: j.relevance for j in data.judged(query)}
+    zs = np.asarray(base(query, pids))
+    target = min(pids, key=lambda p: (grades[p], float(zs[pids.index(p)])))
+    pair = int(index.query_pairs(query, [target])[0])
+    num_bots = int(round(fraction * rows[region].num_users))
+    sigma = 0.0 if math.isinf(epsilon) else calibrate_noise_multiplier(
+        target_epsilon=share * epsilon, delta=delta, sample_rate=1.0, steps=1)
+    rng = np.random.default_rng(seed + 1)
+    noise = {r: (rng.normal(0, sigma * clip, index.num_pairs),
+                 rng.normal(0, sigma * clip, index.num_pairs)) for r in rows}
+
+    def model(with_bots: bool) -> EvidenceModel:
+        clicks = np.zeros(index.num_pairs)
+        exam = np.zeros(index.num_pairs)
+        for r, rr in rows.items():
+            if with_bots and r == region and num_bots:
+                bots = bot_rows(num_bots, pair, sessions=2, rank=bot_rank,
+                                first_user=int(rr.user.max(initial=0)) + 1)
+                rr = UserPairRows(np.concatenate([rr.user, bots.user]),
+                                  np.concatenate([rr.pair, bots.pair]),
+                                  np.concatenate([rr.clicks, bots.clicks]),
+                                  np.concatenate([rr.exam, bots.exam]),
+                                  rr.num_users + num_bots)
+            c, e, _ = clip_and_sum(rr.user, rr.pair, rr.clicks, rr.exam,
+                                   num_pairs=index.num_pairs, clip_norm=clip)
+            clicks += c + noise[r][0]  # same noise draw with and without bots
+            exam += e + noise[r][1]
+        ev = {EVIDENCE_CLICKS: clicks, EVIDENCE_EXAM: exam,
+              EVIDENCE_NOISE_VAR: np.array([len(rows) * (sigma * clip) ** 2])}
+        return EvidenceModel(index, ev, base)
+
+    def rank(m: EvidenceModel) -> int:
+        scores = np.asarray(m(query, pids))
+        return int(1 + np.sum(scores > scores[pids.index(target)]))
+
+    clean, attacked = model(False), model(True)
+    out: dict[str, Any] = {
+        "attack": "clickfraud", "fraction": fraction,
+        "epsilon": "inf" if math.isinf(epsilon) else epsilon, "users": users,
+        "bots": num_bots, "region": region, "query": query, "target": target,
+        "pool": len(pids), "target_rank_before": rank(clean),
+        "target_rank_after": rank(attacked),
+    }
+    if evaluate_seen:
+        unseen = [q for q in data.query_ids if q not in set(seen)]
+        out["no_attack"] = {"seen": evaluate(data, seen, clean)["ndcg@10"],
+                            "unseen": evaluate(data, unseen, clean)["ndcg@10"]}
+        out["attacked"] = {"seen": evaluate(data, seen, attacked)["ndcg@10"],
+                           "unseen": evaluate(data, unseen, attacked)["ndcg@10"]}
+    return out
+
+
+if __name__ == "__main__":
+    for eps in (1.0, math.inf):
+        for frac in (0.001, 0.01, 0.05):
+            print(json.dumps(run(fraction=frac, epsilon=eps)), flush=True)
