@@ -312,8 +312,12 @@ def _variant(
     delta: float,
     confidence: float,
     head_factory: Callable[[], RankerHead],
+    on_run: Callable[[], None] | None = None,
 ) -> VariantOutcome:
-    """Train every run with σ = ``sigma_for(users)`` and score and guess all canaries."""
+    """Train every run with σ = ``sigma_for(users)`` and score and guess all canaries.
+
+    ``on_run`` is called after each run's training (progress reporting).
+    """
     scores = np.zeros(slots.m)
     sigmas: list[float | None] = []
     for k in range(int(slots.run.max()) + 1):
@@ -335,6 +339,8 @@ def _variant(
         )
         in_run = np.flatnonzero(slots.run == k)
         scores[in_run] = slots.sign[in_run] * deltas[slots.round[in_run]] / unit
+        if on_run is not None:
+            on_run()
     guesses = guess_above_threshold(scores=scores, included=included, threshold=GUESS_THRESHOLD)
     bound = epsilon_lower_bound(
         m=slots.m, r=guesses.guesses, v=guesses.correct, delta=delta, confidence=confidence
@@ -358,6 +364,7 @@ def run_canary_audit(
     scenario: str = "",
     confidence: float = DEFAULT_CONFIDENCE,
     head_factory: Callable[[], RankerHead] = RankerHead,
+    on_run: Callable[[], None] | None = None,
 ) -> CanaryAuditResult:
     """Audit one node's DP-SGD at the claimed ``epsilon``, with its σ = 0 positive control.
 
@@ -420,6 +427,7 @@ def run_canary_audit(
             delta=delta,
             confidence=confidence,
             head_factory=head_factory,
+            on_run=on_run,
         )
 
     threads = torch.get_num_threads()

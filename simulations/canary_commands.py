@@ -61,20 +61,26 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         if node >= chosen.world.num_regions:
             typer.echo(f"error: --node must be < {chosen.world.num_regions}", err=True)
             raise typer.Exit(2)
+        from fedrank.progress import progress
+
         cfg = chosen.run_config
-        result = run_canary_audit(
-            real=node_groups(scenario, node=node, catalog_dir=catalog),
-            epsilon=eps,
-            delta=float(cfg.get("delta", 1e-5)),
-            rounds=rounds or chosen.rounds,
-            runs=runs,
-            learning_rate=float(cfg.get("learning-rate", 0.5)),
-            batch_size=int(cfg.get("batch-size", 256)),
-            local_epochs=int(cfg.get("local-epochs", 1)),
-            clip_norm=float(cfg.get("clip-norm", 1.0)),
-            seed=seed,
-            scenario=scenario,
-        )
+        # Audited runs, then as many σ = 0 positive-control runs.
+        bar = progress(2 * runs, "canary audit runs")
+        with bar:
+            result = run_canary_audit(
+                real=node_groups(scenario, node=node, catalog_dir=catalog),
+                epsilon=eps,
+                delta=float(cfg.get("delta", 1e-5)),
+                rounds=rounds or chosen.rounds,
+                runs=runs,
+                learning_rate=float(cfg.get("learning-rate", 0.5)),
+                batch_size=int(cfg.get("batch-size", 256)),
+                local_epochs=int(cfg.get("local-epochs", 1)),
+                clip_norm=float(cfg.get("clip-norm", 1.0)),
+                seed=seed,
+                scenario=scenario,
+                on_run=lambda: bar.update(advance=1),
+            )
         sigma = result.noise_multiplier
         claimed = "inf" if math.isinf(eps) else f"{eps:g}"
         typer.echo(

@@ -210,7 +210,7 @@ def test_simulate_passes_the_scenario_file_and_data_to_the_runner(
 
     seen: dict[str, object] = {}
 
-    def fake_run_folds(scenario, *, run_dir, rounds, epsilon, folds, overrides, echo):  # type: ignore[no-untyped-def]
+    def fake_run_folds(scenario, *, run_dir, rounds, epsilon, folds, overrides, echo, dropout=0.0):  # type: ignore[no-untyped-def]  # noqa: E501
         seen.update(scenario=scenario, run_dir=run_dir, rounds=rounds, overrides=overrides)
         return {"rows": [], "wall_seconds": 0.0}
 
