@@ -43,15 +43,11 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         from shared_model.personal import learn_state, read_history
         from shared_model.recommend import Recommender
         from shared_model.release import ReleaseError, load_public_key
+        from shared_model.release_commands import require_verified_release
         from shared_model.schema import DataError
         from shared_model.scoring import DeviceRanker
 
-        if public_key is None and not unverified:
-            typer.echo("error: refusing an unverified release: pass --public-key "
-                       "server-signing.pub (or --unverified to use it anyway)", err=True)
-            raise typer.Exit(code=2)
-        if unverified and public_key is None:
-            typer.echo("warning: release not verified (--unverified)", err=True)
+        require_verified_release(public_key, unverified=unverified, use="use it")
         try:
             key = load_public_key(Path(public_key)) if public_key else None
             data = load_judged_dir(Path(data_dir) if data_dir else DEFAULT_WANDS_DIR)

@@ -45,12 +45,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         from shared_model.schema import DataError
         from shared_model.scoring import DeviceRanker, top_by_bm25
 
-        if public_key is None and not unverified:
-            typer.echo("error: refusing an unverified release: pass --public-key "
-                       "server-signing.pub (or --unverified to score it anyway)", err=True)
-            raise typer.Exit(code=2)
-        if unverified and public_key is None:
-            typer.echo("warning: release not verified (--unverified)", err=True)
+        require_verified_release(public_key, unverified=unverified, use="score it")
         try:
             key = load_public_key(Path(public_key)) if public_key else None
             data = load_judged_dir(Path(data_dir) if data_dir else DEFAULT_WANDS_DIR)
@@ -214,3 +209,16 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         else:
             for name, value in result.items():
                 typer.echo(f"{name:>26}  {value}")
+
+
+def require_verified_release(public_key: str | None, *, unverified: bool, use: str) -> None:
+    """One policy for every on-device command: a release is verified unless the user opts out.
+
+    Exits 2 when neither ``--public-key`` nor ``--unverified`` is given; warns on opt-out.
+    """
+    if public_key is None and not unverified:
+        typer.echo("error: refusing an unverified release: pass --public-key "
+                   f"server-signing.pub (or --unverified to {use} anyway)", err=True)
+        raise typer.Exit(code=2)
+    if unverified and public_key is None:
+        typer.echo("warning: release not verified (--unverified)", err=True)
