@@ -165,6 +165,7 @@ def run_regional(grid: Grid, settings: RunSettings) -> None:
         after_round=lambda rnd, weights, metrics: publisher.maybe_publish(
             rnd, split_evidence(served(weights))[0], metrics=metrics,
             epsilon_per_node=strategy.node_epsilon,
+            evidence=lambda: evaluator.release_evidence(served(weights)),
         ),
     )
     if remaining <= 0:

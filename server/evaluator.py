@@ -26,6 +26,7 @@ from shared_model.evaluation import (
 )
 from shared_model.evidence import EvidenceIndex, EvidenceModel, split_evidence
 from shared_model.ranker import HeadConfig, RankerHead
+from shared_model.release_evidence import ReleaseEvidence
 from shared_model.settings import RunSettings
 from shared_model.state import load_head_state
 
@@ -74,6 +75,14 @@ class CentralEvaluator:
         if evidence is None:
             return base
         return EvidenceModel(self.evidence_index(), evidence, base)
+
+    def release_evidence(self, arrays: dict[str, np.ndarray]) -> ReleaseEvidence | None:
+        """What a release of ``arrays`` carries of the memorised evidence (``None`` when the
+        state has none): the scorer's evidence model packed per seen query."""
+        model = self.scorer(arrays)
+        if not isinstance(model, EvidenceModel):
+            return None
+        return ReleaseEvidence.from_model(model, self.builder.data, self.builder.product_ids)
 
     def __call__(self, arrays: dict[str, np.ndarray]) -> dict[str, float]:
         return self._views(self.scorer(arrays))

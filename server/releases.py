@@ -15,7 +15,7 @@ good one (``client.releases.install_latest_release``).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +31,7 @@ from shared_model.release import (
     write_public_key,
     write_release,
 )
+from shared_model.release_evidence import ReleaseEvidence
 from shared_model.state import load_head_state
 
 log = logging.getLogger("fedrank.server")
@@ -77,8 +78,13 @@ class ReleasePublisher:
         *,
         metrics: Mapping[str, float],
         epsilon_per_node: Mapping[str, float],
+        evidence: Callable[[], ReleaseEvidence | None] | None = None,
     ) -> Path | None:
-        """Publish if this round is due; returns the release folder."""
+        """Publish if this round is due; returns the release folder.
+
+        ``evidence`` builds the memorised click evidence the release carries (called only
+        when a release is due).
+        """
         due = bool(self.every) and server_round % self.every == 0
         if not due and server_round != self.final_round:
             return None
@@ -90,7 +96,7 @@ class ReleasePublisher:
         write_release(
             target, head=head, version=f"round-{server_round:04d}", round=server_round,
             epsilon_per_node=dict(epsilon_per_node), metrics=dict(metrics),
-            signing_key=self.key,
+            signing_key=self.key, evidence=evidence() if evidence is not None else None,
         )
         log.info("[fedrank] release %s written and signed", target.name)
         return target

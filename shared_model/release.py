@@ -3,6 +3,8 @@
 A release is one directory::
 
     head.onnx       relevance tower, input ``features`` [N, F] float32 -> output ``scores`` [N]
+    evidence.npz    (optional) the memorised DP click evidence of the seen queries
+                    (``shared_model.release_evidence``): a seen query is scored with it
     manifest.json   version, round, ε per node, metrics, feature names, head config,
                     created-at, and the sha256 of every other file in the release
     manifest.sig    raw 64-byte Ed25519 signature over the exact bytes of manifest.json
@@ -41,6 +43,7 @@ from torch import nn
 
 from shared_model.features import FEATURE_NAMES
 from shared_model.ranker import RankerHead
+from shared_model.release_evidence import EVIDENCE_FILE, ReleaseEvidence
 
 __all__ = [
     "CURRENT_FILE",
@@ -266,9 +269,12 @@ def write_release(
     epsilon_per_node: Mapping[str, float],
     metrics: Mapping[str, float],
     signing_key: Ed25519PrivateKey,
+    evidence: ReleaseEvidence | None = None,
 ) -> Path:
     """Write a signed release into ``directory`` (which must not exist, or be empty).
 
+    ``evidence`` (the memorised click evidence of the seen queries, already DP) is written as
+    ``evidence.npz`` and listed in the manifest, so the signature covers it like the head.
     The release is assembled in a temporary sibling directory and renamed into place, so
     ``directory`` either holds a complete release or nothing.
 
@@ -292,7 +298,12 @@ def write_release(
     if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
         raise FileExistsError(f"release directory {directory} already exists and is not empty")
 
+    if evidence is not None and not isinstance(evidence, ReleaseEvidence):
+        raise TypeError(f"evidence must be a ReleaseEvidence, got {type(evidence).__name__}")
     onnx_bytes = export_onnx(head)
+    payload = {MODEL_FILE: onnx_bytes}
+    if evidence is not None:
+        payload[EVIDENCE_FILE] = evidence.to_bytes()
     manifest = Manifest(
         version=version,
         round=round,
@@ -301,7 +312,7 @@ def write_release(
         feature_names=tuple(FEATURE_NAMES),
         head_config=dataclasses.asdict(head.config),
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
-        files={MODEL_FILE: _sha256_bytes(onnx_bytes)},
+        files={name: _sha256_bytes(data) for name, data in payload.items()},
     )
     manifest_bytes = _manifest_bytes(manifest)
     signature = signing_key.sign(manifest_bytes)
@@ -309,7 +320,8 @@ def write_release(
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
-        (tmp / MODEL_FILE).write_bytes(onnx_bytes)
+        for name, data in payload.items():
+            (tmp / name).write_bytes(data)
         (tmp / MANIFEST_FILE).write_bytes(manifest_bytes)
         (tmp / SIGNATURE_FILE).write_bytes(signature)
         tmp.chmod(0o755)

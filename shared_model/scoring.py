@@ -33,8 +33,14 @@ from shared_model.release import (
     OUTPUT_NAME,
     Manifest,
     ReleaseError,
+    load_verified_release,
     read_manifest,
-    verify_release,
+)
+from shared_model.release_evidence import (
+    EVIDENCE_FILE,
+    EvidenceEntry,
+    EvidenceError,
+    ReleaseEvidence,
 )
 
 __all__ = [
@@ -74,27 +80,27 @@ class OnnxScorer:
 
         self.release_dir = Path(release_dir)
         self.manifest: Manifest | None
+        # The release's files as read (and, with a key, verified): what is used is what was
+        # checked, read once.
+        self.files: dict[str, bytes]
         if public_key is not None:
-            self.manifest = verify_release(self.release_dir, public_key)
-        elif (self.release_dir / MANIFEST_FILE).is_file():
-            self.manifest = read_manifest(self.release_dir)
+            self.manifest, self.files = load_verified_release(self.release_dir, public_key)
         else:
-            self.manifest = None
-        model_path = self.release_dir / MODEL_FILE
-        try:
-            model_bytes = model_path.read_bytes()
-        except OSError as exc:
-            raise ReleaseError(
-                f"release {self.release_dir}: cannot read {MODEL_FILE}: {exc}"
-            ) from None
-        if public_key is not None and self.manifest is not None:
-            import hashlib
-
-            # Read once, check these very bytes: no window between verifying and loading.
-            if hashlib.sha256(model_bytes).hexdigest() != self.manifest.files[MODEL_FILE]:
-                raise ReleaseError(
-                    f"release {self.release_dir}: {MODEL_FILE} changed after it was verified"
-                )
+            self.manifest = (
+                read_manifest(self.release_dir)
+                if (self.release_dir / MANIFEST_FILE).is_file() else None
+            )
+            self.files = {}
+            for name in (MODEL_FILE, EVIDENCE_FILE):
+                path = self.release_dir / name
+                if name == MODEL_FILE or path.is_file():
+                    try:
+                        self.files[name] = path.read_bytes()
+                    except OSError as exc:
+                        raise ReleaseError(
+                            f"release {self.release_dir}: cannot read {name}: {exc}"
+                        ) from None
+        model_bytes = self.files[MODEL_FILE]
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1
         options.inter_op_num_threads = 1
@@ -213,7 +219,14 @@ def top_by_bm25(builder: FeatureBuilder, query_text: str, k: int = 100) -> list[
 
 
 class DeviceRanker:
-    """Ranks candidate products for a query with a release's ONNX head.
+    """Ranks candidate products for a query with a release's ONNX head, and with the
+    release's memorised click evidence when the query is a seen one.
+
+    Two paths (:meth:`path`): a query whose normalised text the release's ``evidence.npz``
+    holds (a *seen* query, exact match) is scored with its memorised evidence, the head's
+    scores being the prior's base (``shared_model.release_evidence``; scores are then
+    credibility-weighted click probabilities); any other query (or a release without
+    evidence) is ranked by the head alone (scores are the head's logits).
 
     Parameters
     ----------
@@ -236,6 +249,7 @@ class DeviceRanker:
         public_key: Ed25519PublicKey | None = None,
         *,
         query_encoder: QueryEncoder | Literal["onnx", "torch"] = "onnx",
+        use_evidence: bool = True,
     ) -> None:
         self.scorer = OnnxScorer(release_dir, public_key)
         self.builder = builder
@@ -259,10 +273,50 @@ class DeviceRanker:
                 f"this build computes {NUM_FEATURES}"
             )
 
+        self.evidence: ReleaseEvidence | None = None
+        evidence_bytes = self.scorer.files.get(EVIDENCE_FILE)
+        if use_evidence and evidence_bytes is not None:
+            try:
+                evidence = ReleaseEvidence.from_bytes(
+                    evidence_bytes, where=f"release {release_dir}: {EVIDENCE_FILE}"
+                )
+                evidence.check_catalog(builder.product_ids)
+            except EvidenceError as exc:
+                raise ReleaseError(f"release {release_dir}: {exc}") from None
+            self.evidence = evidence
+
+    def _entry(self, query_text: str) -> EvidenceEntry | None:
+        return None if self.evidence is None else self.evidence.lookup(query_text)
+
+    def path(self, query_text: str) -> Literal["evidence", "head"]:
+        """``"evidence"`` when the release memorised this query (seen), else ``"head"``."""
+        return "head" if self._entry(query_text) is None else "evidence"
+
+    def memorised_products(self, query_text: str) -> list[str]:
+        """The product ids the release memorised for a seen query (``[]`` when unseen)."""
+        entry = self._entry(query_text)
+        if entry is None:
+            return []
+        ids = self.builder.product_ids
+        return [ids[int(r)] for r in entry.product_rows]
+
+    def scores_for_vector(
+        self, query_text: str, query_vector: np.ndarray, candidate_ids: Sequence[str]
+    ) -> np.ndarray:
+        """:meth:`scores` with the query already encoded."""
+        head = self.scorer.scores(
+            candidate_features(self.builder, query_text, query_vector, candidate_ids)
+        )
+        entry = self._entry(query_text)
+        if entry is None or self.evidence is None:
+            return head
+        return self.evidence.apply(entry, self.builder.rows(candidate_ids), head)
+
     def scores(self, query_text: str, candidate_ids: Sequence[str]) -> np.ndarray:
-        """Relevance logits ``[len(candidate_ids)]`` (candidates standardised as one pool)."""
+        """Scores ``[len(candidate_ids)]``, higher is better (candidates standardised as one
+        pool): the head's logits, or for a seen query its evidence-shrunk scores."""
         q = encode_query(self.builder, query_text, self.query_encoder)
-        return self.scorer.scores(candidate_features(self.builder, query_text, q, candidate_ids))
+        return self.scores_for_vector(query_text, q, candidate_ids)
 
     def rank(
         self, query_text: str, candidate_ids: Sequence[str], top: int = 10

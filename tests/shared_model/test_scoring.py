@@ -250,8 +250,9 @@ def test_cli_score(
     result = runner.invoke(cli, [*args, "--candidates", str(candidates), "--top", "5"])
     assert result.exit_code == 0, result.output
     lines = result.stdout.strip().splitlines()
-    assert lines[0].split()[:3] == ["rank", "score", "product_id"]
-    rows = [line.split(maxsplit=3) for line in lines[1:]]
+    assert lines[0] == "path: head (no evidence in the release: ranked by the head alone)"
+    assert lines[1].split()[:3] == ["rank", "score", "product_id"]
+    rows = [line.split(maxsplit=3) for line in lines[2:]]
     assert [r[0] for r in rows] == ["1", "2", "3", "4", "5"]
     expected = DeviceRanker(release, builder).rank(text, pool, top=5)
     assert [r[2] for r in rows] == [p for p, _ in expected]
@@ -261,7 +262,7 @@ def test_cli_score(
     # Default candidates: the catalog's BM25 top-100.
     result = runner.invoke(cli, [*args, "--top", "3"])
     assert result.exit_code == 0, result.output
-    ids = [line.split()[2] for line in result.stdout.strip().splitlines()[1:]]
+    ids = [line.split()[2] for line in result.stdout.strip().splitlines()[2:]]
     default = DeviceRanker(release, builder).rank(text, top_by_bm25(builder, text, 100), top=3)
     assert ids == [p for p, _ in default]
 
@@ -283,4 +284,210 @@ def test_cli_bench_score(cli: typer.Typer) -> None:
     for name in ("encode_and_score", "encode", "torch_encode", "head", "torch_head"):
         assert 0 < report[f"{name}_p50_ms"] <= report[f"{name}_p99_ms"]
     assert report["query_encoder"] == "onnx"
+    # The default release carries synthetic evidence over every catalog query: the seen path
+    # (encode + features + head + evidence) is timed too.
+    assert report["evidence"] == "synthetic" and report["evidence_queries"] >= 1
+    assert report["evidence_bytes"] > 0
+    assert 0 < report["seen_encode_and_score_p50_ms"] <= report["seen_encode_and_score_p99_ms"]
+    assert 0 < report["seen_evidence_overhead_p50_ms"] <= report["seen_evidence_overhead_p99_ms"]
     assert report["repeats"] == 5 and report["candidates"] == 100 and report["threads"] == 1
+
+
+# --- memorised evidence in the release (issue 9) ------------------------------------------
+
+SEEN = range(0, 12)  # catalog query indices given click evidence; the rest stay unseen
+
+
+def evidence_model(builder: FeatureBuilder, head: RankerHead, seed: int = 0):
+    """A server-side EvidenceModel over the real catalog index: strong seeded click evidence
+    on the SEEN queries (true attractiveness independent of the head), none elsewhere."""
+    from shared_model.evaluation import head_scorer
+    from shared_model.evidence import (
+        EVIDENCE_CLICKS,
+        EVIDENCE_EXAM,
+        EVIDENCE_NOISE_VAR,
+        EvidenceIndex,
+        EvidenceModel,
+    )
+
+    index = EvidenceIndex(builder.data)
+    rng = np.random.default_rng(seed)
+    clicks = np.zeros(index.num_pairs, np.float32)
+    exam = np.zeros(index.num_pairs, np.float32)
+    for i in SEEN:
+        q = builder.data.query_ids[i]
+        sl = slice(index.offsets[q], index.offsets[q] + len(index.products[q]))
+        e = rng.uniform(300.0, 600.0, sl.stop - sl.start)
+        exam[sl] = e
+        clicks[sl] = e * rng.uniform(0.02, 0.9, len(e))
+    arrays = {EVIDENCE_CLICKS: clicks, EVIDENCE_EXAM: exam,
+              EVIDENCE_NOISE_VAR: np.array([4.0], np.float32)}
+    return EvidenceModel(index, arrays, head_scorer(head, builder))
+
+
+def evidence_release(directory: Path, key: Ed25519PrivateKey, builder: FeatureBuilder,
+                     head: RankerHead, **kwargs) -> Path:
+    from shared_model.release_evidence import ReleaseEvidence
+
+    pack = ReleaseEvidence.from_model(
+        evidence_model(builder, head), builder.data, builder.product_ids, **kwargs
+    )
+    return write_release(directory, head=head, version="v1", round=1,
+                         epsilon_per_node={"node-0": 1.0}, metrics={}, signing_key=key,
+                         evidence=pack)
+
+
+def test_release_evidence_packs_seen_queries_only(builder: FeatureBuilder) -> None:
+    from shared_model.release_evidence import EvidenceError, ReleaseEvidence, normalise_query
+
+    model = evidence_model(builder, trained_like_head(2))
+    pack = ReleaseEvidence.from_model(model, builder.data, builder.product_ids)
+    data = builder.data
+    assert set(pack.queries) == {normalise_query(data.queries[data.query_ids[i]].text)
+                                 for i in SEEN}
+    assert pack.prior == model.prior and pack.noise_var == pytest.approx(4.0)
+    again = ReleaseEvidence.from_bytes(pack.to_bytes())
+    assert again.prior == pack.prior and set(again.queries) == set(pack.queries)
+    for k, entry in pack.queries.items():
+        np.testing.assert_array_equal(again.queries[k].product_rows, entry.product_rows)
+        np.testing.assert_array_equal(again.queries[k].clicks, entry.clicks)
+    assert pack.to_bytes() == again.to_bytes()  # deterministic bytes
+    half = ReleaseEvidence.from_model(model, data, builder.product_ids, dtype="float16")
+    assert len(half.to_bytes()) < len(pack.to_bytes())
+    with pytest.raises(EvidenceError, match="'float64'"):
+        ReleaseEvidence.from_model(model, data, builder.product_ids, dtype="float64")
+    with pytest.raises(EvidenceError, match="not a readable evidence file"):
+        ReleaseEvidence.from_bytes(b"not a zip")
+    with pytest.raises(EvidenceError, match="catalog"):
+        pack.check_catalog(builder.product_ids[:-1])
+    assert normalise_query("  Modern\tBLUE  Velvet ") == "modern blue velvet"
+
+
+def test_evidence_changes_seen_ranking_not_unseen(
+    tmp_path: Path, key: Ed25519PrivateKey, builder: FeatureBuilder
+) -> None:
+    head = trained_like_head(3)
+    release = evidence_release(tmp_path / "r", key, builder, head)
+    assert (release / "evidence.npz").is_file()
+    ranker = DeviceRanker(release, builder, key.public_key())
+    head_only = DeviceRanker(release, builder, key.public_key(), use_evidence=False)
+    model = evidence_model(builder, head)
+    data = builder.data
+    for i in SEEN:
+        qid = data.query_ids[i]
+        text, pool = data.queries[qid].text, sorted(model.index.products[qid])
+        # Exact normalised match: case and spacing do not matter.
+        assert ranker.path(text) == ranker.path(f"  {text.upper()} ") == "evidence"
+        got = ranker.scores(text, pool)
+        # The device ranks a seen query as the server's evaluator does.
+        np.testing.assert_allclose(got, model(qid, pool), rtol=1e-5, atol=1e-6)
+        assert sorted(ranker.memorised_products(text)) == pool
+    changed = 0
+    for i in SEEN:
+        text, pool = catalog_query(builder, i)
+        changed += [p for p, _ in ranker.rank(text, pool)] != [
+            p for p, _ in head_only.rank(text, pool)]
+    assert changed >= len(SEEN) - 1  # strong evidence reorders (nearly) every seen query
+    for i in range(len(SEEN), len(data.query_ids)):  # unseen: the head alone, exactly
+        text, pool = catalog_query(builder, i)
+        assert ranker.path(text) == "head" and ranker.memorised_products(text) == []
+        np.testing.assert_array_equal(ranker.scores(text, pool), head_only.scores(text, pool))
+    assert ranker.path(data.queries[data.query_ids[0]].text + " extra") == "head"
+
+
+def test_altered_evidence_is_refused(
+    tmp_path: Path, key: Ed25519PrivateKey, builder: FeatureBuilder
+) -> None:
+    from shared_model.release_evidence import ReleaseEvidence
+
+    release = evidence_release(tmp_path / "r", key, builder, trained_like_head(4))
+    path = release / "evidence.npz"
+    original = path.read_bytes()
+    pack = ReleaseEvidence.from_bytes(original)
+    # Boost one product of one seen query, a well-formed file: only the signature catches it.
+    key0 = sorted(pack.queries)[0]
+    pack.queries[key0].clicks[0] += 1e4
+    path.write_bytes(pack.to_bytes())
+    with pytest.raises(ReleaseError, match="evidence.npz has sha256"):
+        DeviceRanker(release, builder, key.public_key())
+    # ... and re-listing its hash in the manifest breaks the manifest's signature.
+    manifest = json.loads((release / "manifest.json").read_text())
+    import hashlib
+
+    manifest["files"]["evidence.npz"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (release / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ReleaseError, match="does not verify"):
+        DeviceRanker(release, builder, key.public_key())
+    # Dropping the evidence from a signed release is refused too (listed but missing).
+    fresh = evidence_release(tmp_path / "r2", key, builder, trained_like_head(4))
+    (fresh / "evidence.npz").unlink()
+    with pytest.raises(ReleaseError, match="evidence.npz is listed in the manifest but missing"):
+        DeviceRanker(fresh, builder, key.public_key())
+    # A verified release installs (and scores) as one self-contained folder.
+    from shared_model.release import ReleaseStore
+
+    good = evidence_release(tmp_path / "r3", key, builder, trained_like_head(4))
+    store = ReleaseStore(tmp_path / "node")
+    store.install(good, key.public_key())
+    installed = store.current()
+    assert installed is not None and (installed / "evidence.npz").read_bytes() == original
+    text = builder.data.queries[builder.data.query_ids[0]].text
+    assert DeviceRanker(installed, builder, key.public_key()).path(text) == "evidence"
+
+
+def golden_release(tmp_path: Path, key: Ed25519PrivateKey, builder: FeatureBuilder) -> Path:
+    """Seeded head + seeded strong evidence for catalog query 5 only."""
+    from shared_model.evidence import PriorFit
+    from shared_model.release_evidence import (
+        EvidenceEntry,
+        ReleaseEvidence,
+        catalog_sha256,
+        normalise_query,
+    )
+
+    text, pool = catalog_query(builder, 5)
+    pool = sorted(pool)
+    rng = np.random.default_rng(2026)
+    exam = np.full(len(pool), 2000.0)
+    pack = ReleaseEvidence(
+        queries={normalise_query(text): EvidenceEntry(
+            builder.rows(pool), np.round(exam * rng.uniform(0.01, 0.95, len(pool))), exam)},
+        prior=PriorFit(a=0.3, b=0.1, tau2=0.02), noise_var=1.0,
+        catalog=catalog_sha256(builder.product_ids), num_products=len(builder.product_ids),
+    )
+    return write_release(tmp_path / "golden", head=trained_like_head(5), version="v1",
+                         round=1, epsilon_per_node={"node-0": 1.0}, metrics={},
+                         signing_key=key, evidence=pack)
+
+
+# Top 5 of catalog query 5's judged pool under golden_release's evidence (seed 2026).
+GOLDEN_TOP5 = ["23403", "14380", "23416", "36986", "23420"]
+
+
+def test_cli_score_golden_seen_and_unseen(
+    tmp_path: Path, key: Ed25519PrivateKey, builder: FeatureBuilder, cli: typer.Typer
+) -> None:
+    release = golden_release(tmp_path, key, builder)
+    public = write_public_key(key, tmp_path / "public.pem")
+    text, pool = catalog_query(builder, 5)
+    candidates = tmp_path / "candidates.txt"
+    candidates.write_text("\n".join(pool) + "\n")
+    args = ["score", "--release", str(release), "--public-key", str(public), "--top", "5"]
+    runner = CliRunner()
+    result = runner.invoke(cli, [*args, "--query", text, "--candidates", str(candidates)])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].startswith("path: evidence (seen query")
+    assert [line.split()[2] for line in lines[2:]] == GOLDEN_TOP5
+    # Default candidates: BM25 top-100 plus the memorised products.
+    result = runner.invoke(cli, [*args, "--query", text.upper()])
+    assert result.exit_code == 0 and result.stdout.startswith("path: evidence")
+    # Another query: the head alone, exactly as a release without evidence ranks it.
+    other, other_pool = catalog_query(builder, 6)
+    candidates.write_text("\n".join(other_pool) + "\n")
+    result = runner.invoke(cli, [*args, "--query", other, "--candidates", str(candidates)])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.strip().splitlines()
+    assert lines[0] == "path: head (unseen query: ranked by the head alone)"
+    plain = DeviceRanker(release, builder, use_evidence=False).rank(other, other_pool, top=5)
+    assert [line.split()[2] for line in lines[2:]] == [p for p, _ in plain]
