@@ -1,18 +1,23 @@
 """Online A/B tests in simulation: simulated users click on what each round's model shows.
 
 For a run directory, every round's global model is put in front of simulated users and
-compared with (b) BM25, the logging ranker, and (c) the previous round's model (round 0 =
-the untrained head, i.e. zero-shot MiniLM). No training and no Flower here.
+compared with (b) BM25, the logging ranker, (c) zero-shot MiniLM (the frozen encoder's cosine,
+what a shop gets without any training) and (d) the previous round's model (round 0 = the
+untrained head, i.e. zero-shot MiniLM), on two views of the queries: **unseen** (the
+held-out fold) and **seen** (the fold's training queries, whose clicks the nodes learned
+from). No training and no Flower here.
 
 Models
-    Round r's weights come from ``RUN_DIR/releases/round-NNNN/head.onnx`` when that signed
-    release exists (scored with onnxruntime, exactly as a node serves; verified against
-    ``RUN_DIR.keys/server-signing.pub`` when present), else from ``checkpoints/round-NNNN.npz`` (the
-    head state; ``strategy/*`` arrays are skipped).
+    Round r's weights come from ``RUN_DIR/releases/round-NNNN/`` when that signed release
+    exists, scored exactly as a device serves it (``shared_model.scoring``: ``head.onnx`` in
+    onnxruntime; a seen query whose normalised text the release's ``evidence.npz`` memorised is
+    scored with that DP click evidence too; verified against
+    ``RUN_DIR.keys/server-signing.pub`` when present), else from ``checkpoints/round-NNNN.npz``
+    (the head state alone; ``strategy/*`` and evidence arrays are skipped).
 
 Traffic
-    The held-out fold's queries only (``config.json``: ``eval-fold``, ``num-folds``,
-    ``seed``; ``shared_model.evaluation.query_folds``): no node ever trained on them. Each
+    Per view, that view's queries (``config.json``: ``eval-fold``, ``num-folds``, ``seed``;
+    ``shared_model.evaluation.seen_unseen_queries``); no node ever trained on an unseen one. Each
     simulated user runs max(1, Poisson(5)) sessions; a session issues a query drawn
     uniformly from the fold, sees the arm's top 10 of the query's judged pool and clicks
     each result independently with the position-based click model's default probability
@@ -25,8 +30,9 @@ Design: A/B split by user, 50/50
     sees arm A, the other half arm B, for all their sessions (a user never switches arm).
     The same simulated users (same queries and click randomness, same split) are used for
     every round of a comparison, so round-to-round changes come from the models, not from
-    re-drawing the users. Interleaving would need fewer users, but an A/B split reports
-    what operators read (each arm's CTR) and extends to any metric.
+    re-drawing the users; each (view, comparison) pair has its own seeded users.
+    Interleaving would need fewer users, but an A/B split reports what operators read (each
+    arm's CTR) and extends to any metric.
 
 CTR and its interval
     CTR = clicks / impressions of an arm (10 impressions per session). Sessions of one user
@@ -36,6 +42,22 @@ CTR and its interval
     on the log scale, the relative lift CTR_A / CTR_B - 1; ``bootstrap=N`` uses a percentile
     bootstrap over users instead (N resamples per arm; slower, agrees within a few percent
     of the width at these sizes, tested).
+
+``ab.json`` (also what ``fedrank ab --json`` prints)
+    ``run_dir``, ``scenario``, ``epsilon``, ``eval_fold``, ``held_out_queries`` (unseen),
+    ``seen_queries``, ``users_per_experiment``, ``design``, ``json``, ``plot``, ``rounds``
+    (one per round with a model, ascending) and ``final`` (the last of them). A round is::
+
+        {"round": r, "source": "release" | "checkpoint",
+         "evidence": true when seen queries were scored with the release's evidence,
+         "unseen": {"vs_bm25": LIFT, "vs_zero_shot": LIFT, "vs_previous": LIFT},
+         "seen":   {"vs_bm25": LIFT, "vs_zero_shot": LIFT, "vs_previous": LIFT},
+         "vs_bm25": ..., "vs_previous": ...}   # = the unseen ones (kept for older readers)
+
+    ``LIFT`` is :func:`ctr_lift`'s dict, arm A = the round's model, arm B = the comparator
+    (``ctr_a``, ``ctr_b``, ``users_a``, ``users_b``, ``lift``, ``lift_ci``,
+    ``relative_lift``, ``relative_lift_ci``, ``interval``); ``vs_previous`` also has
+    ``previous_round``. Non-finite numbers are written as strings (``"nan"``).
 """
 
 from __future__ import annotations
@@ -45,7 +67,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -56,6 +78,10 @@ SESSIONS_PER_USER = 5.0
 
 # Features [N, F] of a query's pool -> scores [N], higher is better.
 Scorer = Callable[[np.ndarray], np.ndarray]
+# (query id, the pool's product ids, its features [N, F]) -> scores [N], higher is better.
+QueryScorer = Callable[[str, Sequence[str], np.ndarray], np.ndarray]
+VIEWS = ("unseen", "seen")
+COMPARATORS = ("vs_bm25", "vs_zero_shot", "vs_previous")
 
 
 # ---- statistics --------------------------------------------------------------------------
@@ -226,18 +252,38 @@ def bm25_scores(features: np.ndarray) -> np.ndarray:
     return features[:, FEATURE_NAMES.index("bm25")]
 
 
+def zero_shot_scorer(builder: Any) -> QueryScorer:
+    """Zero-shot MiniLM: cosine of the query's and each product's full-text embedding."""
+
+    def scorer(query_id: str, pids: Sequence[str], features: np.ndarray) -> np.ndarray:
+        text = builder.data.queries[query_id].text
+        return np.asarray(builder.full[builder.rows(pids)] @ builder.query_vector(text))
+
+    return scorer
+
+
+def by_features(scorer: Scorer) -> QueryScorer:
+    """A features-only scorer as a :data:`QueryScorer`."""
+    return lambda query_id, pids, features: scorer(features)
+
+
 def shown_relevance(
-    scorer: Scorer,
+    scorer: Scorer | QueryScorer,
     pools: dict[str, tuple[list[str], np.ndarray]],
     judged: dict[str, dict[str, float]],
     query_ids: Sequence[str],
+    *,
+    per_query: bool = False,
 ) -> np.ndarray:
     """``[queries, TOP_K]`` judged relevance of the scorer's top 10 (ties by product id;
-    a pool smaller than 10 pads with -1 = nothing shown)."""
+    a pool smaller than 10 pads with -1 = nothing shown). ``per_query``: ``scorer`` is a
+    :data:`QueryScorer`, else it takes the features alone."""
     out = np.full((len(query_ids), TOP_K), -1.0)
     for i, q in enumerate(query_ids):
         pids, feats = pools[q]
-        scores = np.asarray(scorer(feats), dtype=np.float64)
+        raw = (cast(QueryScorer, scorer)(q, pids, feats) if per_query
+               else cast(Scorer, scorer)(feats))
+        scores = np.asarray(raw, dtype=np.float64)
         order = np.lexsort((np.arange(len(pids)), -scores))[:TOP_K]
         out[i, : len(order)] = [judged[q][pids[j]] for j in order]
     return out
@@ -330,6 +376,36 @@ def model_scorer(kind: str, path: Path | None, *, hidden_dim: int) -> Scorer:
     return OnnxScorer(path, load_public_key(key_path) if key_path.exists() else None).scores
 
 
+def round_ranker(kind: str, path: Path | None, *, hidden_dim: int, builder: Any
+                 ) -> tuple[QueryScorer, bool]:
+    """One round's model as a :data:`QueryScorer`, and whether it carries memorised evidence:
+    a release is scored as a device scores it (``DeviceRanker``: head + evidence for a seen
+    query), a checkpoint (or ``path=None``) by its head alone."""
+    if kind != "release" or path is None:
+        return by_features(model_scorer(kind, path, hidden_dim=hidden_dim)), False
+    from shared_model.release import ReleaseError, default_public_key_path, load_public_key
+    from shared_model.release_evidence import EVIDENCE_FILE, EvidenceError, ReleaseEvidence
+    from shared_model.scoring import OnnxScorer
+
+    key_path = default_public_key_path(path.parent.parent)
+    onnx = OnnxScorer(path, load_public_key(key_path) if key_path.exists() else None)
+    data = onnx.files.get(EVIDENCE_FILE)
+    if data is None:
+        return by_features(onnx.scores), False
+    try:
+        evidence = ReleaseEvidence.from_bytes(data, where=f"release {path}: {EVIDENCE_FILE}")
+        evidence.check_catalog(builder.product_ids)
+    except EvidenceError as exc:
+        raise ReleaseError(f"release {path}: {exc}") from None
+
+    def scorer(query_id: str, pids: Sequence[str], features: np.ndarray) -> np.ndarray:
+        head = onnx.scores(features)
+        entry = evidence.lookup(builder.data.queries[query_id].text)
+        return head if entry is None else evidence.apply(entry, builder.rows(pids), head)
+
+    return scorer, True
+
+
 def run_ab(
     run_dir: Path,
     *,
@@ -339,15 +415,19 @@ def run_ab(
     out_dir: Path | None = None,
     builder: Any = None,
 ) -> dict[str, Any]:
-    """A/B tests of every round's model vs BM25 and vs the previous round; JSON + PNG."""
+    """A/B tests of every round's model vs BM25, vs zero-shot MiniLM and vs the previous
+    round, on unseen and on seen queries; writes ``ab.json`` (keys: module docstring) and
+    ``ab.png`` and returns the same dict."""
     from shared_model.catalog import cached_feature_builder
     from shared_model.data import DEFAULT_WANDS_DIR
-    from shared_model.evaluation import query_folds
+    from shared_model.evaluation import seen_unseen_queries
 
     run_dir = Path(run_dir)
     config_path = run_dir / "config.json"
     if not config_path.exists():
         raise FileNotFoundError(f"{config_path} not found: is {run_dir} a fedrank run directory?")
+    if users < 2:
+        raise ValueError(f"users must be >= 2 (one per arm), got {users!r}")
     config = json.loads(config_path.read_text())
     sources = round_sources(run_dir)
     if not sources:
@@ -357,34 +437,52 @@ def run_ab(
             config.get("catalog-dir") or str(DEFAULT_WANDS_DIR), config.get("cache-dir", "")
         )
     data = builder.data
-    seed_base = int(config.get("seed", 0))
-    test = query_folds(data.query_ids, num_folds=int(config["num-folds"]), seed=seed_base)[
-        int(config["eval-fold"])
-    ]
-    judged = {q: {j.product_id: j.relevance for j in data.judged(q)} for q in test}
+    seen, test = seen_unseen_queries(
+        data.query_ids, num_folds=int(config["num-folds"]), seed=int(config.get("seed", 0)),
+        eval_fold=int(config["eval-fold"]),
+    )
+    view_queries = {"unseen": list(test), "seen": list(seen)}
     hidden = int(config.get("hidden-dim", 0))
-    vs_bm25 = make_users(test, users=users, seed=seed * 7_919 + 1)
-    vs_prev = make_users(test, users=users, seed=seed * 7_919 + 2)
-    pools = pool_features(builder, test)
-    bm25 = shown_relevance(bm25_scores, pools, judged, test)
-    initial = model_scorer("checkpoint", None, hidden_dim=hidden)
-    previous = shown_relevance(initial, pools, judged, test)
+    zero_shot = zero_shot_scorer(builder)
+    initial = by_features(model_scorer("checkpoint", None, hidden_dim=hidden))
+    views: dict[str, dict[str, Any]] = {}
+    for v, name in enumerate(VIEWS):
+        queries = view_queries[name]
+        if not queries:
+            continue
+        judged = {q: {j.product_id: j.relevance for j in data.judged(q)} for q in queries}
+        pools = pool_features(builder, queries)
+        views[name] = {
+            "queries": queries, "judged": judged, "pools": pools,
+            # Seeds: the unseen view keeps the seeds it always had (+1 BM25, +2 previous).
+            "users": {c: make_users(queries, users=users, seed=seed * 7_919 + 1 + i + 3 * v)
+                      for i, c in enumerate(("vs_bm25", "vs_previous", "vs_zero_shot"))},
+            "vs_bm25": shown_relevance(bm25_scores, pools, judged, queries),
+            "vs_zero_shot": shown_relevance(zero_shot, pools, judged, queries, per_query=True),
+            "vs_previous": shown_relevance(initial, pools, judged, queries, per_query=True),
+        }
     previous_round = 0
     rounds: list[dict[str, Any]] = []
     for rnd, (kind, path) in sources.items():
-        shown = shown_relevance(model_scorer(kind, path, hidden_dim=hidden), pools, judged, test)
-        rounds.append(
-            {
-                "round": rnd,
-                "source": kind,
-                "vs_bm25": ab_test(vs_bm25, shown, bm25, seed=seed + rnd, resamples=resamples),
-                "vs_previous": {
-                    "previous_round": previous_round,
-                    **ab_test(vs_prev, shown, previous, seed=seed + rnd, resamples=resamples),
-                },
+        scorer, has_evidence = round_ranker(kind, path, hidden_dim=hidden, builder=builder)
+        row: dict[str, Any] = {"round": rnd, "source": kind, "evidence": has_evidence}
+        for name, view in views.items():
+            shown = shown_relevance(
+                scorer, view["pools"], view["judged"], view["queries"], per_query=True
+            )
+            row[name] = {
+                c: ab_test(view["users"][c], shown, view[c], seed=seed + rnd,
+                           resamples=resamples)
+                for c in COMPARATORS
             }
-        )
-        previous, previous_round = shown, rnd
+            row[name]["vs_previous"] = {"previous_round": previous_round,
+                                        **row[name]["vs_previous"]}
+            view["vs_previous"] = shown
+        if "unseen" in row:  # the keys older readers know: the unseen view
+            row["vs_bm25"] = row["unseen"]["vs_bm25"]
+            row["vs_previous"] = row["unseen"]["vs_previous"]
+        rounds.append(row)
+        previous_round = rnd
     out = Path(out_dir) if out_dir is not None else run_dir / "ab"
     out.mkdir(parents=True, exist_ok=True)
     result = {
@@ -393,6 +491,7 @@ def run_ab(
         "epsilon": config.get("epsilon"),
         "eval_fold": int(config["eval-fold"]),
         "held_out_queries": list(test),
+        "seen_queries": list(seen),
         "users_per_experiment": users,
         "design": "A/B split 50/50 by user; PBM defaults; 95% interval by user",
         "rounds": rounds,
@@ -401,7 +500,7 @@ def run_ab(
         "plot": str(out / "ab.png"),
     }
     (out / "ab.json").write_text(json.dumps(_jsonable(result), indent=2))
-    _plot(rounds, out / "ab.png", title=f"{run_dir.name}: simulated A/B (held-out queries)")
+    _plot(rounds, out / "ab.png", title=f"{run_dir.name}: simulated A/B")
     return result
 
 
@@ -421,25 +520,35 @@ def _plot(rounds: list[dict[str, Any]], path: Path, *, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    views = [v for v in VIEWS if v in rounds[0]]
+    fig, axes = plt.subplots(2, len(views), figsize=(5.5 * len(views), 6), sharex=True,
+                             squeeze=False)
     x = [r["round"] for r in rounds]
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
-    ax1.plot(x, [r["vs_bm25"]["ctr_a"] for r in rounds], marker="o", label="round's model")
-    ax1.plot(x, [r["vs_bm25"]["ctr_b"] for r in rounds], linestyle="--", label="BM25 arm")
-    ax1.plot(
-        x, [r["vs_previous"]["ctr_b"] for r in rounds], linestyle=":", label="previous round arm"
-    )
-    ax1.set_ylabel("CTR (clicks / impression)")
-    ax1.legend(fontsize=8)
-    ax1.set_title(title, fontsize=9)
-    for key, label in (("vs_bm25", "vs BM25"), ("vs_previous", "vs previous round")):
-        lift = np.array([r[key]["relative_lift"] for r in rounds]) * 100
-        lo = np.array([r[key]["relative_lift_ci"][0] for r in rounds]) * 100
-        hi = np.array([r[key]["relative_lift_ci"][1] for r in rounds]) * 100
-        ax2.errorbar(x, lift, yerr=[lift - lo, hi - lift], capsize=2, marker=".", label=label)
-    ax2.axhline(0, color="grey", linewidth=0.8)
-    ax2.set_xlabel("round")
-    ax2.set_ylabel("relative CTR lift, % (95% CI)")
-    ax2.legend(fontsize=8)
+    for col, view in enumerate(views):
+        ax1, ax2 = axes[0][col], axes[1][col]
+        ax1.plot(x, [r[view]["vs_bm25"]["ctr_a"] for r in rounds], marker="o",
+                 label="round's model")
+        ax1.plot(x, [r[view]["vs_bm25"]["ctr_b"] for r in rounds], linestyle="--",
+                 label="BM25 arm")
+        ax1.plot(x, [r[view]["vs_zero_shot"]["ctr_b"] for r in rounds], linestyle="-.",
+                 label="zero-shot MiniLM arm")
+        ax1.plot(x, [r[view]["vs_previous"]["ctr_b"] for r in rounds], linestyle=":",
+                 label="previous round arm")
+        ax1.set_ylabel("CTR (clicks / impression)")
+        ax1.set_title(f"{view} queries", fontsize=10)
+        ax1.legend(fontsize=7)
+        for key, label in (("vs_bm25", "vs BM25"), ("vs_zero_shot", "vs zero-shot"),
+                           ("vs_previous", "vs previous round")):
+            lift = np.array([r[view][key]["relative_lift"] for r in rounds]) * 100
+            lo = np.array([r[view][key]["relative_lift_ci"][0] for r in rounds]) * 100
+            hi = np.array([r[view][key]["relative_lift_ci"][1] for r in rounds]) * 100
+            ax2.errorbar(x, lift, yerr=[lift - lo, hi - lift], capsize=2, marker=".",
+                         label=label)
+        ax2.axhline(0, color="grey", linewidth=0.8)
+        ax2.set_xlabel("round")
+        ax2.set_ylabel("relative CTR lift, % (95% CI)")
+        ax2.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)

@@ -249,7 +249,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             False, "--personalized", help="Also: personalized vs global, by user, seen queries."
         ),
     ) -> None:
-        """Simulated online A/B: each round's model vs BM25 and vs the previous round (CTR)."""
+        """Simulated online A/B (CTR): each round's model vs BM25, vs zero-shot MiniLM and vs
+        the previous round, on unseen (held-out) and seen (training) queries."""
         from simulations.ab import run_ab
 
         try:
@@ -264,15 +265,21 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         if as_json:
             typer.echo(json.dumps(result, indent=2))
             return
-        typer.echo(f"{'round':>5} {'ctr':>7} {'bm25':>7} {'lift vs bm25 (95% CI)':>28} "
-                   f"{'lift vs prev (95% CI)':>28}")
-        for r in result["rounds"]:
-            b, p = r["vs_bm25"], r["vs_previous"]
-            typer.echo(
-                f"{r['round']:>5} {b['ctr_a']:>7.4f} {b['ctr_b']:>7.4f} "
-                f"{_pct(b['relative_lift'], b['relative_lift_ci']):>28} "
-                f"{_pct(p['relative_lift'], p['relative_lift_ci']):>28}"
-            )
+        for view in ("unseen", "seen"):
+            if view not in result["final"]:
+                continue
+            typer.echo(f"{view} queries:")
+            typer.echo(f"{'round':>5} {'ctr':>7} {'bm25':>7} {'0-shot':>7} "
+                       f"{'lift vs bm25 (95% CI)':>28} {'lift vs zero-shot (95% CI)':>28} "
+                       f"{'lift vs prev (95% CI)':>28}")
+            for r in result["rounds"]:
+                b, z, p = (r[view][c] for c in ("vs_bm25", "vs_zero_shot", "vs_previous"))
+                typer.echo(
+                    f"{r['round']:>5} {b['ctr_a']:>7.4f} {b['ctr_b']:>7.4f} {z['ctr_b']:>7.4f} "
+                    f"{_pct(b['relative_lift'], b['relative_lift_ci']):>28} "
+                    f"{_pct(z['relative_lift'], z['relative_lift_ci']):>28} "
+                    f"{_pct(p['relative_lift'], p['relative_lift_ci']):>28}"
+                )
         if personalized:
             typer.echo(f"personalized {result['ctr_personalized']:.4f} vs global "
                        f"{result['ctr_global']:.4f}: "
