@@ -165,12 +165,18 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             None, "--baseline", help="JSON from `fedrank baseline --json` (else computed)."
         ),
         plot: Path = typer.Option(Path("runs/compare.png"), "--plot", help="PNG to write."),
+        privacy_plot: Path | None = typer.Option(
+            None, "--privacy-plot",
+            help="PNG of NDCG@10 against ε, seen and unseen (default: PLOT-privacy.png).",
+        ),
     ) -> None:
-        """NDCG@10/MRR/AUC/ε per run beside the baselines, and a plot of NDCG@10 per round."""
+        """NDCG@10/MRR/AUC/ε per run beside the baselines, a plot of NDCG@10 per round, and
+        the privacy–utility table (seen and unseen NDCG@10 by scenario and ε) with its plot."""
         from simulations.compare import compare_runs
 
         try:
-            table = compare_runs(run_dirs, baseline_json=baseline, plot_path=plot)
+            table = compare_runs(run_dirs, baseline_json=baseline, plot_path=plot,
+                                 privacy_plot_path=privacy_plot)
         except (FileNotFoundError, ValueError) as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
@@ -189,6 +195,20 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             )
         typer.echo("NDCG@10 on seen (training) and unseen (held-out) queries; mrr/auc: unseen")
         typer.echo(f"plot: {table['plot']}")
+        pu = table["privacy_utility"]
+        typer.echo("privacy-utility (final NDCG@10; zero-shot MiniLM on the same queries):")
+        typer.echo(f"{'scenario':<20} {'eps':>5} {'spent':>8} {'seen':>7} {'0-shot':>7} "
+                   f"{'unseen':>7} {'0-shot':>7}")
+        for r in pu["rows"]:
+            typer.echo(
+                f"{r['scenario']:<20} {_fmt(r['epsilon_budget']).replace('.0000', ''):>5} "
+                f"{_fmt(r['epsilon']):>8} "
+                f"{_fmt(r['seen'] if r['seen'] is not None else '-'):>7} "
+                f"{_fmt(r['zero_shot_seen'] if r['zero_shot_seen'] is not None else '-'):>7} "
+                f"{_fmt(r['unseen']):>7} "
+                f"{_fmt(r['zero_shot_unseen'] if r['zero_shot_unseen'] is not None else '-'):>7}"
+            )
+        typer.echo(f"privacy plot: {pu['plot']}")
 
     @app.command("drift")
     def drift(

@@ -1,4 +1,10 @@
-"""Compare run directories with each other and with the baselines (same held-out fold)."""
+"""Compare run directories with each other and with the baselines (same held-out fold).
+
+Besides a row per baseline and run (NDCG@10, MRR, AUC on unseen queries, ``seen`` beside
+it), :func:`compare_runs` returns ``privacy_utility``: the runs' final NDCG@10 on **seen**
+and **unseen** queries by scenario (population) and ε budget, with zero-shot MiniLM on the
+same queries, and plots it (NDCG@10 against ε, one line per scenario and view).
+"""
 
 from __future__ import annotations
 
@@ -84,9 +90,37 @@ def baseline_results(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def compare_runs(
-    run_dirs: list[Path], *, baseline_json: Path | None, plot_path: Path
+    run_dirs: list[Path],
+    *,
+    baseline_json: Path | None,
+    plot_path: Path,
+    privacy_plot_path: Path | None = None,
 ) -> dict[str, Any]:
-    """Rows for each baseline and run on the runs' held-out fold, plus an NDCG@10 plot."""
+    """Rows for each baseline and run on the runs' held-out fold, an NDCG@10-per-round plot,
+    and the privacy–utility table with its plot.
+
+    Parameters
+    ----------
+    run_dirs
+        Run directories evaluated on one fold (``ValueError`` otherwise).
+    baseline_json
+        ``fedrank baseline --json`` output, or ``None`` to compute the baselines.
+    plot_path
+        PNG of NDCG@10 per round.
+    privacy_plot_path
+        PNG of NDCG@10 against ε (default: ``plot_path`` with ``-privacy`` added to its stem).
+
+    Returns
+    -------
+    dict
+        ``fold``, ``rows``, ``plot``, ``baselines`` (the first run's ``metrics.json``
+        baselines, when present) and ``privacy_utility``: ``{"rows": [...], "plot": path}``,
+        one row per run: ``name``, ``scenario``, ``epsilon_budget`` (``inf`` as a float),
+        ``epsilon`` (spent, max over nodes), ``seen`` / ``unseen`` (NDCG@10; ``None`` for a
+        run without that view), ``zero_shot_seen`` / ``zero_shot_unseen`` (NDCG@10 on the
+        same queries, from the run's ``metrics.json``; ``None`` when absent), sorted by
+        scenario then ε (``inf`` last).
+    """
     runs = [(d, load_run(d)) for d in run_dirs]
     folds = {str(r["config"]["eval-fold"]) for _, r in runs}
     if len(folds) != 1:
@@ -134,10 +168,82 @@ def compare_runs(
             }
         )
     _plot(runs, central=central, zero_shot=zero_shot, path=plot_path)
+    if privacy_plot_path is None:
+        privacy_plot_path = plot_path.with_name(f"{plot_path.stem}-privacy{plot_path.suffix}")
+    table = privacy_utility(runs)
+    plot_privacy_utility(table, privacy_plot_path)
     return {
         "fold": fold, "rows": rows, "plot": str(plot_path),
         **({"baselines": run_baselines} if run_baselines else {}),
+        "privacy_utility": {"rows": table, "plot": str(privacy_plot_path)},
     }
+
+
+def _ndcg(view: Any) -> float | None:
+    return float(view["ndcg@10"]) if isinstance(view, dict) and "ndcg@10" in view else None
+
+
+def privacy_utility(runs: list[tuple[Path, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One row per run: final NDCG@10 on seen and unseen queries beside zero-shot MiniLM on
+    the same queries, by scenario and ε budget (keys: :func:`compare_runs`)."""
+    out = []
+    for run_dir, run in runs:
+        final = run["metrics"]["final"]
+        zero = (run["metrics"].get("baselines") or {}).get("zero_shot") or {}
+        out.append({
+            "name": run_dir.name,
+            "scenario": str(run["config"].get("scenario", "?")),
+            "epsilon_budget": _eps(run["config"]["epsilon"]),
+            "epsilon": _eps(final["epsilon_max"]),
+            "seen": _ndcg(final.get("seen")),
+            "unseen": _ndcg(final.get("unseen")) if "unseen" in final
+            else float(final["ndcg@10"]),
+            "zero_shot_seen": _ndcg(zero.get("seen")),
+            "zero_shot_unseen": _ndcg(zero.get("unseen")),
+        })
+    out.sort(key=lambda r: (r["scenario"], r["epsilon_budget"]))
+    return out
+
+
+def _eps_label(eps: float) -> str:
+    return "inf" if math.isinf(eps) else f"{eps:g}"
+
+
+def plot_privacy_utility(table: list[dict[str, Any]], path: Path) -> None:
+    """NDCG@10 against ε (categorical axis, ``inf`` last): a solid line per scenario on seen
+    queries, dashed on unseen; zero-shot MiniLM on the same queries as grey lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    eps = sorted({r["epsilon_budget"] for r in table})
+    x = {e: i for i, e in enumerate(eps)}
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for scenario in sorted({r["scenario"] for r in table}):
+        rows = [r for r in table if r["scenario"] == scenario]
+        color = None
+        for view, style in (("seen", "-"), ("unseen", "--")):
+            pts = [(x[r["epsilon_budget"]], r[view]) for r in rows if r[view] is not None]
+            if not pts:
+                continue
+            line = ax.plot([p[0] for p in pts], [p[1] for p in pts], linestyle=style,
+                           marker="o", color=color, label=f"{scenario} ({view})")
+            color = line[0].get_color()
+    for view, style in (("seen", "-"), ("unseen", "--")):
+        values = [r[f"zero_shot_{view}"] for r in table if r[f"zero_shot_{view}"] is not None]
+        if values:
+            ax.axhline(sum(values) / len(values), color="grey", linestyle=style, linewidth=1,
+                       label=f"zero-shot MiniLM ({view})")
+    ax.set_xticks(range(len(eps)), [_eps_label(e) for e in eps])
+    ax.set_xlabel("ε budget per node (inf = no DP)")
+    ax.set_ylabel("final NDCG@10")
+    ax.set_title("Privacy–utility: seen (solid) and unseen (dashed) queries", fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def _plot(
