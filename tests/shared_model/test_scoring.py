@@ -491,3 +491,56 @@ def test_cli_score_golden_seen_and_unseen(
     assert lines[0] == "path: head (unseen query: ranked by the head alone)"
     plain = DeviceRanker(release, builder, use_evidence=False).rank(other, other_pool, top=5)
     assert [line.split()[2] for line in lines[2:]] == [p for p, _ in plain]
+
+
+def test_server_release_reproduces_seen_evaluation_on_device(
+    tmp_path: Path, builder: FeatureBuilder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server's publisher packs its evaluator's evidence model into the release; a device
+    scoring the seen queries with that release gets the server's seen NDCG@10, and the unseen
+    view is the head's."""
+    from server.evaluator import CentralEvaluator
+    from server.releases import ReleasePublisher, public_key_path
+    from shared_model.evaluation import evaluate
+    from shared_model.evidence import EVIDENCE_NOISE_VAR, empty_evidence
+    from shared_model.release import load_public_key
+    from shared_model.settings import RunSettings
+
+    monkeypatch.delenv("FEDRANK_KEY_DIR", raising=False)
+    run_dir = tmp_path / "run"
+    head = trained_like_head(7)
+    settings = RunSettings.from_config({"run-dir": str(run_dir), "eval-fold": 0,
+                                        "hidden-dim": head.config.hidden_dim})
+    evaluator = CentralEvaluator(settings)
+    index = evaluator.evidence_index()
+    rng = np.random.default_rng(11)
+    evidence = empty_evidence(index)
+    for q in evaluator.seen_queries:  # noisy clicks on the seen queries only
+        sl = slice(index.offsets[q], index.offsets[q] + len(index.products[q]))
+        e = rng.uniform(20.0, 80.0, sl.stop - sl.start)
+        evidence["evidence/exam"][sl] = e + rng.normal(0, 2.0, len(e))
+        evidence["evidence/clicks"][sl] = e * rng.uniform(0.0, 0.8, len(e)) + rng.normal(
+            0, 2.0, len(e))
+    evidence[EVIDENCE_NOISE_VAR][:] = 4.0
+    arrays = {**head_state(head), **evidence}
+    publisher = ReleasePublisher(run_dir, every=1, head_config=head.config)
+    release = publisher.maybe_publish(
+        1, head_state(head), metrics={}, epsilon_per_node={"node-0": 1.0},
+        evidence=lambda: evaluator.release_evidence(arrays),
+    )
+    assert release is not None and (release / "evidence.npz").is_file()
+    ranker = DeviceRanker(release, builder, load_public_key(public_key_path(run_dir)))
+    data = builder.data
+    assert all(ranker.path(data.queries[q].text) == "evidence" for q in evaluator.seen_queries)
+    assert all(ranker.path(data.queries[q].text) == "head" for q in evaluator.test_queries)
+
+    def device(qid: str, pids) -> np.ndarray:
+        return ranker.scores(data.queries[qid].text, pids)
+
+    server = evaluator(arrays)
+    on_device = evaluate(data, evaluator.seen_queries, device)
+    assert on_device["ndcg@10"] == pytest.approx(server["seen-ndcg@10"], abs=1e-9)
+    assert evaluate(data, evaluator.test_queries, device)["ndcg@10"] == pytest.approx(
+        server["ndcg@10"], abs=1e-9)
+    # Without evidence the server's evaluator releases none.
+    assert evaluator.release_evidence(head_state(head)) is None
