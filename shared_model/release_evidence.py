@@ -37,9 +37,8 @@ import io
 import json
 import math
 import unicodedata
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -65,7 +64,7 @@ EVIDENCE_FILE = "evidence.npz"
 EVIDENCE_FORMAT = 1
 NORMALISATION = "nfkc-casefold-collapse-whitespace"
 COUNT_DTYPES = ("float32", "float16")
-_ARRAYS = (
+_ARRAYS = (  # the arrays of evidence.npz, in this order
     "meta", "query_text", "query_offsets", "pair_offsets", "product_rows", "clicks", "exam",
 )
 
@@ -102,14 +101,39 @@ class EvidenceEntry:
     exam: np.ndarray
 
 
-@dataclass(frozen=True)
+class _PackedQueries(Mapping[str, EvidenceEntry]):
+    """``{normalised text: EvidenceEntry}`` over the packed arrays (entries made on access)."""
+
+    def __init__(self, owner: ReleaseEvidence) -> None:
+        self._owner = owner
+
+    def __getitem__(self, key: str) -> EvidenceEntry:
+        i = self._owner._slot[key]
+        return self._owner._entry(i)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._owner._keys)
+
+    def __len__(self) -> int:
+        return len(self._owner._keys)
+
+
 class ReleaseEvidence:
     """Memorised evidence for the seen queries, keyed by normalised query text.
 
+    Held packed, as in the file: one array each of product rows and counts (in the storage
+    dtype) and per-query offsets, so a device holding 10^5 queries keeps about 12 bytes per
+    memorised pair (8 with float16) and a lookup is one dict access and a slice.
+
     Parameters
     ----------
-    queries
-        ``{normalised text: EvidenceEntry}``.
+    keys
+        Normalised query texts, sorted, unique.
+    pair_offsets
+        ``int64 [len(keys) + 1]``: query ``i``'s pairs are ``pair_offsets[i]:pair_offsets[i+1]``.
+    product_rows, clicks, exam
+        Per pair: the product's row in the catalog's sorted ids (int32), the released click
+        sum and examination-weight sum (``dtype``).
     prior
         The prior fitted on the server (over every pair, with the released head as base).
     noise_var
@@ -120,37 +144,116 @@ class ReleaseEvidence:
         Size of that catalog.
     dtype
         Storage dtype of the counts: ``"float32"`` (exact) or ``"float16"`` (half the size).
+
+    Raises :class:`EvidenceError` naming the bad value when anything is inconsistent.
     """
 
-    queries: Mapping[str, EvidenceEntry]
-    prior: PriorFit
-    noise_var: float
-    catalog: str
-    num_products: int
-    dtype: str = "float32"
-
-    def __post_init__(self) -> None:
-        if self.dtype not in COUNT_DTYPES:
-            raise EvidenceError(f"dtype must be one of {COUNT_DTYPES}, got {self.dtype!r}")
-        if not math.isfinite(self.noise_var) or self.noise_var < 0:
-            raise EvidenceError(f"noise_var must be finite and >= 0, got {self.noise_var!r}")
+    def __init__(
+        self,
+        *,
+        keys: Sequence[str],
+        pair_offsets: np.ndarray,
+        product_rows: np.ndarray,
+        clicks: np.ndarray,
+        exam: np.ndarray,
+        prior: PriorFit,
+        noise_var: float,
+        catalog: str,
+        num_products: int,
+        dtype: str = "float32",
+    ) -> None:
+        if dtype not in COUNT_DTYPES:
+            raise EvidenceError(f"dtype must be one of {COUNT_DTYPES}, got {dtype!r}")
+        if not math.isfinite(noise_var) or noise_var < 0:
+            raise EvidenceError(f"noise_var must be finite and >= 0, got {noise_var!r}")
         for name in ("a", "b", "tau2"):
-            value = getattr(self.prior, name)
+            value = getattr(prior, name)
             if not math.isfinite(value):
                 raise EvidenceError(f"prior {name} must be finite, got {value!r}")
-        for key, entry in self.queries.items():
+        if isinstance(num_products, bool) or not isinstance(num_products, int) or num_products < 0:
+            raise EvidenceError(f"num_products must be an int >= 0, got {num_products!r}")
+        keys = list(keys)
+        if keys != sorted(set(keys)):
+            raise EvidenceError("query keys must be sorted and unique")
+        for key in keys:
             if normalise_query(key) != key:
                 raise EvidenceError(f"query key {key!r} is not normalised")
+        offsets = np.asarray(pair_offsets, np.int64)
+        rows = np.asarray(product_rows, np.int32)
+        store = np.dtype(dtype)
+        c = np.asarray(clicks).astype(store)
+        e = np.asarray(exam).astype(store)
+        if (
+            offsets.shape != (len(keys) + 1,) or offsets[0] != 0 or offsets[-1] != len(rows)
+            or np.any(np.diff(offsets) < 0) or rows.ndim != 1
+            or c.shape != rows.shape or e.shape != rows.shape
+        ):
+            raise EvidenceError(
+                f"pair offsets {offsets.shape} and arrays rows {rows.shape}, clicks {c.shape}, "
+                f"exam {e.shape} are inconsistent for {len(keys)} queries"
+            )
+        if len(rows) and (int(rows.min()) < 0 or int(rows.max()) >= num_products):
+            raise EvidenceError(f"product rows outside [0, {num_products})")
+        if not (np.all(np.isfinite(c)) and np.all(np.isfinite(e))):
+            raise EvidenceError(f"counts are not all finite in {dtype}")
+        self._keys = keys
+        self._slot = {k: i for i, k in enumerate(keys)}
+        self.pair_offsets = offsets
+        self.product_rows = rows
+        self.clicks = c
+        self.exam = e
+        self.prior = prior
+        self.noise_var = float(noise_var)
+        self.catalog = catalog
+        self.num_products = num_products
+        self.dtype = dtype
+
+    @classmethod
+    def from_entries(
+        cls,
+        queries: Mapping[str, EvidenceEntry],
+        *,
+        prior: PriorFit,
+        noise_var: float,
+        catalog: str,
+        num_products: int,
+        dtype: str = "float32",
+    ) -> ReleaseEvidence:
+        """Pack ``{normalised text: EvidenceEntry}`` (see the class for the other fields)."""
+        keys = sorted(queries)
+        for key in keys:
+            entry = queries[key]
             n = len(entry.product_rows)
             if len(entry.clicks) != n or len(entry.exam) != n:
                 raise EvidenceError(f"query {key!r}: rows, clicks and exam differ in length")
-            rows = entry.product_rows
-            if n and (rows.min() < 0 or rows.max() >= self.num_products):
-                raise EvidenceError(
-                    f"query {key!r}: product rows outside [0, {self.num_products})"
-                )
-            if not (np.all(np.isfinite(entry.clicks)) and np.all(np.isfinite(entry.exam))):
-                raise EvidenceError(f"query {key!r}: counts are not all finite")
+        offsets = np.zeros(len(keys) + 1, np.int64)
+        offsets[1:] = np.cumsum([len(queries[k].product_rows) for k in keys])
+
+        def cat(name: str) -> np.ndarray:
+            parts = [np.asarray(getattr(queries[k], name), np.float64 if name != "product_rows"
+                                else np.int64) for k in keys]
+            return np.concatenate(parts) if parts else np.zeros(0)
+
+        rows = cat("product_rows")
+        if len(rows) and (rows.min() < 0 or rows.max() >= num_products):
+            raise EvidenceError(f"product rows outside [0, {num_products})")
+        return cls(
+            keys=keys, pair_offsets=offsets, product_rows=rows, clicks=cat("clicks"),
+            exam=cat("exam"), prior=prior, noise_var=noise_var, catalog=catalog,
+            num_products=num_products, dtype=dtype,
+        )
+
+    def _entry(self, i: int) -> EvidenceEntry:
+        sl = slice(int(self.pair_offsets[i]), int(self.pair_offsets[i + 1]))
+        return EvidenceEntry(
+            self.product_rows[sl], self.clicks[sl].astype(np.float64),
+            self.exam[sl].astype(np.float64),
+        )
+
+    @property
+    def queries(self) -> Mapping[str, EvidenceEntry]:
+        """``{normalised text: EvidenceEntry}`` (read-only; entries are copies)."""
+        return _PackedQueries(self)
 
     # --- building ------------------------------------------------------------------------
 
@@ -181,8 +284,7 @@ class ReleaseEvidence:
             if key not in best or (weight, best[key][1]) > (best[key][0], q):
                 best[key] = (weight, q)
         queries: dict[str, EvidenceEntry] = {}
-        store = np.dtype(dtype) if dtype in COUNT_DTYPES else None
-        if store is None:
+        if dtype not in COUNT_DTYPES:
             raise EvidenceError(f"dtype must be one of {COUNT_DTYPES}, got {dtype!r}")
         for key, (_, q) in sorted(best.items()):
             start, pids = index.offsets[q], index.products[q]
@@ -193,13 +295,9 @@ class ReleaseEvidence:
                     f"query {q!r}: product {err.args[0]!r} is not in the catalog"
                 ) from None
             sl = slice(start, start + len(pids))
-            queries[key] = EvidenceEntry(
-                rows,
-                model.clicks[sl].astype(store).astype(np.float64),
-                model.exam[sl].astype(store).astype(np.float64),
-            )
-        return cls(
-            queries=queries, prior=model.prior, noise_var=float(model.noise_var),
+            queries[key] = EvidenceEntry(rows, model.clicks[sl], model.exam[sl])
+        return cls.from_entries(
+            queries, prior=model.prior, noise_var=float(model.noise_var),
             catalog=catalog_sha256(product_ids), num_products=len(product_ids), dtype=dtype,
         )
 
@@ -207,18 +305,9 @@ class ReleaseEvidence:
 
     def to_bytes(self) -> bytes:
         """``evidence.npz`` bytes (numpy arrays only, no pickle; deterministic content)."""
-        keys = sorted(self.queries)
-        encoded = [k.encode() for k in keys]
-        text_offsets = np.zeros(len(keys) + 1, np.int64)
+        encoded = [k.encode() for k in self._keys]
+        text_offsets = np.zeros(len(encoded) + 1, np.int64)
         text_offsets[1:] = np.cumsum([len(b) for b in encoded])
-        pair_offsets = np.zeros(len(keys) + 1, np.int64)
-        pair_offsets[1:] = np.cumsum([len(self.queries[k].product_rows) for k in keys])
-        store = np.dtype(self.dtype)
-
-        def cat(name: str, dtype: np.dtype[Any]) -> np.ndarray:
-            parts = [np.asarray(getattr(self.queries[k], name)) for k in keys]
-            return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
-
         meta = {
             "format": EVIDENCE_FORMAT,
             "normalisation": NORMALISATION,
@@ -234,10 +323,10 @@ class ReleaseEvidence:
             meta=np.frombuffer(json.dumps(meta, sort_keys=True).encode(), np.uint8),
             query_text=np.frombuffer(b"".join(encoded), np.uint8),
             query_offsets=text_offsets,
-            pair_offsets=pair_offsets,
-            product_rows=cat("product_rows", np.dtype(np.int32)),
-            clicks=cat("clicks", store),
-            exam=cat("exam", store),
+            pair_offsets=self.pair_offsets,
+            product_rows=self.product_rows,
+            clicks=self.clicks,
+            exam=self.exam,
         )
         return buf.getvalue()
 
@@ -267,29 +356,26 @@ class ReleaseEvidence:
                     f"this build's {NORMALISATION!r}"
                 )
             text = arrays["query_text"].tobytes()
-            t_off, p_off = arrays["query_offsets"], arrays["pair_offsets"]
-            rows, clicks, exam = arrays["product_rows"], arrays["clicks"], arrays["exam"]
+            t_off = arrays["query_offsets"]
             if (
-                len(t_off) != len(p_off) or len(t_off) < 1 or t_off[0] != 0 or p_off[0] != 0
-                or t_off[-1] != len(text) or p_off[-1] != len(rows)
-                or np.any(np.diff(t_off) < 0) or np.any(np.diff(p_off) < 0)
-                or len(clicks) != len(rows) or len(exam) != len(rows)
+                t_off.ndim != 1 or len(t_off) < 1 or t_off[0] != 0 or t_off[-1] != len(text)
+                or np.any(np.diff(t_off) < 0)
             ):
-                raise EvidenceError(f"{where}: offsets and arrays are inconsistent")
-            if str(clicks.dtype) != meta["dtype"] or str(exam.dtype) != meta["dtype"]:
-                raise EvidenceError(f"{where}: counts are {clicks.dtype}, meta says "
+                raise EvidenceError(f"{where}: query text offsets are inconsistent")
+            counts = arrays["clicks"], arrays["exam"]
+            if any(str(a.dtype) != meta["dtype"] for a in counts):
+                raise EvidenceError(f"{where}: counts are {counts[0].dtype}, meta says "
                                     f"{meta['dtype']!r}")
-            queries = {}
-            for i in range(len(t_off) - 1):
-                key = text[t_off[i] : t_off[i + 1]].decode()
-                sl = slice(int(p_off[i]), int(p_off[i + 1]))
-                queries[key] = EvidenceEntry(
-                    rows[sl].astype(np.int64), clicks[sl].astype(np.float64),
-                    exam[sl].astype(np.float64),
-                )
+            if arrays["product_rows"].dtype != np.int32:
+                raise EvidenceError(f"{where}: product rows are {arrays['product_rows'].dtype}")
+            keys = [text[t_off[i] : t_off[i + 1]].decode() for i in range(len(t_off) - 1)]
             prior = meta["prior"]
             return cls(
-                queries=queries,
+                keys=keys,
+                pair_offsets=arrays["pair_offsets"],
+                product_rows=arrays["product_rows"],
+                clicks=counts[0],
+                exam=counts[1],
                 prior=PriorFit(a=float(prior["a"]), b=float(prior["b"]),
                                tau2=float(prior["tau2"])),
                 noise_var=float(meta["noise_var"]),
@@ -297,8 +383,10 @@ class ReleaseEvidence:
                 num_products=int(meta["num_products"]),
                 dtype=str(meta["dtype"]),
             )
-        except EvidenceError:
-            raise
+        except EvidenceError as exc:
+            if str(exc).startswith(where):
+                raise
+            raise EvidenceError(f"{where}: {exc}") from None
         except (KeyError, TypeError, ValueError, UnicodeDecodeError) as exc:
             raise EvidenceError(f"{where}: malformed evidence ({exc!r})") from None
 
@@ -315,7 +403,8 @@ class ReleaseEvidence:
 
     def lookup(self, query_text: str) -> EvidenceEntry | None:
         """The memorised evidence of a seen query (exact normalised match), else ``None``."""
-        return self.queries.get(normalise_query(query_text))
+        i = self._slot.get(normalise_query(query_text))
+        return None if i is None else self._entry(i)
 
     def apply(
         self, entry: EvidenceEntry, candidate_rows: np.ndarray, head_scores: np.ndarray
@@ -341,7 +430,7 @@ class ReleaseEvidence:
     @property
     def num_pairs(self) -> int:
         """Memorised (query, product) pairs."""
-        return sum(len(e.product_rows) for e in self.queries.values())
+        return len(self.product_rows)
 
 
 def synthetic_evidence(
@@ -373,7 +462,7 @@ def synthetic_evidence(
             (exam * rng.uniform(0.0, 1.0, len(pids)) / 2).astype(np.float32).astype(np.float64),
             exam.astype(np.float32).astype(np.float64),
         ))
-    return ReleaseEvidence(
-        queries=queries, prior=DEFAULT_PRIOR, noise_var=noise_var,
+    return ReleaseEvidence.from_entries(
+        queries, prior=DEFAULT_PRIOR, noise_var=noise_var,
         catalog=catalog_sha256(product_ids), num_products=len(product_ids),
     )

@@ -405,8 +405,7 @@ def test_altered_evidence_is_refused(
     original = path.read_bytes()
     pack = ReleaseEvidence.from_bytes(original)
     # Boost one product of one seen query, a well-formed file: only the signature catches it.
-    key0 = sorted(pack.queries)[0]
-    pack.queries[key0].clicks[0] += 1e4
+    pack.clicks[0] += 1e4
     path.write_bytes(pack.to_bytes())
     with pytest.raises(ReleaseError, match="evidence.npz has sha256"):
         DeviceRanker(release, builder, key.public_key())
@@ -449,8 +448,8 @@ def golden_release(tmp_path: Path, key: Ed25519PrivateKey, builder: FeatureBuild
     pool = sorted(pool)
     rng = np.random.default_rng(2026)
     exam = np.full(len(pool), 2000.0)
-    pack = ReleaseEvidence(
-        queries={normalise_query(text): EvidenceEntry(
+    pack = ReleaseEvidence.from_entries(
+        {normalise_query(text): EvidenceEntry(
             builder.rows(pool), np.round(exam * rng.uniform(0.01, 0.95, len(pool))), exam)},
         prior=PriorFit(a=0.3, b=0.1, tau2=0.02), noise_var=1.0,
         catalog=catalog_sha256(builder.product_ids), num_products=len(builder.product_ids),

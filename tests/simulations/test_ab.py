@@ -92,8 +92,8 @@ def _oracle_release(directory, key, builder, queries, head):
         exam = np.full(len(pids), 5000.0)
         entries[normalise_query(builder.data.queries[q].text)] = EvidenceEntry(
             builder.rows(pids), exam * (0.05 + 0.85 * rel), exam)
-    evidence = ReleaseEvidence(
-        queries=entries, prior=DEFAULT_PRIOR, noise_var=1.0,
+    evidence = ReleaseEvidence.from_entries(
+        entries, prior=DEFAULT_PRIOR, noise_var=1.0,
         catalog=catalog_sha256(builder.product_ids), num_products=len(builder.product_ids),
     )
     return write_release(directory, head=head, version=directory.name, round=1,
