@@ -543,3 +543,43 @@ def test_server_release_reproduces_seen_evaluation_on_device(
         server["ndcg@10"], abs=1e-9)
     # Without evidence the server's evaluator releases none.
     assert evaluator.release_evidence(head_state(head)) is None
+
+
+def test_release_evidence_refuses_bad_input(builder: FeatureBuilder) -> None:
+    import io
+
+    from shared_model.evidence import DEFAULT_PRIOR
+    from shared_model.release_evidence import EvidenceError, ReleaseEvidence, synthetic_evidence
+
+    good = synthetic_evidence(builder.data, builder.product_ids, seed=0, noise_var=1.0,
+                              max_exam=10.0)
+    fields = dict(keys=["a b"], pair_offsets=np.array([0, 2]), product_rows=np.array([0, 1]),
+                  clicks=np.array([1.0, 2.0]), exam=np.array([3.0, 4.0]), prior=DEFAULT_PRIOR,
+                  noise_var=1.0, catalog="0" * 64, num_products=10)
+    ReleaseEvidence(**fields)
+    for change, message in (
+        ({"keys": ["A B"]}, "'A B' is not normalised"),
+        ({"keys": ["b", "a"], "pair_offsets": np.array([0, 1, 2])}, "sorted and unique"),
+        ({"pair_offsets": np.array([0, 3])}, "inconsistent"),
+        ({"product_rows": np.array([0, 10])}, r"outside \[0, 10\)"),
+        ({"clicks": np.array([1.0, np.nan])}, "not all finite"),
+        ({"noise_var": -1.0}, "noise_var must be finite and >= 0, got -1.0"),
+        ({"dtype": "int8"}, "got 'int8'"),
+        ({"num_products": -3}, "got -3"),
+    ):
+        with pytest.raises(EvidenceError, match=message):
+            ReleaseEvidence(**{**fields, **change})
+    # A file whose arrays disagree with each other is refused, naming the file.
+    with np.load(io.BytesIO(good.to_bytes())) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    buf = io.BytesIO()
+    np.savez(buf, **{**arrays, "pair_offsets": arrays["pair_offsets"][:-1]})
+    with pytest.raises(EvidenceError, match="where.npz: .*inconsistent"):
+        ReleaseEvidence.from_bytes(buf.getvalue(), where="where.npz")
+    buf = io.BytesIO()
+    np.savez(buf, **{k: v for k, v in arrays.items() if k != "exam"})
+    with pytest.raises(EvidenceError, match="expected"):
+        ReleaseEvidence.from_bytes(buf.getvalue())
+    with pytest.raises(ValueError, match="max_exam"):
+        synthetic_evidence(builder.data, builder.product_ids, seed=0, noise_var=1.0,
+                           max_exam=0.0)
