@@ -36,8 +36,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         user: int | None = typer.Option(None, "--user", help="User id in --history."),
     ) -> None:
         """Rank products for a query with a release's ONNX head; a seen query (its normalised
-        text memorised in the release's evidence) also with its DP click evidence. The first
-        line says which path was taken."""
+        text memorised in the release's evidence) also with its DP click evidence. Which path
+        was taken is printed on stderr (stdout stays the ranking table)."""
         from pathlib import Path
 
         from shared_model.data import DEFAULT_WANDS_DIR, load_judged_dir
@@ -78,10 +78,10 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         if path == "evidence":
             memorised = len(ranker.memorised_products(query))
             typer.echo(f"path: evidence (seen query: head + {memorised} memorised products' "
-                       "DP click evidence)")
+                       "DP click evidence)", err=True)
         else:
             why = "no evidence in the release" if ranker.evidence is None else "unseen query"
-            typer.echo(f"path: head ({why}: ranked by the head alone)")
+            typer.echo(f"path: head ({why}: ranked by the head alone)", err=True)
         typer.echo(f"{'rank':>4}  {'score':>9}  {'product_id':<12}  title")
         for rank, (pid, value) in enumerate(ranked, start=1):
             title = data.products[pid].title

@@ -249,10 +249,11 @@ def test_cli_score(
     runner = CliRunner()
     result = runner.invoke(cli, [*args, "--candidates", str(candidates), "--top", "5"])
     assert result.exit_code == 0, result.output
+    assert result.stderr.strip().splitlines()[-1] == (
+        "path: head (no evidence in the release: ranked by the head alone)")
     lines = result.stdout.strip().splitlines()
-    assert lines[0] == "path: head (no evidence in the release: ranked by the head alone)"
-    assert lines[1].split()[:3] == ["rank", "score", "product_id"]
-    rows = [line.split(maxsplit=3) for line in lines[2:]]
+    assert lines[0].split()[:3] == ["rank", "score", "product_id"]
+    rows = [line.split(maxsplit=3) for line in lines[1:]]
     assert [r[0] for r in rows] == ["1", "2", "3", "4", "5"]
     expected = DeviceRanker(release, builder).rank(text, pool, top=5)
     assert [r[2] for r in rows] == [p for p, _ in expected]
@@ -262,7 +263,7 @@ def test_cli_score(
     # Default candidates: the catalog's BM25 top-100.
     result = runner.invoke(cli, [*args, "--top", "3"])
     assert result.exit_code == 0, result.output
-    ids = [line.split()[2] for line in result.stdout.strip().splitlines()[2:]]
+    ids = [line.split()[2] for line in result.stdout.strip().splitlines()[1:]]
     default = DeviceRanker(release, builder).rank(text, top_by_bm25(builder, text, 100), top=3)
     assert ids == [p for p, _ in default]
 
@@ -475,21 +476,21 @@ def test_cli_score_golden_seen_and_unseen(
     runner = CliRunner()
     result = runner.invoke(cli, [*args, "--query", text, "--candidates", str(candidates)])
     assert result.exit_code == 0, result.output
+    assert "path: evidence (seen query" in result.stderr
     lines = result.stdout.strip().splitlines()
-    assert lines[0].startswith("path: evidence (seen query")
-    assert [line.split()[2] for line in lines[2:]] == GOLDEN_TOP5
+    assert [line.split()[2] for line in lines[1:]] == GOLDEN_TOP5
     # Default candidates: BM25 top-100 plus the memorised products.
     result = runner.invoke(cli, [*args, "--query", text.upper()])
-    assert result.exit_code == 0 and result.stdout.startswith("path: evidence")
+    assert result.exit_code == 0 and "path: evidence" in result.stderr
     # Another query: the head alone, exactly as a release without evidence ranks it.
     other, other_pool = catalog_query(builder, 6)
     candidates.write_text("\n".join(other_pool) + "\n")
     result = runner.invoke(cli, [*args, "--query", other, "--candidates", str(candidates)])
     assert result.exit_code == 0, result.output
+    assert "path: head (unseen query: ranked by the head alone)" in result.stderr
     lines = result.stdout.strip().splitlines()
-    assert lines[0] == "path: head (unseen query: ranked by the head alone)"
     plain = DeviceRanker(release, builder, use_evidence=False).rank(other, other_pool, top=5)
-    assert [line.split()[2] for line in lines[2:]] == [p for p, _ in plain]
+    assert [line.split()[2] for line in lines[1:]] == [p for p, _ in plain]
 
 
 def test_server_release_reproduces_seen_evaluation_on_device(
