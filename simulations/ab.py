@@ -13,7 +13,9 @@ Models
     onnxruntime; a seen query whose normalised text the release's ``evidence.npz`` memorised is
     scored with that DP click evidence too; verified against
     ``RUN_DIR.keys/server-signing.pub`` when present), else from ``checkpoints/round-NNNN.npz``
-    (the head state alone; ``strategy/*`` and evidence arrays are skipped).
+    scored as the server's evaluator scores it (the head moved ``head-shrink`` toward
+    zero-shot, with the summed evidence when the checkpoint has some; ``strategy/*`` arrays
+    are skipped).
 
 Traffic
     Per view, that view's queries (``config.json``: ``eval-fold``, ``num-folds``, ``seed``;
@@ -49,7 +51,7 @@ CTR and its interval
     (one per round with a model, ascending) and ``final`` (the last of them). A round is::
 
         {"round": r, "source": "release" | "checkpoint",
-         "evidence": true when seen queries were scored with the release's evidence,
+         "evidence": true when the model scored seen queries with memorised evidence,
          "unseen": {"vs_bm25": LIFT, "vs_zero_shot": LIFT, "vs_previous": LIFT},
          "seen":   {"vs_bm25": LIFT, "vs_zero_shot": LIFT, "vs_previous": LIFT},
          "vs_bm25": ..., "vs_previous": ...}   # = the unseen ones (kept for older readers)
@@ -359,16 +361,23 @@ def _head_scorer(state: dict[str, np.ndarray], hidden_dim: int) -> Scorer:
     return scorer
 
 
+def _checkpoint_state(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+    """A checkpoint's head arrays and its memorised evidence arrays (``None`` when absent);
+    ``strategy/*`` arrays are skipped."""
+    from server.checkpoint import STRATEGY_PREFIX
+    from shared_model.evidence import split_evidence
+
+    with np.load(path) as npz:
+        state = {k: npz[k] for k in npz.files if not k.startswith(STRATEGY_PREFIX)}
+    return split_evidence(state)
+
+
 def model_scorer(kind: str, path: Path | None, *, hidden_dim: int) -> Scorer:
     """The scorer of one round's model (``path=None``: the initial, untrained head)."""
     if path is None:
         return _head_scorer({}, hidden_dim)
     if kind == "checkpoint":
-        from server.checkpoint import STRATEGY_PREFIX
-
-        with np.load(path) as npz:
-            state = {k: npz[k] for k in npz.files if not k.startswith(STRATEGY_PREFIX)}
-        return _head_scorer(state, hidden_dim)
+        return _head_scorer(_checkpoint_state(path)[0], hidden_dim)
     from shared_model.release import default_public_key_path, load_public_key
     from shared_model.scoring import OnnxScorer
 
@@ -376,13 +385,38 @@ def model_scorer(kind: str, path: Path | None, *, hidden_dim: int) -> Scorer:
     return OnnxScorer(path, load_public_key(key_path) if key_path.exists() else None).scores
 
 
-def round_ranker(kind: str, path: Path | None, *, hidden_dim: int, builder: Any
-                 ) -> tuple[QueryScorer, bool]:
-    """One round's model as a :data:`QueryScorer`, and whether it carries memorised evidence:
-    a release is scored as a device scores it (``DeviceRanker``: head + evidence for a seen
-    query), a checkpoint (or ``path=None``) by its head alone."""
-    if kind != "release" or path is None:
-        return by_features(model_scorer(kind, path, hidden_dim=hidden_dim)), False
+def round_ranker(
+    kind: str, path: Path | None, *, hidden_dim: int, builder: Any, head_shrink: float = 1.0,
+    evidence_index: Any = None,
+) -> tuple[QueryScorer, bool]:
+    """One round's model as a :data:`QueryScorer`, and whether it used memorised evidence.
+
+    A release is scored as a device scores it (``DeviceRanker``'s arithmetic: head, plus the
+    release's evidence for a seen query). A checkpoint is scored as the server evaluated it:
+    its head moved ``head_shrink`` of the way from zero-shot (``shared_model.state.
+    shrink_state``), with its summed evidence when it has some (``EvidenceModel`` over
+    ``evidence_index``). ``path=None``: the untrained head.
+    """
+    if path is None:
+        return by_features(model_scorer(kind, None, hidden_dim=hidden_dim)), False
+    if kind == "checkpoint":
+        from shared_model.evaluation import head_scorer
+        from shared_model.evidence import EvidenceIndex, EvidenceModel
+        from shared_model.ranker import HeadConfig, RankerHead
+        from shared_model.state import load_head_state, shrink_state
+
+        head_arrays, evidence = _checkpoint_state(path)
+        config = HeadConfig(hidden_dim=hidden_dim)
+        served = shrink_state(head_arrays, head_shrink, config)
+        if evidence is None:
+            return by_features(_head_scorer(served, hidden_dim)), False
+        head = RankerHead(config)
+        load_head_state(head, served)
+        model = EvidenceModel(
+            evidence_index if evidence_index is not None else EvidenceIndex(builder.data),
+            evidence, head_scorer(head, builder),
+        )
+        return (lambda query_id, pids, features: model(query_id, pids)), True
     from shared_model.release import ReleaseError, default_public_key_path, load_public_key
     from shared_model.release_evidence import EVIDENCE_FILE, EvidenceError, ReleaseEvidence
     from shared_model.scoring import OnnxScorer
@@ -393,15 +427,15 @@ def round_ranker(kind: str, path: Path | None, *, hidden_dim: int, builder: Any
     if data is None:
         return by_features(onnx.scores), False
     try:
-        evidence = ReleaseEvidence.from_bytes(data, where=f"release {path}: {EVIDENCE_FILE}")
-        evidence.check_catalog(builder.product_ids)
+        memorised = ReleaseEvidence.from_bytes(data, where=f"release {path}: {EVIDENCE_FILE}")
+        memorised.check_catalog(builder.product_ids)
     except EvidenceError as exc:
         raise ReleaseError(f"release {path}: {exc}") from None
 
     def scorer(query_id: str, pids: Sequence[str], features: np.ndarray) -> np.ndarray:
         head = onnx.scores(features)
-        entry = evidence.lookup(builder.data.queries[query_id].text)
-        return head if entry is None else evidence.apply(entry, builder.rows(pids), head)
+        entry = memorised.lookup(builder.data.queries[query_id].text)
+        return head if entry is None else memorised.apply(entry, builder.rows(pids), head)
 
     return scorer, True
 
@@ -443,6 +477,10 @@ def run_ab(
     )
     view_queries = {"unseen": list(test), "seen": list(seen)}
     hidden = int(config.get("hidden-dim", 0))
+    head_shrink = float(config.get("head-shrink", 1.0))
+    from shared_model.evidence import EvidenceIndex
+
+    index = EvidenceIndex(data)
     zero_shot = zero_shot_scorer(builder)
     initial = by_features(model_scorer("checkpoint", None, hidden_dim=hidden))
     views: dict[str, dict[str, Any]] = {}
@@ -464,7 +502,8 @@ def run_ab(
     previous_round = 0
     rounds: list[dict[str, Any]] = []
     for rnd, (kind, path) in sources.items():
-        scorer, has_evidence = round_ranker(kind, path, hidden_dim=hidden, builder=builder)
+        scorer, has_evidence = round_ranker(kind, path, hidden_dim=hidden, builder=builder,
+                                            head_shrink=head_shrink, evidence_index=index)
         row: dict[str, Any] = {"round": rnd, "source": kind, "evidence": has_evidence}
         for name, view in views.items():
             shown = shown_relevance(

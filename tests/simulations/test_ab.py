@@ -126,10 +126,32 @@ def test_run_ab_zero_shot_seen_and_unseen(tmp_path, wands_builder) -> None:
 
     write_release(run / "releases" / "round-0002", head=RankerHead(), version="round-0002",
                   round=2, epsilon_per_node={}, metrics={}, signing_key=key)
+    # Round 3: a checkpoint (head + summed evidence arrays, as the server saves them),
+    # scored as the server's evaluator scores it.
+    from shared_model.evidence import (
+        EVIDENCE_CLICKS,
+        EVIDENCE_EXAM,
+        EvidenceIndex,
+        empty_evidence,
+    )
+    from shared_model.state import head_state
+
+    index = EvidenceIndex(builder.data)
+    arrays = {**head_state(RankerHead()), **empty_evidence(index)}
+    for q in seen:
+        sl = slice(index.offsets[q], index.offsets[q] + len(index.products[q]))
+        rel = np.array([builder.data.relevance(q, p) for p in index.products[q]])
+        arrays[EVIDENCE_EXAM][sl] = 100.0
+        arrays[EVIDENCE_CLICKS][sl] = 100.0 * (0.05 + 0.85 * rel)
+    (run / "checkpoints").mkdir()
+    np.savez(run / "checkpoints" / "round-0003.npz", **arrays)
     result = run_ab(run, users=4000, builder=builder, out_dir=tmp_path / "ab")
     assert result["seen_queries"] == seen and result["held_out_queries"] == unseen
-    r1, r2 = result["rounds"]
-    assert (r1["evidence"], r2["evidence"]) == (True, False)
+    r1, r2, r3 = result["rounds"]
+    assert (r1["evidence"], r2["evidence"], r3["evidence"]) == (True, False, True)
+    assert r3["source"] == "checkpoint"
+    assert r3["seen"]["vs_zero_shot"]["lift_ci"][0] > 0
+    assert r3["seen"]["vs_previous"]["lift_ci"][0] > 0  # vs round 2's head alone
     for r in (r1, r2):
         for view in VIEWS:
             assert set(r[view]) == set(COMPARATORS)
@@ -147,5 +169,5 @@ def test_run_ab_zero_shot_seen_and_unseen(tmp_path, wands_builder) -> None:
         assert ci[0] <= 0 <= ci[1]
     written = json.loads((tmp_path / "ab" / "ab.json").read_text())
     assert written["final"]["seen"]["vs_zero_shot"]["ctr_b"] == pytest.approx(
-        r2["seen"]["vs_zero_shot"]["ctr_b"])
+        r3["seen"]["vs_zero_shot"]["ctr_b"])
     assert (tmp_path / "ab" / "ab.png").stat().st_size > 0
