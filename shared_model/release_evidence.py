@@ -417,14 +417,17 @@ class ReleaseEvidence:
             raise ValueError(
                 f"head_scores has shape {head_scores.shape}, expected ({len(candidate_rows)},)"
             )
-        where = {int(r): i for i, r in enumerate(entry.product_rows)}
-        idx = np.fromiter((where.get(int(r), -1) for r in candidate_rows), np.int64,
-                          count=len(candidate_rows))
-        c = np.zeros(len(idx))
-        e = np.zeros(len(idx))
-        known = idx >= 0
-        c[known] = entry.clicks[idx[known]]
-        e[known] = entry.exam[idx[known]]
+        cand = np.asarray(candidate_rows, np.int64)
+        rows = np.asarray(entry.product_rows, np.int64)
+        order = np.argsort(rows, kind="stable")
+        sorted_rows = rows[order]
+        pos = np.minimum(np.searchsorted(sorted_rows, cand), max(len(rows) - 1, 0))
+        known = (sorted_rows[pos] == cand) if len(rows) else np.zeros(len(cand), bool)
+        idx = order[pos[known]] if len(rows) else np.zeros(0, np.int64)
+        c = np.zeros(len(cand))
+        e = np.zeros(len(cand))
+        c[known] = entry.clicks[idx]
+        e[known] = entry.exam[idx]
         return shrunk_scores(c, e, _standardise(head_scores), self.prior, self.noise_var)
 
     @property
