@@ -16,16 +16,21 @@ What the state is (:class:`UserState`)
     code (``client/``, ``server/``) imports this module, so it is never part of a model update
     or of any message (tested).
 
-How it is used (:func:`personal_scores`)
-    The signed global release scores the candidates; the state adds two terms on top of the
-    release's logits, each on the same scale (the logits are z-scored over the candidates)::
+How it is used (:class:`PersonalScorer`, :func:`personal_scores`)
+    The signed global release scores the candidates; the state adds terms on top of the
+    release's logits, on the same scale (the logits are z-scored over the candidates)::
 
         score = z(global) + category_weight * affinity(category) + vector_weight * z(cos(v, p))
+                + click_weight * clicks(q, p) - skip_weight * skips(q, p)
+                + query_vector_weight * z(cos(v_q, p))
 
-    ``affinity`` is the user's smoothed click share of the product's category and ``cos(v, p)``
-    the cosine of the user vector with the product's text embedding. Weights come from
+    ``affinity`` is the user's smoothed click share of the product's category, ``cos(v, p)``
+    the cosine of the user vector with the product's text embedding, ``clicks``/``skips`` the
+    user's decayed clicks and examined skips of ``p`` for this query and ``v_q`` the
+    click-weighted sum of the products the user clicked for this query. Weights come from
     :class:`PersonalConfig`; the defaults were picked once on a validation world (seed 1,
-    docs/results.md) and are not tuned on the evaluation.
+    docs/results.md) and are not tuned on the evaluation. :class:`PersonalScorer` precomputes
+    the per-user terms over the catalog once per state, so a request is a few gathers.
 
 No Flower and no torch here.
 """
