@@ -17,6 +17,7 @@ from simulations import personal_commands
 from simulations.personal import (
     load_run_world,
     personalized_ab,
+    personalized_ceiling,
     recommend_eval,
     split_history,
     user_histories,
@@ -61,6 +62,18 @@ def test_personalized_ab_keys_and_null_config(world) -> None:
     assert result["users_personalized"] + result["users_global"] == WORLD.num_users
     again = personalized_ab(world, config=null, seed=1)
     assert again == result
+
+
+def test_personalized_ceiling_orders_the_oracles(world) -> None:
+    # The judged relevance with the true taste is the best ranking under the click model; a
+    # null personal config is exactly the release (lift 0).
+    null = PersonalConfig(0.0, 0.0, 0.0, 0.0, 0.0)
+    result = personalized_ceiling(world, config=null, users=30, sessions_per_user=3)
+    assert result["personal"] == 0.0
+    assert result["oracle_relevance_taste"] >= max(
+        result["oracle_relevance"], result["true_taste"], result["personal"]
+    )
+    assert result["oracle_relevance_taste"] > 0.0 and 0.0 <= result["repeat_share"] <= 1.0
 
 
 def test_recommend_eval_and_cli(world, run_dir: Path, wands_builder, monkeypatch) -> None:
