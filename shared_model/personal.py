@@ -38,8 +38,10 @@ No Flower and no torch here.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import math
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -310,7 +312,10 @@ def _zscore(x: np.ndarray) -> np.ndarray:
     return d / (std if std > 1e-6 else 1.0)
 
 
-_CATALOG_CATEGORIES: dict[int, tuple[Any, list[str], np.ndarray]] = {}
+# Feature builder -> (categories, row index); weak keys: a cache never keeps a catalog alive.
+_CATALOG_CATEGORIES: weakref.WeakKeyDictionary[Any, tuple[list[str], np.ndarray]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def catalog_categories(builder: Any) -> tuple[list[str], np.ndarray]:
@@ -330,16 +335,18 @@ def catalog_categories(builder: Any) -> tuple[list[str], np.ndarray]:
     index : numpy.ndarray
         int64 ``[num_products]``: ``names[index[row]]`` is the product's category.
     """
-    hit = _CATALOG_CATEGORIES.get(id(builder))
-    if hit is not None and hit[0] is builder:
-        return hit[1], hit[2]
+    try:
+        hit = _CATALOG_CATEGORIES.get(builder)
+    except TypeError:  # not weak-referenceable or not hashable: compute, do not cache
+        hit = None
+    if hit is not None:
+        return hit
     cats = [builder.data.products[p].top_category for p in builder.product_ids]
     names = sorted(set(cats))
     lookup = {c: i for i, c in enumerate(names)}
     index = np.fromiter((lookup[c] for c in cats), np.int64, count=len(cats))
-    if len(_CATALOG_CATEGORIES) >= 8:
-        _CATALOG_CATEGORIES.clear()
-    _CATALOG_CATEGORIES[id(builder)] = (builder, names, index)
+    with contextlib.suppress(TypeError):
+        _CATALOG_CATEGORIES[builder] = (names, index)
     return names, index
 
 
