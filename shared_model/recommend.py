@@ -51,6 +51,9 @@ class RecommendConfig:
         Pseudo-sessions of the public category prior in the user's category estimate.
     own_query_weight
         Weight of the user's own decayed query frequencies added to ``P_user(q)``.
+    click_category_weight
+        Weight of the user's decayed clicks per product category, counted with their queries'
+        categories in ``n_c``.
     shown
         Results a search session shows (the examination normaliser ``Σ_{r ≤ shown} 1/r``).
     candidates
@@ -61,6 +64,7 @@ class RecommendConfig:
 
     prior_strength: float = 4.0
     own_query_weight: float = 0.0
+    click_category_weight: float = 0.0
     shown: int = 10
     candidates: int = 100
     diversify: bool = True
@@ -68,8 +72,10 @@ class RecommendConfig:
     def __post_init__(self) -> None:
         if not (self.prior_strength > 0 and math.isfinite(self.prior_strength)):
             raise ValueError(f"prior_strength must be > 0, got {self.prior_strength!r}")
-        if not (self.own_query_weight >= 0 and math.isfinite(self.own_query_weight)):
-            raise ValueError(f"own_query_weight must be >= 0, got {self.own_query_weight!r}")
+        for name in ("own_query_weight", "click_category_weight"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be >= 0, got {value!r}")
         if self.shown < 1:
             raise ValueError(f"shown must be >= 1, got {self.shown!r}")
         if self.candidates < 1:
@@ -237,6 +243,11 @@ class Recommender:
                 c = cat_index.get(self.query_category(text))
                 if c is not None:
                     own[c] += weight
+            if cfg.click_category_weight:
+                for cat, weight in state.categories.items():
+                    c = cat_index.get(cat)
+                    if c is not None:
+                        own[c] += cfg.click_category_weight * weight
             w = (own + cfg.prior_strength * pi) / (own.sum() + cfg.prior_strength)
             within = share / np.where(pi[qcat] > 0, pi[qcat], 1.0)
             for t, p in zip(texts, (w[qcat] * within).tolist(), strict=True):
