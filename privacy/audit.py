@@ -155,7 +155,7 @@ THREAT_MODEL: tuple[tuple[str, str], ...] = (
         "A device's personal state",
         "Personalization (issue 14) keeps, on the user's device only, a state learned from the "
         "user's own clicks (shared_model/personal.py): click mass per product category, a user "
-        "vector (float16 mean of clicked products' embeddings), up to 64 recent query texts "
+        "vector (float16 decayed sum of clicked products' embeddings), up to 64 query texts "
         "with per-query click/skip memory and the last 32 clicked product ids; JSON, at most "
         "64 KiB, in memory or a 0600 file. It never enters a model update, a reply or any "
         "other message: no node or server code imports it, and a node's reply with a personal "
