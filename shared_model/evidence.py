@@ -258,15 +258,28 @@ def query_has_traffic(exam: np.ndarray, noise_var: float, *, z: float = 4.0) -> 
     return total > z * float(np.sqrt(max(noise_var, 0.0) * exam.size)) and total > 0
 
 
+# Click fraud bound (issue 11): a pair's clicks / exam is an attractiveness, a probability,
+# so the scorer clamps clicks to [0, RATIO_MAX * exam] (exam after denoising). Not a tuning
+# knob: the position-based click model cannot produce a ratio above 1 in expectation. Bots
+# that click a product shown low (exam 1/rank each) push clicks far above exam; clamped,
+# their pull on the score grows with exam^2 / noise instead of clicks * exam / noise.
+RATIO_MAX = 1.0
+
+
 def shrunk_scores(
-    clicks: np.ndarray, exam: np.ndarray, z: np.ndarray, prior: PriorFit, noise_var: float
+    clicks: np.ndarray, exam: np.ndarray, z: np.ndarray, prior: PriorFit, noise_var: float,
+    *, clamp_ratio: bool = True,
 ) -> np.ndarray:
     """Credibility-weighted attractiveness per pair of one query (see the module docstring).
 
     ``exam`` is the query's released exam counts, denoised here (:func:`denoised_exam`).
+    ``clamp_ratio``: clicks clamped to ``[0, RATIO_MAX * exam]`` (the click fraud bound);
+    ``False`` only to measure what it does.
     """
     p0 = np.clip(prior.a + prior.b * z, _P_MIN, _P_MAX)
     e = denoised_exam(exam, noise_var)
+    if clamp_ratio:
+        clicks = np.clip(np.asarray(clicks, np.float64), 0.0, RATIO_MAX * e)
     # score = p0 + tau2 e (c - e p0) / (tau2 e^2 + e p0(1-p0) + noise_var (1 + p0^2)):
     # w (c/e - p0) written without dividing by e, so e -> 0 gives p0.
     denom = prior.tau2 * e * e + e * p0 * (1 - p0) + noise_var * (1 + p0**2)
@@ -289,9 +302,12 @@ class EvidenceModel:
         index: EvidenceIndex,
         evidence: Mapping[str, np.ndarray],
         base: BaseScorer,
+        *,
+        clamp_ratio: bool = True,
     ) -> None:
         self.index = index
         self.base = base
+        self.clamp_ratio = clamp_ratio
         self.clicks = np.asarray(evidence[EVIDENCE_CLICKS], dtype=np.float64)
         self.exam = np.asarray(evidence[EVIDENCE_EXAM], dtype=np.float64)
         self.noise_var = float(np.asarray(evidence[EVIDENCE_NOISE_VAR]).reshape(-1)[0])
@@ -324,4 +340,4 @@ class EvidenceModel:
         known = (pairs >= 0) & self.searched.get(query_id, False)
         c = np.where(known, self.clicks[np.maximum(pairs, 0)], 0.0)
         e = np.where(known, self.exam[np.maximum(pairs, 0)], 0.0)
-        return shrunk_scores(c, e, z, self.prior, self.noise_var)
+        return shrunk_scores(c, e, z, self.prior, self.noise_var, clamp_ratio=self.clamp_ratio)

@@ -70,8 +70,10 @@ def _world(users: int, seed: int) -> Any:
 def run(
     *, fraction: float, epsilon: float, users: int = 10_000, clip: float = 3.0,
     share: float = 0.75, delta: float = 1e-5, bot_rank: int = 10, seed: int = 0,
-    query: str | None = None, evaluate_seen: bool = False,
+    query: str | None = None, evaluate_seen: bool = False, defence: bool = True,
 ) -> dict[str, Any]:
+    """``defence``: the scorer's click fraud bound (``shared_model.evidence.RATIO_MAX``);
+    ``False`` measures the scorer without it."""
     builder, data, index, seen, rows = _world(users, seed)
     base = cosine_scorer(builder)
     region = sorted(rows)[0]
@@ -107,7 +109,7 @@ def run(
             exam += e + noise[r][1]
         ev = {EVIDENCE_CLICKS: clicks, EVIDENCE_EXAM: exam,
               EVIDENCE_NOISE_VAR: np.array([len(rows) * (sigma * clip) ** 2])}
-        return EvidenceModel(index, ev, base)
+        return EvidenceModel(index, ev, base, clamp_ratio=defence)
 
     def rank(m: EvidenceModel) -> int:
         scores = np.asarray(m(query, pids))
@@ -115,7 +117,7 @@ def run(
 
     clean, attacked = model(False), model(True)
     out: dict[str, Any] = {
-        "attack": "clickfraud", "fraction": fraction,
+        "attack": "clickfraud", "defence": defence, "fraction": fraction,
         "epsilon": "inf" if math.isinf(epsilon) else epsilon, "users": users,
         "bots": num_bots, "region": region, "query": query, "target": target,
         "pool": len(pids), "target_rank_before": rank(clean),
@@ -131,6 +133,12 @@ def run(
 
 
 if __name__ == "__main__":
-    for eps in (1.0, math.inf):
-        for frac in (0.001, 0.01, 0.05):
-            print(json.dumps(run(fraction=frac, epsilon=eps)), flush=True)
+    import sys
+
+    sizes = [int(a) for a in sys.argv[1:]] or [10_000, 100_000]
+    for users in sizes:
+        for eps in (1.0, 8.0, math.inf):
+            for frac in (0.001, 0.01, 0.05):
+                for on in (False, True):
+                    print(json.dumps(run(fraction=frac, epsilon=eps, users=users, defence=on,
+                                         evaluate_seen=frac == 0.01)), flush=True)
