@@ -31,9 +31,11 @@ from shared_model.evidence import (
     EVIDENCE_CLICKS,
     EVIDENCE_EXAM,
     EVIDENCE_NOISE_VAR,
+    MAX_CLICKS_PER_USER_PAIR,
     EvidenceIndex,
     EvidenceModel,
     UserPairRows,
+    cap_user_pair_clicks,
     user_pair_rows,
 )
 from shared_model.partition import partition_regional
@@ -62,7 +64,8 @@ def _world(users: int, seed: int) -> Any:
         log = simulate_click_log(data, WorldConfig(num_users=users, num_regions=5, seed=seed),
                                  query_ids=seen)
         parts = partition_regional(log)
-        rows = {r: user_pair_rows(p, index, max_sessions_per_user=2) for r, p in parts.items()}
+        rows = {r: user_pair_rows(p, index, max_sessions_per_user=2, max_clicks_per_pair=None)
+                for r, p in parts.items()}  # uncapped: run() applies the cap (or not)
         _CACHE[key] = (builder, data, index, seen, rows)
     return _CACHE[key]
 
@@ -72,8 +75,9 @@ def run(
     share: float = 0.75, delta: float = 1e-5, bot_rank: int = 10, seed: int = 0,
     query: str | None = None, evaluate_seen: bool = False, defence: bool = True,
 ) -> dict[str, Any]:
-    """``defence``: the scorer's click fraud bound (``shared_model.evidence.RATIO_MAX``);
-    ``False`` measures the scorer without it."""
+    """``defence``: the evidence's click fraud bound (each user's clicks on a pair count at
+    most ``shared_model.evidence.MAX_CLICKS_PER_USER_PAIR`` times), for honest users and
+    bots alike; ``False`` measures the evidence without it."""
     builder, data, index, seen, rows = _world(users, seed)
     base = cosine_scorer(builder)
     region = sorted(rows)[0]
@@ -103,13 +107,14 @@ def run(
                                   np.concatenate([rr.clicks, bots.clicks]),
                                   np.concatenate([rr.exam, bots.exam]),
                                   rr.num_users + num_bots)
+            rr = cap_user_pair_clicks(rr, MAX_CLICKS_PER_USER_PAIR if defence else None)
             c, e, _ = clip_and_sum(rr.user, rr.pair, rr.clicks, rr.exam,
                                    num_pairs=index.num_pairs, clip_norm=clip)
             clicks += c + noise[r][0]  # same noise draw with and without bots
             exam += e + noise[r][1]
         ev = {EVIDENCE_CLICKS: clicks, EVIDENCE_EXAM: exam,
               EVIDENCE_NOISE_VAR: np.array([len(rows) * (sigma * clip) ** 2])}
-        return EvidenceModel(index, ev, base, clamp_ratio=defence)
+        return EvidenceModel(index, ev, base)
 
     def rank(m: EvidenceModel) -> int:
         scores = np.asarray(m(query, pids))
