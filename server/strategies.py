@@ -222,7 +222,7 @@ class RobustHead:
         originals = [m.content for m in replies]
         heads = []
         for content in originals:
-            record = content["arrays"]
+            record = content.array_records["arrays"]
             heads.append({k: record[k].numpy() for k in record if k not in EVIDENCE_KEYS})
         shares = kept_shares(self.rule, heads, trim_beta=self.trim_beta,
                              malicious_nodes=self.malicious_nodes)
@@ -230,7 +230,7 @@ class RobustHead:
             for msg, head, content in zip(replies, heads, originals, strict=True):
                 msg.content = RecordDict({
                     "arrays": ArrayRecord({k: Array(np.array(v)) for k, v in head.items()}),
-                    "metrics": MetricRecord(dict(content["metrics"])),
+                    "metrics": MetricRecord(dict(content.metric_records["metrics"])),
                 })
             arrays, _ = inner.aggregate_train(server_round, replies)
         finally:
@@ -240,7 +240,7 @@ class RobustHead:
             return [1.0] * n
         robust = {k: np.asarray(v.numpy(), np.float32) for k, v in arrays.items()}
         for content in originals:
-            record = content["arrays"]
+            record = content.array_records["arrays"]
             merged = {k: (robust[k] if k in robust else record[k].numpy()) for k in record}
             content["arrays"] = ArrayRecord({k: Array(v) for k, v in merged.items()})
         return shares
