@@ -151,6 +151,7 @@ def run_regional(grid: Grid, settings: RunSettings) -> None:
             PROGRESS, settings.run_dir, offset, checkpoint.weights_sha256[:12],
         )
     remaining = settings.num_server_rounds - offset
+    carrier.round_offset = offset
 
     def served(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         # What the run evaluates and releases: the head shrunk toward zero-shot (public

@@ -219,6 +219,7 @@ class ReleaseCarrier(Strategy):
         self.node_round: dict[int, float] = {}  # last release-round each node reported
         self._pending: dict[int, int] = {}  # node id -> round of the release sent this round
         self.deliveries: list[dict[str, object]] = []
+        self.round_offset = 0  # a resumed run's rounds already done (for the log and deliveries)
 
     def summary(self) -> None:
         self.inner.summary()
@@ -243,10 +244,11 @@ class ReleaseCarrier(Strategy):
             self._pending[node] = manifest.round
         if self._pending:
             size = record_bytes(record)
-            self.deliveries.append({"round": server_round, "release": manifest.version,
+            rnd = server_round + self.round_offset
+            self.deliveries.append({"round": rnd, "release": manifest.version,
                                     "nodes": sorted(self._pending), "bytes_per_node": size})
             log.info("[fedrank] round %s: release %s attached for %d node(s), %d bytes each",
-                     server_round, manifest.version, len(self._pending), size)
+                     rnd, manifest.version, len(self._pending), size)
         return messages
 
     def aggregate_train(
@@ -256,7 +258,8 @@ class ReleaseCarrier(Strategy):
         for msg in replies:
             reported = _reported_round(msg)
             if reported is not None:
-                self.note(msg.metadata.src_node_id, reported, server_round=server_round)
+                self.note(msg.metadata.src_node_id, reported,
+                          server_round=server_round + self.round_offset)
         return self.inner.aggregate_train(server_round, replies)
 
     def note(self, node: int, reported: float, *, server_round: int | str) -> None:

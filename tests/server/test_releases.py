@@ -453,6 +453,10 @@ def test_carrier_attaches_the_newest_release_only_to_nodes_that_lack_it(
     assert RELEASE_RECORD not in third[11].content and RELEASE_RECORD in third[22].content
     assert [d["nodes"] for d in carrier.deliveries] == [[11, 22], [22]]
     assert carrier.deliveries[0]["bytes_per_node"] == record_bytes(sent)  # type: ignore[arg-type]
+    # a resumed run (10 rounds done) names rounds as the run counts them
+    carrier.round_offset = 10
+    configure(4)
+    assert carrier.deliveries[-1]["round"] == 14
 
 
 class _InProcessGrid:
