@@ -112,3 +112,115 @@ class FeatureBuilder:
             raise KeyError(f"unknown query_id {query_id!r}")
         pool = [j.product_id for j in self.data.judged(query_id)]
         return self.features(query.text, product_ids, pool_ids=pool)
+
+
+# --- Richer generalising features (issue 9, unseen floor; measured in simulations.adapter_study)
+
+RICH_FEATURE_NAMES = (
+    "cosine", "title_cosine", "category_cosine", "bm25",
+    "class_cosine", "leaf_cosine", "bm25_title", "bm25_class", "coverage", "prf_cosine",
+)
+"""Per-field signals that mean the same for every query:
+
+``class_cosine`` (query vs product class), ``leaf_cosine`` (vs the category path's last
+level), ``bm25_title`` / ``bm25_class`` (BM25 over the title / class + category path, global
+IDF), ``coverage`` (share of the query's tokens found in the product text), ``prf_cosine``
+(pseudo-relevance feedback: cosine of the product with the centroid of the pool's top
+``PRF_TOP_K`` zero-shot products; uses no clicks and no labels)."""
+
+PRF_TOP_K = 5
+
+
+class PairTable:
+    """Every judged (query, product) pair's features, standardised per query over its pool.
+
+    Parameters
+    ----------
+    builder
+        The catalog's feature builder (its encoder cache is reused).
+    prf_top_k
+        Pool products whose centroid defines ``prf_cosine``.
+
+    Attributes
+    ----------
+    index
+        ``(query_id, product_id) -> row``.
+    z
+        ``name -> [P]`` float32 standardised feature.
+    query_vec, product_centred
+        ``[P, 384]``: the query's embedding and the product's minus its pool's mean (the
+        adapter's inputs; centring removes the query-level offset a pointwise click loss
+        would otherwise learn).
+    """
+
+    def __init__(self, builder: FeatureBuilder, *, prf_top_k: int = PRF_TOP_K) -> None:
+        from rank_bm25 import BM25Okapi
+
+        from shared_model.bm25 import tokenize
+
+        data = builder.data
+        self.data = data
+        products = [data.products[p] for p in builder.product_ids]
+        classes = builder.encoder.encode([p.product_class or p.title for p in products])
+        leaves = builder.encoder.encode(
+            [(p.category_path.split(" / ")[-1].strip() or p.title) for p in products])
+        bm_title = BM25Okapi([tokenize(p.title) for p in products])
+        bm_class = BM25Okapi([tokenize(f"{p.product_class} {p.category_path}")
+                              or tokenize(p.title) for p in products])
+        text_tokens = [set(tokenize(p.text())) for p in products]
+        self.index: dict[tuple[str, str], int] = {}
+        raw: dict[str, list[np.ndarray]] = {n: [] for n in RICH_FEATURE_NAMES}
+        qv: list[np.ndarray] = []
+        pc: list[np.ndarray] = []
+        for qid in data.query_ids:
+            text = data.queries[qid].text
+            pool = [j.product_id for j in data.judged(qid)]
+            rows = builder.rows(pool)
+            for pid in pool:
+                self.index[(qid, pid)] = len(self.index)
+            q = builder.query_vector(text)
+            base = builder.raw_features(text, pool)
+            for k, name in enumerate(FEATURE_NAMES):
+                raw[name].append(base[:, k])
+            raw["class_cosine"].append(classes[rows] @ q)
+            raw["leaf_cosine"].append(leaves[rows] @ q)
+            qt = tokenize(text)
+            raw["bm25_title"].append(np.asarray(bm_title.get_batch_scores(qt, list(rows))))
+            raw["bm25_class"].append(np.asarray(bm_class.get_batch_scores(qt, list(rows))))
+            qs = set(qt)
+            raw["coverage"].append(np.array(
+                [len(qs & text_tokens[r]) / max(1, len(qs)) for r in rows]))
+            full = builder.full[rows]
+            top = np.argsort(-(full @ q), kind="stable")[:prf_top_k]
+            centroid = full[top].mean(0)
+            raw["prf_cosine"].append(full @ (centroid / max(1e-9, np.linalg.norm(centroid))))
+            qv.append(np.repeat(q[None], len(rows), 0))
+            pc.append(full - full.mean(0, keepdims=True))
+        self.z = {n: np.concatenate([_standardise(v) for v in vals]).astype(np.float32)
+                  for n, vals in raw.items()}
+        self.query_vec = np.concatenate(qv).astype(np.float32)
+        self.product_centred = np.concatenate(pc).astype(np.float32)
+        self._mats: dict[tuple[tuple[str, ...], bool], np.ndarray] = {}
+
+    def matrix(self, names: Sequence[str], *, adapter: bool = False) -> np.ndarray:
+        """``[P, len(names)]`` (``+ 768`` with the adapter's query and centred product
+        vectors) float32, memoised."""
+        key = (tuple(names), adapter)
+        mat = self._mats.get(key)
+        if mat is None:
+            cols = [self.z[n][:, None] for n in names]
+            if adapter:
+                cols += [self.query_vec, self.product_centred]
+            mat = np.ascontiguousarray(np.concatenate(cols, 1), dtype=np.float32)
+            self._mats[key] = mat
+        return mat
+
+
+def _standardise(x: np.ndarray) -> np.ndarray:
+    std = float(x.std())
+    return (x - x.mean()) / (std if std > 1e-6 else 1.0)
+
+
+def build_pair_table(builder: FeatureBuilder) -> PairTable:
+    """The catalog's :class:`PairTable` (a few seconds; embeddings come from the cache)."""
+    return PairTable(builder)
