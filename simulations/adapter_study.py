@@ -38,14 +38,20 @@ from shared_model.baseline import restrict_to_queries
 from shared_model.catalog import cached_feature_builder
 from shared_model.data import DEFAULT_WANDS_DIR
 from shared_model.evaluation import evaluate, query_folds
+from shared_model.features import (
+    BASE_FEATURE_NAMES,
+    RICH_FEATURE_NAMES,
+    FeatureBuilder,
+    PairTable,
+    build_pair_table,
+)
 from shared_model.ranker import HeadConfig, RankerHead
-from shared_model.features import RICH_FEATURE_NAMES, FeatureBuilder, PairTable, build_pair_table
 from shared_model.training import TrainConfig, UserGroups, train_head
 from shared_model.world import simulate_click_log
 from simulations.scenarios import get_scenario
 
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
-BASE4 = ("cosine", "title_cosine", "category_cosine", "bm25")
+BASE4 = BASE_FEATURE_NAMES
 
 
 @dataclass(frozen=True)
