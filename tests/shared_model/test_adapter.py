@@ -112,3 +112,107 @@ def test_central_training_learns_a_signal_only_the_residual_can_see():
 def test_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=field):
         AdapterConfig(**{field: value})
+
+
+# --- issue 9's per-field features (shared_model.features) -------------------------------
+
+
+class _DigestEncoder:
+    """Deterministic unit vectors per text (sha256-seeded): a FeatureBuilder without MiniLM."""
+
+    def encode(self, texts):
+        import hashlib
+
+        from shared_model.encoder import EMBEDDING_DIM
+
+        out = np.zeros((len(texts), EMBEDDING_DIM), dtype=np.float32)
+        for i, text in enumerate(texts):
+            seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
+            v = np.random.default_rng(seed).normal(size=EMBEDDING_DIM)
+            out[i] = v / np.linalg.norm(v)
+        return out
+
+
+def _tiny_builder(**kwargs):
+    from shared_model.features import FeatureBuilder
+    from shared_model.schema import JudgedSearchData, Judgment, Product, Query
+
+    products = {
+        "a": Product("a", "oak chair", "Chairs", "Furniture / Seating / Chairs"),
+        "b": Product("b", "oak table", "Oak Tables", "Furniture / Tables"),
+        "c": Product("c", "steel lamp", "Lamps", "Lighting / Lamps"),
+        "d": Product("d", "chair cushion", "Cushions", ""),
+        "e": Product("e", "brass lamp", "Lamps", "Lighting / Lamps"),
+        "f": Product("f", "wool rug", "Rugs", "Decor / Rugs"),
+    }
+    data = JudgedSearchData(
+        queries={"q": Query("q", "oak chair")},
+        products=products,
+        judgments=tuple(Judgment("q", p, 0.5) for p in products),
+    )
+    return FeatureBuilder(data, _DigestEncoder(), **kwargs)  # type: ignore[arg-type]
+
+
+def test_production_features_are_the_rich_set_with_cosine_first():
+    from shared_model.features import (
+        BASE_FEATURE_NAMES,
+        FEATURE_NAMES,
+        NUM_FEATURES,
+        RICH_FEATURE_NAMES,
+    )
+
+    assert FEATURE_NAMES == RICH_FEATURE_NAMES and NUM_FEATURES == 10
+    assert FEATURE_NAMES[: len(BASE_FEATURE_NAMES)] == BASE_FEATURE_NAMES
+    assert _tiny_builder().features_for_query_id("q", ["a", "b", "c", "d"]).shape == (4, 10)
+
+
+def test_coverage_and_field_bm25_follow_the_query_tokens():
+    from shared_model.features import RICH_FEATURE_NAMES
+
+    b = _tiny_builder()
+    raw = b.raw_features("oak chair", ["a", "b", "c", "d"])
+    col = {n: raw[:, k] for k, n in enumerate(RICH_FEATURE_NAMES)}
+    # "oak chair": a has both tokens, b and d one each, c none (IDF over all 6 products).
+    np.testing.assert_allclose(col["coverage"], [1.0, 0.5, 0.0, 0.5])
+    assert col["bm25_title"][0] > max(col["bm25_title"][1:])  # both tokens in a's title
+    assert col["bm25_title"][2] == 0.0
+    # Class + category tokens: only b's ("oak tables") match; "chairs" is not "chair".
+    assert col["bm25_class"][1] > 0 and col["bm25_class"][[0, 2, 3]].tolist() == [0, 0, 0]
+
+
+def test_prf_cosine_is_the_cosine_to_the_pools_top_k_centroid():
+    b = _tiny_builder(prf_top_k=2)
+    names = list(b.feature_names)
+    pool = ["a", "b", "c", "d"]
+    raw = b.raw_features("oak chair", pool)
+    q = b.query_vector("oak chair")
+    full = b.full[b.rows(pool)]
+    top = np.argsort(-(full @ q), kind="stable")[:2]
+    centroid = full[top].mean(0)
+    expected = full @ (centroid / np.linalg.norm(centroid))
+    np.testing.assert_allclose(raw[:, names.index("prf_cosine")], expected, rtol=1e-5)
+
+
+def test_candidate_features_equal_features_over_the_same_pool_and_record_nothing():
+    b = _tiny_builder()
+    pool = ["d", "a", "c", "b"]
+    q = _DigestEncoder().encode(["oak chair"])[0]
+    got = b.candidate_features("oak chair", q, pool)
+    assert b._queries == {}  # memo-free: the query is not recorded
+    np.testing.assert_allclose(got, b.features("oak chair", pool), rtol=1e-5, atol=1e-6)
+    assert got.shape == (4, 10)
+    # Standardised per feature over the pool; cosine (col 0) keeps zero-shot's order.
+    np.testing.assert_allclose(got.mean(0), 0, atol=1e-5)
+    assert np.array_equal(np.argsort(got[:, 0]), np.argsort(b.full[b.rows(pool)] @ q))
+
+
+def test_feature_subsets_and_bad_names():
+    from shared_model.features import BASE_FEATURE_NAMES
+
+    b = _tiny_builder(feature_names=BASE_FEATURE_NAMES)
+    assert b.num_features == 4 and b.product_class is None
+    assert b.features("oak chair", ["a", "b"]).shape == (2, 4)
+    with pytest.raises(ValueError, match="start with 'cosine'"):
+        _tiny_builder(feature_names=("bm25", "cosine"))
+    with pytest.raises(ValueError, match="nope"):
+        _tiny_builder(feature_names=("cosine", "nope"))
