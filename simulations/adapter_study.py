@@ -186,10 +186,21 @@ MODELS: dict[str, tuple[tuple[str, ...], bool]] = {
 }
 
 
+def model_spec(kind: str) -> tuple[tuple[str, ...], bool]:
+    """Feature columns and adapter flag of a model kind; ``rich-minus-NAME`` is the
+    10-feature head without feature NAME (the ablation)."""
+    if kind.startswith("rich-minus-"):
+        name = kind.removeprefix("rich-minus-")
+        if name not in RICH_FEATURE_NAMES[1:]:
+            raise ValueError(f"cannot ablate {name!r}")
+        return tuple(n for n in RICH_FEATURE_NAMES if n != name), False
+    return MODELS[kind]
+
+
 def train(kind: str, packed: tuple[np.ndarray, ...], pairs: PairTable, private: bool,
           cfg: StudyConfig, acfg: AdapterConfig, seed: int) -> torch.nn.Module:
     """Train one model on packed users (DP-SGD when ``private``)."""
-    cols, adapter = MODELS[kind]
+    cols, adapter = model_spec(kind)
     groups = groups_for(packed, pairs, cols, adapter=adapter)
     model = make_model(kind, len(cols), acfg)
     tc = cfg.dp_train() if private else replace(cfg.central, seed=seed)
@@ -210,7 +221,7 @@ def guard(pairs: PairTable, clicks: pa.Table, seen: list[str], kinds: Sequence[s
                             rng=np.random.default_rng(100 * seed + j))
         for kind in kinds:
             model = train(kind, packed, pairs, private, cfg, acfg, 100 * seed + j)
-            cols, adapter = MODELS[kind]
+            cols, adapter = model_spec(kind)
             for a in ALPHAS:
                 scores.setdefault(f"{kind}@{a}", []).append(
                     ndcg(pairs, inner_test, model, cols, adapter, a))
@@ -235,7 +246,7 @@ def run_fold(i: int, pairs: PairTable, clicks: pa.Table, builder: FeatureBuilder
         for kind in kinds:
             t0 = time.perf_counter()
             model = train(kind, packed, pairs, mode == "dp", cfg, acfg, i)
-            cols, adapter = MODELS[kind]
+            cols, adapter = model_spec(kind)
             row[f"{mode}/{kind}"] = {str(a): {
                 "seen": ndcg(pairs, seen, model, cols, adapter, a),
                 "unseen": ndcg(pairs, test, model, cols, adapter, a)} for a in ALPHAS}
