@@ -216,3 +216,24 @@ def test_feature_subsets_and_bad_names():
         _tiny_builder(feature_names=("bm25", "cosine"))
     with pytest.raises(ValueError, match="nope"):
         _tiny_builder(feature_names=("cosine", "nope"))
+
+
+# --- the study's federation-equivalent DP settings (simulations.adapter_study) -----------
+
+
+def test_study_pools_the_federations_noise_per_averaged_update():
+    import math
+
+    from simulations.adapter_study import StudyConfig, model_spec
+
+    cfg = StudyConfig(nodes=5, node_batch=256, node_sigma=12.18, rounds=30)
+    dp = cfg.dp_train()
+    # FedAvg of 5 node updates (σ·C / 256 each) has std σ·C / (256·√5) on the mean gradient;
+    # the pooled batch of 1,280 matches it at σ·√5.
+    assert dp.batch_size == 1280 and dp.local_epochs == 30
+    assert dp.noise_multiplier is not None
+    assert dp.noise_multiplier / dp.batch_size == pytest.approx(12.18 / (256 * math.sqrt(5)))
+    cols, adapter = model_spec("rich-minus-coverage")
+    assert "coverage" not in cols and len(cols) == 9 and cols[0] == "cosine" and not adapter
+    with pytest.raises(ValueError, match="cosine"):
+        model_spec("rich-minus-cosine")  # the zero-shot column cannot be ablated
