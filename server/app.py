@@ -30,8 +30,8 @@ from server.evaluator import CentralEvaluator
 from server.evidence import EvidenceBound, EvidenceSumming, initial_evidence
 from server.recorder import PROGRESS, RoundRecorder
 from server.releases import ReleasePublisher
-from server.strategies import build_strategy, restore_strategy_state, strategy_state
-from server.validation import ValidatingStrategy, parse_node_regions
+from server.strategies import RobustHead, build_strategy, restore_strategy_state, strategy_state
+from server.validation import ValidatingStrategy, aggregation_events, parse_node_regions
 from shared_model.evidence import split_evidence
 from shared_model.ranker import HeadConfig, RankerHead
 from shared_model.release import signing_key_dir
@@ -117,6 +117,12 @@ def run_regional(grid: Grid, settings: RunSettings) -> None:
 
     def on_round(rnd: int, replies: Any) -> None:
         recorder.note_replies(rnd, asdict(replies))
+        # Nodes whose update was rejected, clipped or down-weighted (issue 11): signed lines.
+        for event in aggregation_events(
+            rnd + recorder.offset, replies, node_epsilon=strategy.node_epsilon,
+            clip_norm=settings.clip_norm, delta=settings.delta,
+        ):
+            ledger.append(event)
         if strategy.evidence_released != set(released):
             released[:] = sorted(strategy.evidence_released)
             tmp = released_path.with_suffix(".tmp")
@@ -129,6 +135,7 @@ def run_regional(grid: Grid, settings: RunSettings) -> None:
         evidence_bound=EvidenceBound.from_settings(settings) if settings.evidence_share
         else None,
         evidence_released=[int(n) for n in released],
+        robust=RobustHead.from_settings(settings),
     )
     checkpoint = run_dir.load_latest()
     if checkpoint is None:
