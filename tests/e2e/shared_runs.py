@@ -186,9 +186,9 @@ def crash_run(root: Path) -> CrashRun:
             "epsilon_max"]
         first = list(cluster.lines)
         cluster.lines.clear()
-        # node-2 comes back; the server starts again (its database keeps the registrations)
-        cluster.start_node("node-2", data=node_data(cluster, "node-2"))
+        # the server starts again (its database keeps the registrations); node-2 comes back
         cluster.start_server(register=[])
+        cluster.start_node("node-2", data=node_data(cluster, "node-2"))
         cluster.submit(config)
         rc = cluster.wait_run(360)
     except Exception as exc:  # noqa: BLE001 - each test that asks reports it
