@@ -28,6 +28,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -110,11 +111,11 @@ def measure(scenario: str, rounds: int, run_dir: Path, extra: list[str]) -> dict
     total_peak = 0
     needle = str(run_dir.resolve())
     out_lines: list[str] = []
-    os.set_blocking(proc.stdout.fileno(), False)  # type: ignore[union-attr]
+    reader = threading.Thread(
+        target=lambda: out_lines.extend(proc.stdout or []), daemon=True  # type: ignore[arg-type]
+    )
+    reader.start()
     while True:
-        chunk = proc.stdout.read()  # type: ignore[union-attr]
-        if chunk:
-            out_lines.extend(chunk.splitlines())
         live = 0
         for pid in run_pids(proc.pid, needle):
             hwm, rss = _vm(pid)
@@ -130,9 +131,7 @@ def measure(scenario: str, rounds: int, run_dir: Path, extra: list[str]) -> dict
         if proc.poll() is not None:
             break
         time.sleep(0.2)
-    rest = proc.stdout.read()  # type: ignore[union-attr]
-    if rest:
-        out_lines.extend(rest.splitlines())
+    reader.join(timeout=10)
     by_role: dict[str, dict[str, float]] = {}
     for role, hwm in peak.values():
         row = by_role.setdefault(role, {"processes": 0, "max_mib": 0.0})
@@ -145,7 +144,7 @@ def measure(scenario: str, rounds: int, run_dir: Path, extra: list[str]) -> dict
         "rounds_done": len(metrics.get("rounds", [])),
         "wall_s": round(time.monotonic() - started, 1),
         "peak_mib": by_role, "total_peak_mib": round(total_peak / 1024, 1),
-        "tail": out_lines[-3:],
+        "tail": [ln.rstrip() for ln in out_lines[-3:]],
     }
 
 
