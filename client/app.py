@@ -8,6 +8,11 @@ One ClientApp serves both privacy shapes:
   node's log). The server logs the reason and carries on without it;
 - device: legacy fit content (``fitins.*``) from the SecAgg+ workflow; the update is clipped
   by ``adaptiveclipping_mod`` and masked by ``secaggplus_mod`` before it leaves the node.
+
+Signed releases arrive over Flower (``client.releases``): in a regional train message's
+``release`` record (installed before training, so the reply's ``release-round`` reports it),
+and, for a run's final release, in a ``query.install_release`` message answered with
+``{"metrics": {"release-round": R}}``.
 """
 
 from __future__ import annotations
@@ -34,6 +39,12 @@ from flwr.compat.common import recorddict_compat as compat
 from client.device_mods import compact_masked_mod, dropout_mod
 from client.faults import corrupt, fault_mod, fault_of, recording_mod  # test hooks (inert)
 from client.node import BudgetRefusal, NodeSettings, torch_threads, train_round
+from client.releases import (
+    INSTALL_ACTION,
+    RELEASE_RECORD,
+    install_received_release,
+    tamper_spec,
+)
 from shared_model.settings import RunSettings
 
 log = logging.getLogger("fedrank.node")
@@ -86,6 +97,7 @@ def train(msg: Message, context: Context) -> Message:
         name = node.name
         if LEGACY_FIT_PARAMS in msg.content.array_records:
             return _train_legacy(msg, run, node)
+        _receive_release(msg, context, node)
         return _train_regional(msg, context, run, node)
     except BudgetRefusal as refusal:
         return Message(Error(code=BUDGET_EXHAUSTED, reason=str(refusal)), reply_to=msg)
@@ -93,6 +105,42 @@ def train(msg: Message, context: Context) -> Message:
         log.exception("node %s failed to train", name)
         reason = f"node {name} could not train: {type(exc).__name__} (details in the node's log)"
         return Message(Error(code=NODE_FAILED, reason=reason), reply_to=msg)
+
+
+def _receive_release(msg: Message, context: Context, node: NodeSettings) -> float | None:
+    """Install the release a message carries (``None``: it carries none)."""
+    if RELEASE_RECORD not in msg.content:
+        return None
+    return install_received_release(
+        msg.content[RELEASE_RECORD], release_key=node.release_key, state_dir=node.state_dir,
+        node_name=node.name, tamper_round=tamper_spec(context.node_config),
+    )
+
+
+@app.query(INSTALL_ACTION)
+def install_release(msg: Message, context: Context) -> Message:
+    """The run's final release: verify with the pinned key, install, reply the node's round.
+
+    The reply is ``{"metrics": {"release-round": R}}`` (R = the node's current release after
+    the attempt; a refused release leaves it where it was and the node's log says why). A
+    message without a release record, or a failure, is answered with :data:`NODE_FAILED`
+    and a fixed reason.
+    """
+    name = "node"
+    try:
+        run = RunSettings.from_config(context.run_config)
+        node = NodeSettings.from_node_config(context.node_config, run)
+        name = node.name
+        installed = _receive_release(msg, context, node)
+        if installed is None:
+            raise ValueError(f"message has no {RELEASE_RECORD!r} record")
+    except Exception as exc:
+        log.exception("node %s failed to take a release", name)
+        reason = (f"node {name} could not take the release: {type(exc).__name__} (details in "
+                  "the node's log)")
+        return Message(Error(code=NODE_FAILED, reason=reason), reply_to=msg)
+    content = RecordDict({"metrics": MetricRecord({"release-round": installed})})
+    return Message(content=content, reply_to=msg)
 
 
 def _train_regional(

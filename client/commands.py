@@ -30,11 +30,12 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:  # noqa: ARG001
             None, "--cache-dir", help="Embedding cache folder (node's own)."),
         release_dir: Path | None = typer.Option(
             None, "--release-dir",
-            help="Folder the node installs signed releases from (its copy of the server's "
-                 "RUN_DIR/releases)."),
+            help="Optional: a folder the node also installs signed releases from (a copy of "
+                 "the server's RUN_DIR/releases); releases arrive over Flower without it."),
         release_key: Path | None = typer.Option(
             None, "--release-key",
-            help="The server's release public key (server-signing.pub), pinned at set-up."),
+            help="The server's release public key (server-signing.pub), pinned at set-up: "
+                 "the node installs only releases it verifies (none without it)."),
         epsilon_budget: float | None = typer.Option(
             None, "--epsilon-budget", help="Node's own ε budget (the run's is capped to it)."),
         delta: float | None = typer.Option(None, "--delta", help="Largest δ the node accepts."),
@@ -61,8 +62,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:  # noqa: ARG001
         if not insecure and ca is None:
             typer.echo("error: --ca is required (or --insecure)", err=True)
             raise typer.Exit(2)
-        if (release_dir is None) != (release_key is None):
-            typer.echo("error: --release-dir and --release-key go together", err=True)
+        if release_dir is not None and release_key is None:
+            typer.echo("error: --release-dir needs --release-key", err=True)
             raise typer.Exit(2)
         if privacy_shape is not None and privacy_shape not in ("regional", "device"):
             typer.echo("error: --privacy-shape must be regional or device", err=True)

@@ -17,15 +17,38 @@ Both are **inert unless the operator sets them** in the SuperNode's node config:
   never model values, so a test can prove only model arrays and aggregate metrics leave the
   node (no query text, user ids or click rows).
 
+Model poisoning, **simulation only** (issue 11): a simulated node (Flower node config holds
+``partition-id``) whose runner-written settings (``RUN_DIR/nodes/node-<pid>/
+node-settings.json``) carry ``attack = scale | signflip | lie`` and ``attack-strength = S``
+replaces the head part of its honest train reply (never the memorised evidence) by
+(:func:`poison_update`, update = reply minus the weights sent):
+
+- ``scale``: ``S`` x its update (x100 in the issue);
+- ``signflip``: ``-S`` x its update;
+- ``lie``: "a little is enough" (Baruch et al. 2019), ``mean - S * std`` per coordinate of
+  the honest updates. One node cannot see the others, so it estimates both (as the
+  paper's simulation does with the corrupted nodes' own data): ``mean`` = its own honest
+  update; ``std`` = the per-coordinate spread DP-SGD's noise gives every honest update,
+  computed from its public plan (``learning-rate * sigma * clip-norm * sqrt(steps) /
+  batch-size``: SGD without momentum, Opacus' noise on the summed clipped gradients over
+  the expected batch). Data differences between regions add to the true spread, so the
+  estimate is a lower bound and the attack at most as strong as with the true std. A
+  non-private node (sigma 0) falls back to ``|own update|`` per coordinate.
+
+Deterministic given the honest reply (no randomness of its own). A deployed node (no
+``partition-id``) never poisons: nothing in its node config or from the server can make it.
+
 Production nodes never set these keys; nothing here changes a reply otherwise.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -131,9 +154,127 @@ def tamper(content: Any, fault: str) -> Any:
     return RecordDict(records)
 
 
+POISON = "attack"
+POISON_STRENGTH = "attack-strength"
+POISONS = ("scale", "signflip", "lie")
+
+
+@dataclass(frozen=True)
+class Poison:
+    """A simulated node's model-poisoning attack (see the module docstring)."""
+
+    attack: str
+    strength: float
+
+    def __post_init__(self) -> None:
+        if self.attack not in POISONS:
+            raise ValueError(f"{POISON} must be one of {POISONS}, got {self.attack!r}")
+        if not (math.isfinite(self.strength) and self.strength > 0):
+            raise ValueError(f"{POISON_STRENGTH} must be finite and > 0, got {self.strength!r}")
+
+
+def poison_update(
+    poison: Poison, sent: Mapping[str, np.ndarray], own: Mapping[str, np.ndarray], *,
+    std: float | Mapping[str, np.ndarray] | None = None,
+) -> dict[str, np.ndarray]:
+    """The poisoned reply (float32): head keys of ``own`` replaced, evidence keys as sent in
+    ``own``. ``std`` (``lie`` only): the per-coordinate spread of honest updates, a scalar
+    or per key; ``None`` or 0 = ``|own update|``."""
+    from shared_model.evidence import EVIDENCE_KEYS
+
+    out: dict[str, np.ndarray] = {}
+    for key, value in own.items():
+        if key in EVIDENCE_KEYS:
+            out[key] = np.array(value, copy=True)
+            continue
+        base = np.asarray(sent[key], np.float64)
+        update = np.asarray(value, np.float64) - base
+        if poison.attack == "scale":
+            new = poison.strength * update
+        elif poison.attack == "signflip":
+            new = -poison.strength * update
+        else:
+            spread = std.get(key) if isinstance(std, Mapping) else std
+            spread_arr = np.abs(update) if spread is None or np.all(
+                np.asarray(spread) == 0) else np.asarray(spread, np.float64)
+            new = update - poison.strength * spread_arr
+        out[key] = (base + new).astype(np.float32)
+    return out
+
+
+def dp_update_std(*, learning_rate: float, noise_multiplier: float, clip_norm: float,
+                  steps: float, batch_size: float) -> float:
+    """Per-coordinate std of the DP noise in one node's round update (plain SGD)."""
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be > 0, got {batch_size!r}")
+    return learning_rate * noise_multiplier * clip_norm * math.sqrt(max(steps, 0.0)) / batch_size
+
+
+def simulated_poison(context: Any) -> Poison | None:
+    """The attack a simulated node's runner-written settings ask for (``None``: none, and
+    always ``None`` on a deployed node)."""
+    from shared_model.settings import PARTITION_ID, simulated_node_settings_path
+
+    pid = context.node_config.get(PARTITION_ID)
+    run_dir = context.run_config.get("run-dir")
+    if pid is None or not run_dir:
+        return None
+    path = simulated_node_settings_path(str(run_dir), int(pid))
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(values, dict) or values.get(POISON) in (None, "", "none"):
+        return None
+    return Poison(str(values[POISON]), float(values.get(POISON_STRENGTH, 1.0)))
+
+
+def _lie_std(context: Any, steps: float) -> float | None:
+    """DP-noise std of this node's update from its plan (``None`` when unknown/non-private)."""
+    from client.node import NodeSettings
+    from shared_model.settings import RunSettings
+
+    run = RunSettings.from_config(context.run_config)
+    node = NodeSettings.from_node_config(context.node_config, run)
+    path = node.state_dir / "privacy_plan.json"
+    try:
+        plan = json.loads(path.read_text())
+        sigma, batch = float(plan["noise_multiplier"]), float(plan["batch_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not (sigma > 0 and math.isfinite(sigma)):
+        return None
+    return dp_update_std(learning_rate=run.learning_rate, noise_multiplier=sigma,
+                         clip_norm=run.clip_norm, steps=steps, batch_size=batch)
+
+
+def _poison_reply(msg: Any, ctxt: Any, reply: Any, poison: Poison) -> Any:
+    from flwr.app import Array, ArrayRecord, RecordDict
+
+    sent_record = msg.content.array_records.get("arrays")
+    if sent_record is None:
+        return reply
+    sent = {k: v.numpy() for k, v in sent_record.items()}
+    records = {name: record for name, record in reply.content.items()}
+    own = {k: v.numpy() for k, v in records["arrays"].items()}
+    std = None
+    if poison.attack == "lie":
+        steps = float(records["metrics"].get("steps", 0.0)) if "metrics" in records else 0.0
+        std = _lie_std(ctxt, steps)
+    poisoned = poison_update(poison, sent, own, std=std)
+    records["arrays"] = ArrayRecord({k: Array(v) for k, v in poisoned.items()})
+    reply.content = RecordDict(records)
+    return reply
+
+
 def fault_mod(msg: Any, ctxt: Any, call_next: Callable[[Any, Any], Any]) -> Any:
-    """Client mod: when ``fault`` is a reply-level fault, tamper with the train reply."""
+    """Client mod: when ``fault`` is a reply-level fault, tamper with the train reply; a
+    simulated node set to attack (:func:`simulated_poison`) poisons its train reply."""
     reply = call_next(msg, ctxt)
+    poison = simulated_poison(ctxt)
+    if (poison is not None and not reply.has_error() and "arrays" in reply.content
+            and str(reply.metadata.message_type) == "train"):
+        return _poison_reply(msg, ctxt, reply, poison)
     fault = fault_of(ctxt.node_config)
     if fault not in REPLY_FAULTS or reply.has_error() or "arrays" not in reply.content:
         return reply

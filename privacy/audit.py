@@ -152,6 +152,17 @@ THREAT_MODEL: tuple[tuple[str, str], ...] = (
         "re-checked here with Google's dp_accounting.",
     ),
     (
+        "A device's personal state",
+        "Personalization (issue 14) keeps, on the user's device only, a state learned from the "
+        "user's own clicks (shared_model/personal.py): click mass per product category, a user "
+        "vector (float16 decayed sum of clicked products' embeddings), up to 64 query texts "
+        "with per-query click/skip memory and the last 32 clicked product ids; JSON, at most "
+        "64 KiB, in memory or a 0600 file. It never enters a model update, a reply or any "
+        "other message: no node or server code imports it, and a node's reply with a personal "
+        "state present holds exactly the contract's keys and none of its content (both "
+        "tested). It is not DP-protected; it is protected by never leaving the device.",
+    ),
+    (
         "Not defended",
         "A node misusing its own users' data; a server publishing a wrong model (integrity of "
         "training); ledger lines cut off the end without an external head hash; timing and "
@@ -238,9 +249,34 @@ def _one_or_many(values: Sequence[Any]) -> Any:
     return distinct[0] if len(distinct) == 1 else distinct
 
 
+# Server-ledger lines that record what aggregation did to a node's update (issue 11:
+# rejected, clipped, down-weighted by the robust rule; ``server.validation.aggregation_events``).
+# They are ``refusal`` lines (no steps, no ε spent: verify checks them as chain-only) whose
+# detail starts with this prefix; the audit lists them in their own section.
+AGGREGATION_DETAIL_PREFIX = "aggregation: "
+
+
+def is_aggregation_action(row: EventRow) -> bool:
+    """Whether a ledger row records an aggregation action (not a node's refused round)."""
+    return row.mechanism == "refusal" and (row.detail or "").startswith(
+        AGGREGATION_DETAIL_PREFIX)
+
+
+def aggregation_actions(report: VerifyReport) -> list[dict[str, Any]]:
+    """Per round, the nodes whose update the server rejected, clipped or down-weighted."""
+    return [
+        {"round": r.round, "node": r.node,
+         "action": (r.detail or "")[len(AGGREGATION_DETAIL_PREFIX):], "file": r.file,
+         "line": r.line}
+        for r in report.rows if is_aggregation_action(r)
+    ]
+
+
 def _node_table(report: VerifyReport) -> list[dict[str, Any]]:
     by_node: dict[str, list[EventRow]] = {}
     for row in report.rows:
+        if is_aggregation_action(row):
+            continue  # listed under "Updates rejected, clipped or down-weighted"
         by_node.setdefault(row.node, []).append(row)
     table = []
     for node in sorted(by_node):
@@ -411,6 +447,7 @@ def build_audit(run_dir: Path | str, *, report: VerifyReport | None = None) -> d
             "final": metrics.get("final") if isinstance(metrics, dict) else None,
         },
         "per_user_epsilon": per_user_epsilon(nodes, report),
+        "aggregation_actions": aggregation_actions(report),
         "verify": report.to_dict(),
         "canaries": _canary_result(run_path),
         "threat_model": [{"party": who, "text": text} for who, text in THREAT_MODEL],
@@ -697,6 +734,17 @@ def render_html(audit: dict[str, Any]) -> str:
             "</table>",
             f"<p>{_esc(per_user['statement'])}</p>",
         ]
+
+    actions = audit.get("aggregation_actions") or []
+    parts.append('<h2 id="aggregation-actions">Updates rejected, clipped or down-weighted</h2>')
+    if actions:
+        parts.append("<table><tr><th>round</th><th>node</th><th>what the server did</th></tr>")
+        parts += [f"<tr><td>{_esc(a['round'])}</td><td>{_esc(a['node'])}</td>"
+                  f"<td>{_esc(a['action'])}</td></tr>" for a in actions]
+        parts.append("</table>")
+    else:
+        parts.append('<p class="muted">None recorded in the server ledger: every update was '
+                     "used as sent.</p>")
 
     parts.append('<h2 id="epsilon-per-round">ε per round</h2>'
                  '<p class="muted">One entry per node; click it for its rounds.</p>')

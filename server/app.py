@@ -29,9 +29,9 @@ from server.checkpoint import RunDirectory
 from server.evaluator import CentralEvaluator
 from server.evidence import EvidenceBound, EvidenceSumming, initial_evidence
 from server.recorder import PROGRESS, RoundRecorder
-from server.releases import ReleasePublisher
-from server.strategies import build_strategy, restore_strategy_state, strategy_state
-from server.validation import ValidatingStrategy, parse_node_regions
+from server.releases import ReleaseCarrier, ReleasePublisher, deliver_release
+from server.strategies import RobustHead, build_strategy, restore_strategy_state, strategy_state
+from server.validation import ValidatingStrategy, aggregation_events, parse_node_regions
 from shared_model.evidence import split_evidence
 from shared_model.ranker import HeadConfig, RankerHead
 from shared_model.release import signing_key_dir
@@ -111,12 +111,25 @@ def run_regional(grid: Grid, settings: RunSettings) -> None:
     if node_regions and (unknown := sorted(set(caps) - set(node_regions.values()))):
         log.warning("region-epsilon-caps names regions no node id maps to: %s", unknown)
     aggregating = EvidenceSumming(inner) if settings.evidence_share else inner
+    head_config = HeadConfig(hidden_dim=settings.hidden_dim)
+    publisher = ReleasePublisher(
+        run_dir.root, every=settings.release_every, head_config=head_config,
+        final_round=settings.num_server_rounds,
+    )
+    # Signed releases ride on train messages to nodes that lack them (server.releases).
+    carrier = ReleaseCarrier(aggregating, publisher)
     # Node ids whose evidence the server accepted: once per node, across restarts too.
     released_path = run_dir.root / "evidence_released.json"
     released = json.loads(released_path.read_text()) if released_path.exists() else []
 
     def on_round(rnd: int, replies: Any) -> None:
         recorder.note_replies(rnd, asdict(replies))
+        # Nodes whose update was rejected, clipped or down-weighted (issue 11): signed lines.
+        for event in aggregation_events(
+            rnd + recorder.offset, replies, node_epsilon=strategy.node_epsilon,
+            clip_norm=settings.clip_norm, delta=settings.delta,
+        ):
+            ledger.append(event)
         if strategy.evidence_released != set(released):
             released[:] = sorted(strategy.evidence_released)
             tmp = released_path.with_suffix(".tmp")
@@ -124,11 +137,12 @@ def run_regional(grid: Grid, settings: RunSettings) -> None:
             os.replace(tmp, released_path)
 
     strategy = ValidatingStrategy(
-        aggregating, node_regions=node_regions, region_caps=caps,
+        carrier, node_regions=node_regions, region_caps=caps,
         on_cap_refusal=record_cap_refusal, on_round=on_round,
         evidence_bound=EvidenceBound.from_settings(settings) if settings.evidence_share
         else None,
         evidence_released=[int(n) for n in released],
+        robust=RobustHead.from_settings(settings),
     )
     checkpoint = run_dir.load_latest()
     if checkpoint is None:
@@ -144,11 +158,8 @@ def run_regional(grid: Grid, settings: RunSettings) -> None:
             PROGRESS, settings.run_dir, offset, checkpoint.weights_sha256[:12],
         )
     remaining = settings.num_server_rounds - offset
-    head_config = HeadConfig(hidden_dim=settings.hidden_dim)
-    publisher = ReleasePublisher(
-        run_dir.root, every=settings.release_every, head_config=head_config,
-        final_round=settings.num_server_rounds,
-    )
+    carrier.round_offset = offset
+
     def served(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         # What the run evaluates and releases: the head shrunk toward zero-shot (public
         # post-processing; the nodes keep training the unshrunk global weights).
@@ -184,5 +195,6 @@ def run_regional(grid: Grid, settings: RunSettings) -> None:
         train_config=ConfigRecord({"round-offset": offset}),
         evaluate_fn=evaluate_fn,
     )
+    deliver_release(grid, carrier)  # the final release, to every node that lacks it
     final = {k: v for k, v in recorder.metrics_json()["final"].items() if k != "replies"}
     log.info("%s done: %s", PROGRESS, final)

@@ -108,7 +108,7 @@ class RoundRecorder:
 
 
 def _no_replies() -> dict[str, list[dict[str, Any]]]:
-    return {"rejected": [], "clipped": [], "refused": [], "evidence": []}
+    return {"rejected": [], "clipped": [], "refused": [], "evidence": [], "downweighted": []}
 
 
 def _fmt(metrics: dict[str, float]) -> str:

@@ -7,26 +7,50 @@ folder ``RUN_DIR.keys``, created 0700 on first use with the key written 0600
 (``O_CREAT|O_EXCL``); a reused key is refused if group/world can read it. The public half
 beside it (``server-signing.pub``) is what each node pins at set-up (``--release-key``).
 Releases go to ``RUN_DIR/releases/round-NNNN/``: the head as ONNX, a manifest (version,
-round, ε per node, metrics, sha256 of each file) and its signature. Nodes pick releases up
-from their own copy of that folder, verify them with their pinned key, and keep the last
-good one (``client.releases.install_latest_release``).
+round, ε per node, metrics, sha256 of each file) and its signature.
+
+**Delivery: inside Flower messages** (a node needs no access to the server's disk).
+:class:`ReleaseCarrier` attaches the newest release (read back and verified with the
+server's own public key first) to the train message of every node whose last reported
+``release-round`` is older, as the ConfigRecord ``release`` (``client.releases`` defines the
+format and installs it); a node that refused it (it reports its old round) gets it again next
+round. After the last round :func:`deliver_release` sends the final release in one
+``query.install_release`` message to each connected node that lacks it. Nodes verify every
+release against the key they pinned at set-up and keep the last good one. A node whose
+operator also configures ``release-dir`` still installs from that folder (the file drop is
+optional). The device shape (``server.device``, SecAgg+ legacy workflow) is not carried:
+its devices use the file drop.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import math
+import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
 
+from client.releases import INSTALL_ACTION, RELEASE_BLOBS, RELEASE_NAMES, RELEASE_RECORD
+from server.validation import escape
 from shared_model.ranker import HeadConfig, RankerHead
 from shared_model.release import (
     PUBLIC_KEY_FILE,
     SIGNING_KEY_FILE,
+    Manifest,
+    ReleaseError,
     default_public_key_path,
     generate_signing_key,
     load_signing_key,
+    load_verified_release,
     signing_key_dir,
     write_public_key,
     write_release,
@@ -60,6 +84,10 @@ class ReleasePublisher:
         self.every = every
         self.final_round = final_round
         self.head_config = head_config
+        # Newest release folder (a resumed run starts from what is on disk).
+        self.latest: Path | None = newest_release_dir(self.run_dir / "releases")
+        self._packed: tuple[Path, tuple[Manifest, ConfigRecord]] | None = None
+        self.key: Ed25519PrivateKey | None = None
         key_dir = signing_key_dir(self.run_dir)
         key_path = key_dir / SIGNING_KEY_FILE
         if every or final_round is not None:
@@ -84,7 +112,11 @@ class ReleasePublisher:
             return None
         target = self.run_dir / "releases" / f"round-{server_round:04d}"
         if target.exists():
+            self._note_latest(target)
             return target  # resumed run: this round's release was already written
+        if self.key is None:
+            raise ReleaseError("release publisher has no signing key (release-every = 0 and no "
+                               "final round)")
         head = RankerHead(self.head_config)
         load_head_state(head, arrays)
         write_release(
@@ -93,4 +125,210 @@ class ReleasePublisher:
             signing_key=self.key,
         )
         log.info("[fedrank] release %s written and signed", target.name)
+        self._note_latest(target)
         return target
+
+    def _note_latest(self, target: Path) -> None:
+        if self.latest is None or _round_of(target) >= _round_of(self.latest):
+            self.latest = target
+
+    def newest(self) -> tuple[Manifest, ConfigRecord] | None:
+        """The newest release as a message record (``None``: none yet, or it does not verify).
+
+        The files are read back once (no symlinks, size-capped) and verified with the
+        server's own public key before they are sent: a release folder altered on the
+        server's disk is never shipped (logged instead).
+        """
+        if self.latest is None or self.key is None:
+            return None
+        if self._packed is not None and self._packed[0] == self.latest:
+            return self._packed[1]
+        try:
+            packed = release_record(self.latest, self.key.public_key())
+        except (ReleaseError, OSError) as exc:
+            log.warning("[fedrank] release %s does not verify on the server; not sent: %s",
+                        self.latest.name, exc)
+            return None
+        self._packed = (self.latest, packed)
+        return packed
+
+
+_ROUND_DIR = re.compile(r"round-(\d{4,9})")
+
+
+def _round_of(path: Path) -> int:
+    match = _ROUND_DIR.fullmatch(path.name)
+    return int(match.group(1)) if match else -1
+
+
+def newest_release_dir(releases: Path) -> Path | None:
+    """The ``round-NNNN`` folder with the highest round under ``releases`` (``None``: none)."""
+    try:
+        found = [p for p in releases.iterdir()
+                 if _ROUND_DIR.fullmatch(p.name) and p.is_dir() and not p.is_symlink()]
+    except OSError:
+        return None
+    return max(found, key=_round_of, default=None)
+
+
+def release_record(
+    directory: Path, public_key: Ed25519PublicKey
+) -> tuple[Manifest, ConfigRecord]:
+    """A verified release folder as the ``release`` ConfigRecord nodes install
+    (``client.releases.unpack_release_record`` reads it): ``{"names": [...], "blobs": [...]}``,
+    every file of the release, manifest and signature included."""
+    manifest, files = load_verified_release(directory, public_key)
+    names = sorted(files)
+    return manifest, ConfigRecord(
+        {RELEASE_NAMES: names, RELEASE_BLOBS: [files[n] for n in names]}
+    )
+
+
+def record_bytes(record: ConfigRecord) -> int:
+    """Payload bytes of a release record (the files; Flower's framing comes on top)."""
+    blobs = record[RELEASE_BLOBS]
+    if not isinstance(blobs, list):
+        return 0
+    return sum(len(b) for b in blobs if isinstance(b, bytes))
+
+
+def _reported_round(msg: Message) -> float | None:
+    """The ``release-round`` a reply reports (``None``: none, or not a finite number >= 0)."""
+    if msg.has_error():
+        return None
+    for record in msg.content.metric_records.values():
+        value = record.get("release-round")
+        if (type(value) in (int, float) and math.isfinite(float(value))  # type: ignore[arg-type]
+                and float(value) >= 0):  # type: ignore[arg-type]
+            return float(value)  # type: ignore[arg-type]
+    return None
+
+
+class ReleaseCarrier(Strategy):
+    """Wraps the aggregation strategy: the newest release rides on train messages.
+
+    Sits inside reply validation (``server.validation.ValidatingStrategy``), so the
+    ``release-round`` it reads comes from replies that passed the reply checks. A node's last
+    reported round is kept per Flower node id (in memory: after a server restart every node
+    is sent the newest release once more). ``deliveries`` lists what was attached per round.
+    """
+
+    def __init__(self, inner: Strategy, publisher: ReleasePublisher) -> None:
+        self.inner = inner
+        self.publisher = publisher
+        self.node_round: dict[int, float] = {}  # last release-round each node reported
+        self._pending: dict[int, int] = {}  # node id -> round of the release sent this round
+        self.deliveries: list[dict[str, object]] = []
+        self.round_offset = 0  # a resumed run's rounds already done (for the log and deliveries)
+
+    def summary(self) -> None:
+        self.inner.summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
+        self._pending = {}
+        newest = self.publisher.newest()
+        if newest is None:
+            return messages
+        manifest, record = newest
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            if self.node_round.get(node, 0.0) >= manifest.round:
+                continue
+            # Flower's strategies share one RecordDict between messages: give this one its own.
+            content = RecordDict(dict(msg.content.items()))
+            content[RELEASE_RECORD] = record
+            msg.content = content
+            self._pending[node] = manifest.round
+        if self._pending:
+            size = record_bytes(record)
+            rnd = server_round + self.round_offset
+            self.deliveries.append({"round": rnd, "release": manifest.version,
+                                    "nodes": sorted(self._pending), "bytes_per_node": size})
+            log.info("[fedrank] round %s: release %s attached for %d node(s), %d bytes each",
+                     rnd, manifest.version, len(self._pending), size)
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        for msg in replies:
+            reported = _reported_round(msg)
+            if reported is not None:
+                self.note(msg.metadata.src_node_id, reported,
+                          server_round=server_round + self.round_offset)
+        return self.inner.aggregate_train(server_round, replies)
+
+    def note(self, node: int, reported: float, *, server_round: int | str) -> None:
+        """Record a node's reported release round; log when it did not take what it was sent."""
+        self.node_round[node] = reported
+        sent = self._pending.pop(node, None)
+        if sent is not None and reported < sent:
+            log.warning("round %s: node %s did not install release round-%04d (it reports "
+                        "release round %d; refused or failed: see the node's log); it is "
+                        "sent again", server_round, node, sent, int(reported))
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        return self.inner.aggregate_evaluate(server_round, replies)
+
+
+# How long the final delivery waits for nodes' answers (a deployment message takes seconds:
+# a fresh ClientApp process per message, a SuperNode polling every few seconds).
+DELIVERY_TIMEOUT_S = 120.0
+
+
+def deliver_release(
+    grid: Grid, carrier: ReleaseCarrier, *, timeout: float = DELIVERY_TIMEOUT_S
+) -> dict[int, float]:
+    """Send the newest release to each connected node that has not reported it installed.
+
+    One ``query.install_release`` message per such node; returns ``{node id: release round
+    it reports}`` for the nodes that answered (a node that refused keeps its old round, and
+    the server logs which nodes lack the release).
+    """
+    newest = carrier.publisher.newest()
+    if newest is None:
+        return {}
+    manifest, record = newest
+    targets = sorted(n for n in grid.get_node_ids()
+                     if carrier.node_round.get(n, 0.0) < manifest.round)
+    if not targets:
+        return {}
+    messages = [
+        Message(RecordDict({RELEASE_RECORD: record}), dst_node_id=node,
+                message_type=f"query.{INSTALL_ACTION}")
+        for node in targets
+    ]
+    size = record_bytes(record)
+    carrier.deliveries.append({"round": "final", "release": manifest.version,
+                               "nodes": targets, "bytes_per_node": size})
+    log.info("[fedrank] final release %s sent to %d node(s), %d bytes each", manifest.version,
+             len(targets), size)
+    carrier._pending = {node: manifest.round for node in targets}
+    answered: dict[int, float] = {}
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        node = reply.metadata.src_node_id
+        reported = _reported_round(reply)
+        if reported is None:
+            reason = reply.error.reason if reply.has_error() else "no release-round"
+            log.warning("final release: node %s answered without installing it: %s", node,
+                        escape(reason))
+            continue
+        carrier.note(node, reported, server_round="final")
+        answered[node] = reported
+    installed = sorted(n for n, r in answered.items() if r >= manifest.round)
+    missing = sorted(set(targets) - set(installed))
+    log.info("[fedrank] final release %s installed on %d/%d node(s)%s", manifest.version,
+             len(installed), len(targets), f"; not on {missing}" if missing else "")
+    return answered
+

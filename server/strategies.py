@@ -1,7 +1,19 @@
-"""Strategy choice for the regional shape: Flower's FedAvg or FedAdam, uniform weights.
+"""Strategy choice for the regional shape: Flower's FedAvg or FedAdam, uniform weights,
+with a robust aggregation rule for the head (issue 11).
 
 Replies reach the strategy through ``server.validation.ValidatingStrategy``: clipped, with
 ``num-examples`` rewritten to 1 (uniform weights: no node's claim sets its influence).
+
+Robust aggregation (:class:`RobustHead`, run config ``robust-aggregation``): before
+FedAvg/FedAdam average the replies, the head arrays (never the memorised evidence, which is
+summed) of the round's accepted replies go through one of Flower 1.42's robust strategies
+(FedTrimmedAvg, FedMedian, Krum, MultiKrum, Bulyan), and every reply's head is replaced by
+that robust aggregate, so the mean FedAvg (or FedAdam's pseudo-gradient) takes is the robust
+one. Per node, :class:`RobustHead` also says how much of its update the rule kept
+(``kept_share``): the share of head coordinates where its value entered the aggregate (Krum
+family: 1 if selected, else 0). A node kept at less than half the share the rule keeps of an
+average node is *down-weighted* (:data:`DOWNWEIGHT_FRACTION`): metrics.json and the server
+ledger record it.
 
 Aggregated train metrics carry only public or DP-protected values: ``epsilon`` (the max over
 nodes: the run is only as private as its least private node), ``steps`` (max) and
@@ -16,10 +28,21 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from flwr.app import MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAdam, FedAvg, Strategy
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import (
+    Bulyan,
+    FedAdam,
+    FedAvg,
+    FedMedian,
+    FedTrimmedAvg,
+    Krum,
+    MultiKrum,
+    Strategy,
+)
+from flwr.serverapp.strategy.multikrum import select_multikrum
 
-from shared_model.settings import RunSettings
+from shared_model.evidence import EVIDENCE_KEYS
+from shared_model.settings import ROBUST_RULES, RunSettings
 
 # Aggregated train metric -> how it combines over replies.
 TRAIN_METRICS: dict[str, Callable[[list[float]], float]] = {
@@ -82,3 +105,142 @@ def restore_strategy_state(strategy: Strategy, state: dict[str, np.ndarray]) -> 
         moments = {k.split("/", 1)[1]: v for k, v in state.items() if k.startswith(name + "/")}
         if moments and hasattr(strategy, name):
             setattr(strategy, name, moments)
+
+
+# A node is "down-weighted" when the rule kept less than this fraction of the share it keeps
+# of an average node (trimmed mean, n = 5, β = 0.2: each node is kept in 3/5 of coordinates
+# on average; down-weighted below 3/10). A definition of what the ledger calls
+# down-weighted, not a tuning knob: it changes no aggregate.
+DOWNWEIGHT_FRACTION = 0.5
+
+
+def robust_strategy(rule: str, *, trim_beta: float, malicious_nodes: int, num_nodes: int
+                    ) -> Strategy | None:
+    """The Flower strategy for ``rule`` on ``num_nodes`` replies; ``None`` for ``"none"`` or
+    when the rule cannot run on that many (Krum family: n > 2f + 2; Bulyan: n >= 4f + 3)."""
+    if rule not in ROBUST_RULES:
+        raise ValueError(f"robust rule must be one of {ROBUST_RULES}, got {rule!r}")
+    if not 0 <= trim_beta < 0.5:
+        raise ValueError(f"trim_beta must be in [0, 0.5), got {trim_beta!r}")
+    if malicious_nodes < 0:
+        raise ValueError(f"malicious_nodes must be >= 0, got {malicious_nodes!r}")
+    common: dict[str, Any] = dict(
+        fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1,
+        train_metrics_aggr_fn=aggregate_train_metrics,
+    )
+    f = malicious_nodes
+    if rule == "fedtrimmedavg":
+        return FedTrimmedAvg(**common, beta=trim_beta)
+    if rule == "fedmedian":
+        return FedMedian(**common)
+    if rule in ("krum", "multikrum") and num_nodes > 2 * f + 2:
+        return (Krum(**common, num_malicious_nodes=f) if rule == "krum" else
+                MultiKrum(**common, num_malicious_nodes=f, num_nodes_to_select=num_nodes - f))
+    if rule == "bulyan" and num_nodes >= 4 * f + 3:
+        return Bulyan(**common, num_malicious_nodes=f)
+    return None
+
+
+def kept_shares(
+    rule: str, heads: list[dict[str, np.ndarray]], *, trim_beta: float, malicious_nodes: int,
+) -> list[float]:
+    """Per reply, the share of head coordinates whose value entered the rule's aggregate.
+
+    Trimmed mean: the value is not among the ``int(β·n)`` lowest or highest of its
+    coordinate; median: it is (one of) the middle value(s); Krum/MultiKrum: 1 if selected
+    (Flower's own ``select_multikrum``), else 0; Bulyan: selected by its Krum stage. Plain
+    mean ("none"): 1 for all.
+    """
+    n = len(heads)
+    if n == 0:
+        return []
+    if rule == "none" or n == 1:
+        return [1.0] * n
+    if rule in ("krum", "multikrum", "bulyan"):
+        f = malicious_nodes
+        if robust_strategy(rule, trim_beta=trim_beta, malicious_nodes=f, num_nodes=n) is None:
+            return [1.0] * n
+        select = {"krum": 1, "multikrum": n - f, "bulyan": n - 2 * f}[rule]
+        contents = [RecordDict({"arrays": ArrayRecord(
+            {k: Array(np.asarray(v, np.float32)) for k, v in h.items()})}) for h in heads]
+        chosen = {id(c) for c in select_multikrum(contents, num_malicious_nodes=f,
+                                                  num_nodes_to_select=select)}
+        return [1.0 if id(c) in chosen else 0.0 for c in contents]
+    flat = np.stack([np.concatenate([np.asarray(h[k], np.float64).ravel() for k in sorted(h)])
+                     for h in heads])
+    ranks = np.argsort(np.argsort(flat, axis=0, kind="stable"), axis=0, kind="stable")
+    if rule == "fedtrimmedavg":
+        cut = int(trim_beta * n)
+        kept = (ranks >= cut) & (ranks < n - cut)
+    else:  # fedmedian
+        middle = [(n - 1) // 2, n // 2]
+        kept = np.isin(ranks, middle)
+    return [float(v) for v in kept.mean(axis=1)]
+
+
+class RobustHead:
+    """Replaces the head arrays of a round's accepted replies by a robust aggregate.
+
+    ``apply`` runs Flower's robust strategy (:func:`robust_strategy`) on head-only copies of
+    the replies (evidence arrays left out and left untouched), then writes the robust head
+    into every reply, so the FedAvg/FedAdam downstream averages identical heads. Returns each
+    reply's :func:`kept_shares`.
+    """
+
+    def __init__(self, rule: str, *, trim_beta: float = 0.2, malicious_nodes: int = 1) -> None:
+        robust_strategy(rule, trim_beta=trim_beta, malicious_nodes=malicious_nodes,
+                        num_nodes=0)  # validates the arguments, naming a bad one
+        self.rule = rule
+        self.trim_beta = trim_beta
+        self.malicious_nodes = malicious_nodes
+
+    @classmethod
+    def from_settings(cls, settings: RunSettings) -> RobustHead | None:
+        """``None`` when the run config asks for no robust rule."""
+        if settings.robust_aggregation == "none":
+            return None
+        return cls(settings.robust_aggregation, trim_beta=settings.robust_trim_beta,
+                   malicious_nodes=settings.robust_malicious_nodes)
+
+    def expected_share(self, n: int) -> float:
+        """The share of an average node's coordinates the rule keeps with ``n`` replies."""
+        if self.rule == "fedtrimmedavg":
+            return (n - 2 * int(self.trim_beta * n)) / n
+        if self.rule == "fedmedian":
+            return (1 if n % 2 else 2) / n
+        f = self.malicious_nodes
+        select = {"krum": 1, "multikrum": n - f, "bulyan": n - 2 * f}.get(self.rule, n)
+        return max(select, 1) / n
+
+    def apply(self, server_round: int, replies: list[Message]) -> list[float]:
+        """Rewrite ``replies`` (accepted, canonical content) in place; their kept shares."""
+        n = len(replies)
+        inner = robust_strategy(self.rule, trim_beta=self.trim_beta,
+                                malicious_nodes=self.malicious_nodes, num_nodes=n)
+        if inner is None or n < 2:
+            return [1.0] * n
+        originals = [m.content for m in replies]
+        heads = []
+        for content in originals:
+            record = content.array_records["arrays"]
+            heads.append({k: record[k].numpy() for k in record if k not in EVIDENCE_KEYS})
+        shares = kept_shares(self.rule, heads, trim_beta=self.trim_beta,
+                             malicious_nodes=self.malicious_nodes)
+        try:
+            for msg, head, content in zip(replies, heads, originals, strict=True):
+                msg.content = RecordDict({
+                    "arrays": ArrayRecord({k: Array(np.array(v)) for k, v in head.items()}),
+                    "metrics": MetricRecord(dict(content.metric_records["metrics"])),
+                })
+            arrays, _ = inner.aggregate_train(server_round, replies)
+        finally:
+            for msg, content in zip(replies, originals, strict=True):
+                msg.content = content
+        if arrays is None:
+            return [1.0] * n
+        robust = {k: np.asarray(v.numpy(), np.float32) for k, v in arrays.items()}
+        for content in originals:
+            record = content.array_records["arrays"]
+            merged = {k: (robust[k] if k in robust else record[k].numpy()) for k in record}
+            content["arrays"] = ArrayRecord({k: Array(v) for k, v in merged.items()})
+        return shares

@@ -34,10 +34,12 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from privacy.ledger import LedgerEvent
 from shared_model.evidence import EVIDENCE_KEYS
 
 if TYPE_CHECKING:
     from server.evidence import EvidenceBound
+    from server.strategies import RobustHead
 
 log = logging.getLogger("fedrank.server")
 
@@ -325,6 +327,36 @@ class RoundReplies:
     refused: list[dict[str, Any]] = field(default_factory=list)
     # Evidence deltas bounded (EvidenceBound) or dropped (a node's second release).
     evidence: list[dict[str, Any]] = field(default_factory=list)
+    # Robust aggregation (server.strategies.RobustHead): nodes the rule kept at less than
+    # half an average node's share, with their kept share.
+    downweighted: list[dict[str, Any]] = field(default_factory=list)
+
+
+def aggregation_events(
+    round_: int, report: RoundReplies, *, node_epsilon: Mapping[str, float], clip_norm: float,
+    delta: float,
+) -> list[LedgerEvent]:
+    """Server-ledger lines for one round: each node whose update was rejected, clipped or
+    down-weighted (``refusal`` lines with no steps and the node's last reported ε, detail
+    prefixed by ``privacy.audit.AGGREGATION_DETAIL_PREFIX``; the audit lists them)."""
+    from privacy.audit import AGGREGATION_DETAIL_PREFIX
+
+    actions: list[tuple[str, str]] = []
+    actions += [(r["node"], f"rejected: {r['reason']}") for r in report.rejected]
+    actions += [(r["node"], f"clipped: update norm {r['norm']:.4g} clipped to the server's "
+                 f"bound") for r in report.clipped]
+    actions += [(r["node"], f"down-weighted: {r['rule']} kept {100 * r['kept_share']:.1f}% "
+                 f"of its update (an average node {100 * r['expected_share']:.1f}%)")
+                for r in report.downweighted]
+    return [
+        LedgerEvent(
+            node=name, round=round_, mechanism="refusal", unit_of_privacy="user",
+            noise_multiplier=0.0, sample_rate=0.0, steps=0, clip_norm=clip_norm, delta=delta,
+            accountant="rdp", epsilon_after=float(node_epsilon.get(name, 0.0)),
+            detail=AGGREGATION_DETAIL_PREFIX + escape(text, 2 * MAX_TEXT),
+        )
+        for name, text in actions
+    ]
 
 
 class ValidatingStrategy(Strategy):
@@ -346,6 +378,7 @@ class ValidatingStrategy(Strategy):
         on_round: Callable[[int, RoundReplies], None] | None = None,
         evidence_bound: EvidenceBound | None = None,
         evidence_released: Iterable[int] = (),
+        robust: RobustHead | None = None,
     ) -> None:
         if not 0 < clip_norm <= reject_norm:
             raise ValueError(
@@ -359,6 +392,7 @@ class ValidatingStrategy(Strategy):
         self.on_cap_refusal = on_cap_refusal
         self.on_round = on_round
         self.evidence_bound = evidence_bound
+        self.robust = robust
         # Node ids whose evidence was accepted (once per node; the server app persists it in
         # the run directory and passes it back on resume).
         self.evidence_released: set[int] = set(evidence_released)
@@ -472,12 +506,34 @@ class ValidatingStrategy(Strategy):
             epsilon = checked.metrics["epsilon"]
             self.node_epsilon[name] = epsilon
             self._eps_history.setdefault(name, []).append(epsilon)
+        if self.robust is not None and good:
+            self._robust_round(server_round, good, report)
         if self.on_round is not None:
             self.on_round(server_round, report)
         if not good:
             log.warning("round %s: no valid replies; global model unchanged", server_round)
             return None, None
         return self.inner.aggregate_train(server_round, good)
+
+    def _robust_round(self, server_round: int, good: list[Message], report: RoundReplies
+                      ) -> None:
+        """Robust head aggregate into every accepted reply; note the down-weighted nodes."""
+        from server.strategies import DOWNWEIGHT_FRACTION
+
+        assert self.robust is not None
+        shares = self.robust.apply(server_round, good)
+        expected = self.robust.expected_share(len(good))
+        for msg, share in zip(good, shares, strict=True):
+            if share < DOWNWEIGHT_FRACTION * expected:
+                node = msg.metadata.src_node_id
+                name = self.identity(node)
+                log.warning("round %s: %s kept %.0f%% of the update of node %s (%s); an "
+                            "average node %.0f%%", server_round, self.robust.rule,
+                            100 * share, node, name, 100 * expected)
+                report.downweighted.append({"node_id": node, "node": name,
+                                            "rule": self.robust.rule,
+                                            "kept_share": round(share, 4),
+                                            "expected_share": round(expected, 4)})
 
     def _note_claim(self, node: int, name: str, claimed: str | None) -> None:
         if claimed is None or claimed == name or self._claims.get(node) == claimed:

@@ -16,16 +16,21 @@ What the state is (:class:`UserState`)
     code (``client/``, ``server/``) imports this module, so it is never part of a model update
     or of any message (tested).
 
-How it is used (:func:`personal_scores`)
-    The signed global release scores the candidates; the state adds two terms on top of the
-    release's logits, each on the same scale (the logits are z-scored over the candidates)::
+How it is used (:class:`PersonalScorer`, :func:`personal_scores`)
+    The signed global release scores the candidates; the state adds terms on top of the
+    release's logits, on the same scale (the logits are z-scored over the candidates)::
 
         score = z(global) + category_weight * affinity(category) + vector_weight * z(cos(v, p))
+                + click_weight * clicks(q, p) - skip_weight * skips(q, p)
+                + query_vector_weight * z(cos(v_q, p))
 
-    ``affinity`` is the user's smoothed click share of the product's category and ``cos(v, p)``
-    the cosine of the user vector with the product's text embedding. Weights come from
+    ``affinity`` is the user's smoothed click share of the product's category, ``cos(v, p)``
+    the cosine of the user vector with the product's text embedding, ``clicks``/``skips`` the
+    user's decayed clicks and examined skips of ``p`` for this query and ``v_q`` the
+    click-weighted sum of the products the user clicked for this query. Weights come from
     :class:`PersonalConfig`; the defaults were picked once on a validation world (seed 1,
-    docs/results.md) and are not tuned on the evaluation.
+    docs/results.md) and are not tuned on the evaluation. :class:`PersonalScorer` precomputes
+    the per-user terms over the catalog once per state, so a request is a few gathers.
 
 No Flower and no torch here.
 """
@@ -33,8 +38,10 @@ No Flower and no torch here.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import math
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -300,8 +307,161 @@ def _zscore(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     if x.size == 0:
         return x
-    std = float(x.std())
-    return (x - x.mean()) / (std if std > 1e-6 else 1.0)
+    d = x - x.mean()
+    std = math.sqrt(float(d @ d) / x.size)
+    return d / (std if std > 1e-6 else 1.0)
+
+
+# Feature builder -> (categories, row index); weak keys: a cache never keeps a catalog alive.
+_CATALOG_CATEGORIES: weakref.WeakKeyDictionary[Any, tuple[list[str], np.ndarray]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def catalog_categories(builder: Any) -> tuple[list[str], np.ndarray]:
+    """The catalog's top-level categories and each product row's index into them.
+
+    Computed once per feature builder (the catalog is fixed for a builder's life).
+
+    Parameters
+    ----------
+    builder : FeatureBuilder
+        Holds the catalog (``data.products``) and its row order (``product_ids``).
+
+    Returns
+    -------
+    names : list of str
+        Distinct top-level categories, sorted.
+    index : numpy.ndarray
+        int64 ``[num_products]``: ``names[index[row]]`` is the product's category.
+    """
+    try:
+        hit = _CATALOG_CATEGORIES.get(builder)
+    except TypeError:  # not weak-referenceable or not hashable: compute, do not cache
+        hit = None
+    if hit is not None:
+        return hit
+    cats = [builder.data.products[p].top_category for p in builder.product_ids]
+    names = sorted(set(cats))
+    lookup = {c: i for i, c in enumerate(names)}
+    index = np.fromiter((lookup[c] for c in cats), np.int64, count=len(cats))
+    with contextlib.suppress(TypeError):
+        _CATALOG_CATEGORIES[builder] = (names, index)
+    return names, index
+
+
+class PersonalScorer:
+    """One user's personal terms precomputed over the whole catalog, for fast requests.
+
+    Built once per state (i.e. after each new session, not per request): the category
+    affinity of every product, the cosine of every product with the user vector, and, lazily
+    per query the user issued, that query's click/skip memory and click-vector cosines as
+    catalog-sized arrays. A request is then a few gathers over the candidates' rows and three
+    z-scores; :func:`personal_scores` is the one-off form of :meth:`scores`.
+
+    Parameters
+    ----------
+    state : UserState or None
+        The user's private state (``None`` or no sessions: the global order).
+    builder : FeatureBuilder
+        The catalog: product rows, text embeddings (``full``) and categories.
+    config : PersonalConfig, optional
+        Weights of the terms (default :class:`PersonalConfig`).
+    """
+
+    def __init__(
+        self, state: UserState | None, builder: Any, config: PersonalConfig | None = None
+    ) -> None:
+        self.state = state
+        self.builder = builder
+        self.config = config or PersonalConfig()
+        self._memo: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None] | None] = {}
+        self.static: np.ndarray | None = None
+        self.cosine: np.ndarray | None = None
+        active = state is not None and state.sessions > 0 and state.clicks > 0
+        if active and self.config.category_weight:
+            assert state is not None
+            names, index = catalog_categories(builder)
+            self.static = (self.config.category_weight * state.affinity(names))[index]
+        if active and self.config.vector_weight:
+            assert state is not None
+            v = state.unit_vector()
+            if v is not None:
+                self.cosine = np.asarray(builder.full @ v, dtype=np.float32)
+
+    def _query_terms(
+        self, query_text: str
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
+        """(clicks, skips, click-vector cosines or None) over the catalog for one query."""
+        if query_text in self._memo:
+            return self._memo[query_text]
+        state, builder, config = self.state, self.builder, self.config
+        memo = state.items.get(query_text) if state is not None else None
+        terms: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None
+        if memo:
+            n = len(builder.product_ids)
+            known = [p for p in memo if p in builder.product_row]
+            rows = builder.rows(known)
+            ev = np.asarray([memo[p] for p in known], dtype=np.float32).reshape(-1, 2)
+            clicks = np.zeros(n, dtype=np.float32)
+            skips = np.zeros(n, dtype=np.float32)
+            clicks[rows] = ev[:, 0]
+            skips[rows] = ev[:, 1]
+            qcos = None
+            liked = ev[:, 0] > 0
+            if config.query_vector_weight and liked.any():
+                qv = ev[liked, 0] @ builder.full[rows[liked]]
+                qcos = np.asarray(builder.full @ qv, dtype=np.float32)
+            terms = (clicks, skips, qcos)
+        if len(self._memo) >= 2 * MAX_QUERIES:
+            self._memo.clear()
+        self._memo[query_text] = terms
+        return terms
+
+    def scores(
+        self,
+        global_scores: np.ndarray,
+        candidate_ids: Sequence[str],
+        *,
+        query_text: str | None = None,
+        rows: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """The release's logits re-weighted by the state (module docstring); float32 [N].
+
+        Parameters
+        ----------
+        global_scores : numpy.ndarray
+            The release's logits of the candidates.
+        candidate_ids : sequence of str
+            The candidates' product ids (catalog products).
+        query_text : str, optional
+            The query, for the per-query click memory.
+        rows : numpy.ndarray, optional
+            The candidates' catalog rows, when the caller already has them.
+
+        Returns
+        -------
+        numpy.ndarray
+            float32 ``[N]``; with no state (or no history yet), the z-scored global score.
+        """
+        out = _zscore(global_scores)
+        state, config = self.state, self.config
+        if state is None or state.sessions == 0 or len(candidate_ids) == 0:
+            return out
+        if rows is None:
+            rows = self.builder.rows(candidate_ids)
+        terms = self._query_terms(query_text) if query_text is not None else None
+        if terms is not None:
+            clicks, skips, qcos = terms
+            if config.click_weight or config.skip_weight:
+                out = out + config.click_weight * clicks[rows] - config.skip_weight * skips[rows]
+            if qcos is not None:
+                out = out + config.query_vector_weight * _zscore(qcos[rows])
+        if self.static is not None:
+            out = out + self.static[rows]
+        if self.cosine is not None:
+            out = out + config.vector_weight * _zscore(self.cosine[rows])
+        return out.astype(np.float32, copy=False)
 
 
 def personal_scores(
@@ -315,54 +475,55 @@ def personal_scores(
 ) -> np.ndarray:
     """The release's logits re-weighted by the user state (module docstring); float32 [N].
 
+    One-off form of :meth:`PersonalScorer.scores` (it precomputes over the catalog on every
+    call): for many requests of one user, build a :class:`PersonalScorer` once.
     With no state (or no history yet) this is the z-scored global score: same order.
     """
-    config = config or PersonalConfig()
-    out = _zscore(global_scores)
-    if state is None or state.sessions == 0 or len(candidate_ids) == 0:
-        return out
-    memo = state.items.get(query_text) if query_text is not None else None
-    if memo and (config.click_weight or config.skip_weight):
-        ev = np.array([memo.get(p, (0.0, 0.0)) for p in candidate_ids], dtype=np.float32)
-        out = out + config.click_weight * ev[:, 0] - config.skip_weight * ev[:, 1]
-    if memo and config.query_vector_weight:
-        liked = [p for p, ev in memo.items() if ev[0] > 0 and p in builder.product_row]
-        if liked:
-            qv = (np.asarray([ev[0] for p, ev in memo.items() if p in liked], np.float32)
-                  @ builder.full[builder.rows(liked)])
-            rows = builder.rows(candidate_ids)
-            out = out + config.query_vector_weight * _zscore(builder.full[rows] @ qv)
-    if state.clicks == 0:
-        return out.astype(np.float32)
-    if config.category_weight:
-        cats = [builder.data.products[p].top_category for p in candidate_ids]
-        out = out + config.category_weight * state.affinity(cats)
-    if config.vector_weight:
-        v = state.unit_vector()
-        if v is not None:
-            rows = builder.rows(candidate_ids)
-            out = out + config.vector_weight * _zscore(builder.full[rows] @ v)
-    return out.astype(np.float32)
+    return PersonalScorer(state, builder, config).scores(
+        global_scores, candidate_ids, query_text=query_text
+    )
 
 
 def personal_rank(
     ranker: Any,
     query_text: str,
     candidate_ids: Sequence[str],
-    state: UserState | None,
+    state: UserState | PersonalScorer | None,
     *,
     top: int = 10,
     config: PersonalConfig | None = None,
 ) -> list[tuple[str, float]]:
-    """A ``DeviceRanker``'s ranking re-weighted by the user state: the ``top`` best as
-    ``(product_id, personalized score)``, best first; ties by id."""
+    """A ``DeviceRanker``'s ranking re-weighted by the user state.
+
+    Parameters
+    ----------
+    ranker : DeviceRanker
+        The signed release's scorer (``scores(query_text, ids)``, ``builder``).
+    query_text : str
+        The query.
+    candidate_ids : sequence of str
+        The candidates.
+    state : UserState, PersonalScorer or None
+        The user's state, or its precomputed scorer (built once per state: fastest).
+    top : int
+        How many to return.
+    config : PersonalConfig, optional
+        Weights, when ``state`` is a ``UserState``.
+
+    Returns
+    -------
+    list of (str, float)
+        The ``top`` best as ``(product_id, personalized score)``, best first; ties by id.
+    """
     if top < 1:
         raise ValueError(f"top must be >= 1, got {top!r}")
     ids = list(candidate_ids)
     if not ids:
         return []
-    scores = personal_scores(
-        ranker.scores(query_text, ids), ids, state, ranker.builder, config, query_text=query_text
+    scorer = (
+        state if isinstance(state, PersonalScorer)
+        else PersonalScorer(state, ranker.builder, config)
     )
-    order = sorted(range(len(ids)), key=lambda i: (-float(scores[i]), ids[i]))
-    return [(ids[i], float(scores[i])) for i in order[:top]]
+    scores = scorer.scores(ranker.scores(query_text, ids), ids, query_text=query_text)
+    order = np.lexsort((np.asarray(ids), -scores))[:top]
+    return [(ids[i], float(scores[i])) for i in order.tolist()]

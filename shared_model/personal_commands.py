@@ -70,19 +70,27 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     @bench_app.command("personal")
     def bench_personal(
         as_json: bool = typer.Option(False, "--json", help="Print only JSON on stdout."),
-        repeats: int = typer.Option(300, "--repeats", min=1, help="Timed repeats per measure."),
+        repeats: int = typer.Option(
+            300, "--repeats", min=1, help="Timed requests per round and path."
+        ),
+        rounds: int = typer.Option(
+            3, "--rounds", min=1, help="Rounds of --repeats; figures are medians over rounds."
+        ),
         query: str = typer.Option(DEFAULT_BENCH_QUERY, "--query", help="Query text."),
         num_candidates: int = typer.Option(
             100, "--candidates", min=1, help="Candidates per query (BM25 top of the catalog)."
         ),
     ) -> None:
         """`bench score`'s encode + features + ONNX head, with and without personalization
-        (interleaved, one thread), and the recommender; percentiles in milliseconds."""
+        (interleaved, one thread; medians over rounds of the per-round percentiles and p99
+        ratio), and the recommender; milliseconds."""
         import json
 
         from shared_model.personal_bench import bench_personal as run
 
-        result = run(repeats=repeats, query=query, num_candidates=num_candidates)
+        result = run(
+            repeats=repeats, rounds=rounds, query=query, num_candidates=num_candidates
+        )
         if as_json:
             typer.echo(json.dumps(result))
         else:

@@ -187,21 +187,10 @@ def candidate_features(
 ) -> np.ndarray:
     """``builder.features(query_text, candidate_ids)`` for a given query vector, memo-free.
 
-    Same arithmetic as ``FeatureBuilder.raw_features`` / ``pool_stats`` / ``features`` (the
-    candidates are the pool), without recording the query in the builder.
+    Same arithmetic as ``FeatureBuilder.features`` (the candidates are the pool), without
+    recording the query in the builder: ``FeatureBuilder.candidate_features``.
     """
-    if not candidate_ids:
-        return np.zeros((0, NUM_FEATURES), dtype=np.float32)
-    rows = builder.rows(candidate_ids)
-    q = query_vector
-    raw = np.empty((len(rows), NUM_FEATURES), dtype=np.float32)
-    raw[:, 0] = builder.full[rows] @ q
-    raw[:, 1] = builder.title[rows] @ q
-    raw[:, 2] = builder.category[rows] @ q
-    raw[:, 3] = builder.bm25.score(query_text, candidate_ids)
-    std = raw.std(0)
-    mean, std = raw.mean(0), np.where(std > 1e-6, std, 1.0).astype(np.float32)
-    return ((raw - mean) / std).astype(np.float32)
+    return builder.candidate_features(query_text, query_vector, candidate_ids)
 
 
 def top_by_bm25(builder: FeatureBuilder, query_text: str, k: int = 100) -> list[str]:

@@ -49,6 +49,9 @@ CATALOG_HASH = "catalog-hash"
 CACHE_DIR = "cache-dir"
 ONLINE = "online"
 REPLAY_FILES = "replay-files"
+ROBUST_AGGREGATION = "robust-aggregation"
+ROBUST_TRIM_BETA = "robust-trim-beta"
+ROBUST_MALICIOUS_NODES = "robust-malicious-nodes"
 
 # node_config keys (a node's own settings; never read from run config). Paths:
 NODE_NAME = "node-name"
@@ -78,6 +81,8 @@ PARTITION_ID = "partition-id"
 NODE_SETTINGS_FILE = "node-settings.json"
 
 STRATEGIES = ("fedavg", "fedadam")
+# Robust aggregation of the regional head (Flower 1.42 strategies; server.strategies).
+ROBUST_RULES = ("none", "fedtrimmedavg", "fedmedian", "krum", "multikrum", "bulyan")
 PRIVACY_SHAPES = ("regional", "device")
 
 
@@ -139,6 +144,15 @@ class RunSettings:
     # zero-shot start (shared_model.state.shrink_state; 1 = as trained). Post-processing of
     # the global weights, chosen on seen queries only (docs/results.md, "Unseen floor").
     head_shrink: float = 1.0
+    # Robust aggregation of the head in the regional shape (server.strategies; issue 11):
+    # one of ROBUST_RULES ("none" = the plain mean); it replaces the mean of the head
+    # updates that FedAvg/FedAdam use (evidence stays summed); trim fraction per side for
+    # fedtrimmedavg; the number of malicious nodes krum/multikrum/bulyan tolerate. Chosen by
+    # measurement (docs/results.md, "Poisoning"). The device shape ignores it (SecAgg+ masks
+    # each update: clipping + noise are the defence there).
+    robust_aggregation: str = "fedtrimmedavg"
+    robust_trim_beta: float = 0.2
+    robust_malicious_nodes: int = 1
 
     def __post_init__(self) -> None:
         if self.num_server_rounds < 1:
@@ -167,6 +181,19 @@ class RunSettings:
             raise ValueError(f"{EVIDENCE_CLIP} must be finite and > 0, got {self.evidence_clip!r}")
         if not 0 <= self.head_shrink <= 1:
             raise ValueError(f"head-shrink must be in [0, 1], got {self.head_shrink!r}")
+        if self.robust_aggregation not in ROBUST_RULES:
+            raise ValueError(
+                f"{ROBUST_AGGREGATION} must be one of {ROBUST_RULES}, "
+                f"got {self.robust_aggregation!r}"
+            )
+        if not 0 <= self.robust_trim_beta < 0.5:
+            raise ValueError(
+                f"{ROBUST_TRIM_BETA} must be in [0, 0.5), got {self.robust_trim_beta!r}"
+            )
+        if self.robust_malicious_nodes < 0:
+            raise ValueError(
+                f"{ROBUST_MALICIOUS_NODES} must be >= 0, got {self.robust_malicious_nodes!r}"
+            )
         self.region_caps()  # validates the format
 
     def catalog_path(self) -> Path:

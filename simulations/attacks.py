@@ -12,13 +12,24 @@ weights it was sent and (for "a little is enough") the honest updates it can est
 (``server.validation.ValidatingStrategy``: clip to ``CLIP_UPDATE_NORM``, uniform weights)
 and a Flower strategy (FedAvg, FedMedian, FedTrimmedAvg, Krum, MultiKrum, Bulyan) with real
 ``flwr`` Messages, and returns the aggregated weights. ``measure`` compares the aggregate
-with and without the attack on seeded synthetic updates. The Simulation Engine runs with
-NDCG@10 (``fedrank attack``) are not built yet.
+with and without the attack on seeded synthetic updates.
+
+Federated runs (:func:`federated`, ``fedrank attack``): the scenario on Flower's Simulation
+Engine twice, without and with node ``partition-id 0`` (1 of 5 in regional-5) poisoning its
+train replies (a simulation-only fault: ``client.faults.simulated_poison``, written into that
+node's runner-written settings). ``defence on`` = the run config's default robust rule
+(``robust-aggregation``, server.strategies) plus the server's update clip; ``off`` = the plain
+mean (the update clip and reply validation always stay on: they are input validation). Seen
+and unseen NDCG@10 of the final global model.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import shutil
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,8 +44,10 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
+from client.faults import POISON, POISON_STRENGTH, Poison
 from server.strategies import aggregate_train_metrics
-from server.validation import ValidatingStrategy
+from server.validation import CLIP_UPDATE_NORM, ValidatingStrategy
+from shared_model.settings import RunSettings, simulated_node_settings_path
 
 ATTACKS = ("scale", "signflip", "lie")
 Weights = dict[str, np.ndarray]
@@ -176,6 +189,95 @@ def table(seeds: int = 5) -> list[str]:
                     f"{np.mean([e['attacked'] for e in errs]):.3f} |"
                 )
     return rows
+
+
+
+DEFAULT_RULE = RunSettings.robust_aggregation
+
+
+def attack_run_dir(root: Path, *, scenario: str, attack: str | None, strength: float,
+                   rule: str, epsilon: float, rounds: int, fold: int) -> Path:
+    """Where one federated run of :func:`federated` goes (reused when it finished)."""
+    eps = "inf" if math.isinf(epsilon) else f"{epsilon:g}"
+    what = "none" if attack is None else f"{attack}-{strength:g}"
+    return root / f"{scenario}-eps{eps}-r{rounds}-f{fold}" / f"{rule}" / what
+
+
+def mark_attacker(run_dir: Path, poison: Poison | None, *, partition_id: int = 0) -> Path:
+    """Write (or clear) the attack into simulated node ``partition_id``'s settings."""
+    path = simulated_node_settings_path(run_dir, partition_id)
+    values = json.loads(path.read_text())
+    values.pop(POISON, None)
+    values.pop(POISON_STRENGTH, None)
+    if poison is not None:
+        values.update({POISON: poison.attack, POISON_STRENGTH: poison.strength})
+    path.write_text(json.dumps(values, indent=1))
+    return path
+
+
+def _views(metrics: Mapping[str, Any]) -> dict[str, float]:
+    final = metrics.get("final") or {}
+    if "seen" not in final or "ndcg@10" not in final:
+        raise RuntimeError("run produced no final seen/unseen NDCG@10")
+    return {"seen": float(final["seen"]["ndcg@10"]), "unseen": float(final["ndcg@10"])}
+
+
+def one_run(
+    scenario_name: str, *, attack: str | None, strength: float, rule: str, epsilon: float,
+    rounds: int, root: Path, fold: int = 0, echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """One Simulation Engine run (reused if its metrics.json is complete); its final views
+    and what the server recorded about the attacker (rounds clipped / down-weighted)."""
+    from simulations.runner import prepare_run, run_simulation
+    from simulations.scenarios import get_scenario
+
+    scenario = get_scenario(scenario_name)
+    poison = Poison(attack, strength) if attack is not None else None
+    run_dir = attack_run_dir(root, scenario=scenario_name, attack=attack, strength=strength,
+                             rule=rule, epsilon=epsilon, rounds=rounds, fold=fold)
+    metrics_path = run_dir / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    if len(metrics.get("rounds", [])) != rounds:
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        settings = prepare_run(scenario, run_dir=run_dir, rounds=rounds, epsilon=epsilon,
+                               eval_fold=fold, overrides={"robust-aggregation": rule})
+        mark_attacker(run_dir, poison)
+        result = run_simulation(scenario, settings, echo=echo)
+        metrics = result.metrics
+        if len(metrics.get("rounds", [])) != rounds:
+            raise RuntimeError(f"run in {run_dir} did not finish (flwr exit "
+                               f"{result.returncode}); see {run_dir / 'flower.log'}")
+    actions: dict[str, int] = {}
+    for row in metrics["rounds"]:
+        for kind in ("rejected", "clipped", "downweighted"):
+            actions[kind] = actions.get(kind, 0) + len(row.get("replies", {}).get(kind, []))
+    return {"views": _views(metrics), "run_dir": str(run_dir), "actions": actions}
+
+
+def federated(
+    scenario: str, *, attack: str, strength: float, defence: bool, epsilon: float,
+    rounds: int | None = None, root: Path = Path("runs/attack"), fold: int = 0,
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """The issue's JSON for one model-poisoning attack: no attack vs attacked, same defence."""
+    from simulations.scenarios import get_scenario
+
+    Poison(attack, strength)  # validates, naming a bad value
+    rounds = rounds or get_scenario(scenario).rounds
+    rule = DEFAULT_RULE if defence else "none"
+    common = dict(rule=rule, epsilon=epsilon, rounds=rounds, root=root, fold=fold, echo=echo)
+    clean = one_run(scenario, attack=None, strength=0.0, **common)  # type: ignore[arg-type]
+    hit = one_run(scenario, attack=attack, strength=strength, **common)  # type: ignore[arg-type]
+    return {
+        "attack": attack, "strength": strength,
+        "defence": f"{rule} + update clip {CLIP_UPDATE_NORM:g}" if defence
+        else f"none (update clip {CLIP_UPDATE_NORM:g} only)",
+        "epsilon": "inf" if math.isinf(epsilon) else epsilon, "rounds": rounds,
+        "no_attack": clean["views"], "attacked": hit["views"],
+        "target_rank_before": None, "target_rank_after": None,
+        "server_actions": hit["actions"], "run_dirs": [clean["run_dir"], hit["run_dir"]],
+    }
 
 
 if __name__ == "__main__":

@@ -31,9 +31,11 @@ from shared_model.evidence import (
     EVIDENCE_CLICKS,
     EVIDENCE_EXAM,
     EVIDENCE_NOISE_VAR,
+    MAX_CLICKS_PER_USER_PAIR,
     EvidenceIndex,
     EvidenceModel,
     UserPairRows,
+    cap_user_pair_clicks,
     user_pair_rows,
 )
 from shared_model.partition import partition_regional
@@ -62,7 +64,8 @@ def _world(users: int, seed: int) -> Any:
         log = simulate_click_log(data, WorldConfig(num_users=users, num_regions=5, seed=seed),
                                  query_ids=seen)
         parts = partition_regional(log)
-        rows = {r: user_pair_rows(p, index, max_sessions_per_user=2) for r, p in parts.items()}
+        rows = {r: user_pair_rows(p, index, max_sessions_per_user=2, max_clicks_per_pair=None)
+                for r, p in parts.items()}  # uncapped: run() applies the cap (or not)
         _CACHE[key] = (builder, data, index, seen, rows)
     return _CACHE[key]
 
@@ -70,8 +73,11 @@ def _world(users: int, seed: int) -> Any:
 def run(
     *, fraction: float, epsilon: float, users: int = 10_000, clip: float = 3.0,
     share: float = 0.75, delta: float = 1e-5, bot_rank: int = 10, seed: int = 0,
-    query: str | None = None, evaluate_seen: bool = False,
+    query: str | None = None, evaluate_seen: bool = False, defence: bool = True,
 ) -> dict[str, Any]:
+    """``defence``: the evidence's click fraud bound (each user's clicks on a pair count at
+    most ``shared_model.evidence.MAX_CLICKS_PER_USER_PAIR`` times), for honest users and
+    bots alike; ``False`` measures the evidence without it."""
     builder, data, index, seen, rows = _world(users, seed)
     base = cosine_scorer(builder)
     region = sorted(rows)[0]
@@ -101,6 +107,7 @@ def run(
                                   np.concatenate([rr.clicks, bots.clicks]),
                                   np.concatenate([rr.exam, bots.exam]),
                                   rr.num_users + num_bots)
+            rr = cap_user_pair_clicks(rr, MAX_CLICKS_PER_USER_PAIR if defence else None)
             c, e, _ = clip_and_sum(rr.user, rr.pair, rr.clicks, rr.exam,
                                    num_pairs=index.num_pairs, clip_norm=clip)
             clicks += c + noise[r][0]  # same noise draw with and without bots
@@ -115,7 +122,7 @@ def run(
 
     clean, attacked = model(False), model(True)
     out: dict[str, Any] = {
-        "attack": "clickfraud", "fraction": fraction,
+        "attack": "clickfraud", "defence": defence, "fraction": fraction,
         "epsilon": "inf" if math.isinf(epsilon) else epsilon, "users": users,
         "bots": num_bots, "region": region, "query": query, "target": target,
         "pool": len(pids), "target_rank_before": rank(clean),
@@ -131,6 +138,12 @@ def run(
 
 
 if __name__ == "__main__":
-    for eps in (1.0, math.inf):
-        for frac in (0.001, 0.01, 0.05):
-            print(json.dumps(run(fraction=frac, epsilon=eps)), flush=True)
+    import sys
+
+    sizes = [int(a) for a in sys.argv[1:]] or [10_000, 100_000]
+    for users in sizes:
+        for eps in (1.0, 8.0, math.inf):
+            for frac in (0.001, 0.01, 0.05):
+                for on in (False, True):
+                    print(json.dumps(run(fraction=frac, epsilon=eps, users=users, defence=on,
+                                         evaluate_seen=frac == 0.01)), flush=True)

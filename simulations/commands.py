@@ -27,17 +27,23 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
 
     @app.command("attack")
     def attack(
-        scenario: str = typer.Argument(..., help="Scenario name (its world size is used)."),
+        scenario: str = typer.Argument(..., help="Scenario name (regional shape)."),
         attack: str = typer.Option(..., "--attack", help="scale|signflip|lie|clickfraud"),
         strength: float = typer.Option(..., "--strength",
                                        help="x factor, lie's z, or the bots' user fraction"),
         defence: str = typer.Option("on", "--defence", help="on|off"),
         epsilon: str = typer.Option("1", "--epsilon", help="Per-node ε, or 'inf'."),
+        rounds: int | None = typer.Option(None, "--rounds",
+                                          help="Server rounds (default: the scenario's)."),
+        root: Path = typer.Option(Path("runs/attack"), "--runs",
+                                  help="Folder for the runs (finished runs are reused)."),
         as_json: bool = typer.Option(False, "--json", help="JSON on stdout."),
     ) -> None:
-        """Measure an attack (issue 11). clickfraud: Flower-free evidence pipeline
-        (simulations.clickfraud); the model-poisoning attacks are measured at unit level by
-        `python -m simulations.attacks` (Simulation Engine runs not built yet)."""
+        """Measure an attack (issue 11). scale|signflip|lie: two Simulation Engine runs (no
+        attack, and node 0 of the scenario poisoning every train reply), the same defence
+        (on: the default robust rule `robust-aggregation` + the server's update clip; off:
+        the plain mean + the clip). clickfraud: bots among one region's users, Flower-free
+        evidence pipeline (simulations.clickfraud); defence on = the evidence fraud bounds."""
         import json as _json
 
         from simulations.runner import parse_epsilon
@@ -48,30 +54,46 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             eps = parse_epsilon(epsilon)
             if defence not in ("on", "off"):
                 raise ValueError("--defence is on or off")
-            if attack in ("scale", "signflip", "lie"):
-                raise ValueError(f"--attack {attack}: federated runs are not built yet; "
-                                 "`python -m simulations.attacks` measures it at unit level")
-            if attack != "clickfraud":
+            if attack not in ("scale", "signflip", "lie", "clickfraud"):
                 raise ValueError(f"unknown attack {attack!r}")
-            if not 0 < strength < 1:
+            if attack == "clickfraud" and not 0 < strength < 1:
                 raise ValueError("clickfraud --strength is the bots' fraction, in (0, 1)")
+            if attack != "clickfraud" and not (math.isfinite(strength) and strength > 0):
+                raise ValueError(f"--strength must be finite and > 0, got {strength!r}")
+            if attack != "clickfraud" and chosen.partition != "regional":
+                raise ValueError(f"--attack {attack} needs a regional scenario (the device "
+                                 "shape's SecAgg+ masks each update)")
         except (KeyError, ValueError) as exc:
             typer.echo(f"error: {exc.args[0]}", err=True)
             raise typer.Exit(2) from None
-        from simulations.clickfraud import run as clickfraud_run
+        if attack == "clickfraud":
+            from simulations.clickfraud import run as clickfraud_run
 
-        # The server's defences (reply validation, evidence bound) do not touch bots: they
-        # are users inside an honest node, bounded only by user-level DP.
-        result = clickfraud_run(fraction=strength, epsilon=eps,
-                                users=chosen.world.num_users, evaluate_seen=True)
-        out = {"attack": attack, "defence": defence, "no_attack": result["no_attack"],
-               "attacked": result["attacked"],
-               "target_rank_before": result["target_rank_before"],
-               "target_rank_after": result["target_rank_after"]}
-        typer.echo(_json.dumps(out) if as_json else
-                   f"{attack} {strength:g} at ε {epsilon}: target rank "
-                   f"{out['target_rank_before']} -> {out['target_rank_after']}; seen NDCG@10 "
-                   f"{out['no_attack']['seen']:.4f} -> {out['attacked']['seen']:.4f}")
+            result = clickfraud_run(fraction=strength, epsilon=eps,
+                                    users=chosen.world.num_users, evaluate_seen=True,
+                                    defence=defence == "on")
+            out = {"attack": attack, "defence": defence, "no_attack": result["no_attack"],
+                   "attacked": result["attacked"],
+                   "target_rank_before": result["target_rank_before"],
+                   "target_rank_after": result["target_rank_after"]}
+        else:
+            from simulations.attacks import federated
+
+            try:
+                out = federated(scenario, attack=attack, strength=strength,
+                                defence=defence == "on", epsilon=eps, rounds=rounds, root=root,
+                                echo=(lambda line: typer.echo(line, err=True)))
+            except RuntimeError as exc:
+                typer.echo(f"error: {exc}", err=True)
+                raise typer.Exit(1) from None
+        if as_json:
+            typer.echo(_json.dumps(out))
+            return
+        typer.echo(f"{attack} {strength:g} at ε {epsilon}, defence {out['defence']}: seen "
+                   f"{out['no_attack']['seen']:.4f} -> {out['attacked']['seen']:.4f}, unseen "
+                   f"{out['no_attack']['unseen']:.4f} -> {out['attacked']['unseen']:.4f}"
+                   + (f"; target rank {out['target_rank_before']} -> "
+                      f"{out['target_rank_after']}" if out["target_rank_before"] else ""))
 
     @app.command("simulate")
     def simulate(

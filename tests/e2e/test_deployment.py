@@ -70,7 +70,14 @@ def test_faulty_unregistered_and_plaintext_nodes_are_refused(faulty_deployment: 
     assert cluster.ledger("plain") == []
     # only model arrays and aggregate metrics left node-0
     lines = [json.loads(ln) for ln in run.record.read_text().splitlines()]
-    assert len(lines) >= 2 and all(not ln["has_error"] for ln in lines)
+    assert lines and all(not ln["has_error"] for ln in lines)
+    # the answer to the final release delivery (server.releases): its release round only
+    answers = [ln for ln in lines if ln["message_type"] == "query.install_release"]
+    assert [a["content"] for a in answers] == [{"metrics": {
+        "type": "MetricRecord", "keys": ["release-round"],
+        "value_types": {"release-round": "float"}}}]
+    lines = [ln for ln in lines if ln["message_type"] == "train"]
+    assert len(lines) == 2  # one train reply per round
     for line in lines:
         content = line["content"]
         # arrays, aggregate metrics, and the node's own operator-chosen name (for the

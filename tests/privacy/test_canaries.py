@@ -20,6 +20,7 @@ from privacy.canaries import (
     guess_from_scores,
     p_value,
 )
+from shared_model.features import NUM_FEATURES
 from shared_model.ranker import RankerHead
 from shared_model.training import TrainConfig, UserGroups, train_head
 from simulations.canaries import (
@@ -158,7 +159,7 @@ def test_audit_result_verdicts(claimed: float, bound: float, control: float, ver
 
 def _synthetic_node(users: int = 120, width: int = 4, seed: int = 0) -> UserGroups:
     rng = np.random.default_rng(seed)
-    feats = rng.standard_normal((users, width, 4)).astype(np.float32)
+    feats = rng.standard_normal((users, width, NUM_FEATURES)).astype(np.float32)
     rank = np.tile(np.arange(1, width + 1), (users, 1)).astype(np.int64)
     clicked = (rng.random((users, width)) < 0.3).astype(np.float32)
     return UserGroups(feats, rank, clicked, np.ones((users, width), np.float32))
@@ -170,7 +171,7 @@ def test_slots_layout_and_canary_groups() -> None:
         signs=np.array([1, -1, 1]),
         active=np.array([True, True, False]),
         width=8,
-        features=np.ones(4, np.float32),
+        features=np.ones(NUM_FEATURES, np.float32),
     )
 
     assert slots.m == 12

@@ -15,10 +15,12 @@ from typer.testing import CliRunner
 from shared_model import features as features_module
 from shared_model import personal_commands, release_commands
 from shared_model.clicklog import write_click_log
+from shared_model.evidence import EvidenceIndex
 from shared_model.features import FeatureBuilder
 from shared_model.personal import (
     MAX_STATE_BYTES,
     PersonalConfig,
+    PersonalScorer,
     Session,
     UserState,
     learn_state,
@@ -28,7 +30,7 @@ from shared_model.personal import (
     sessions_from_log,
 )
 from shared_model.ranker import HeadConfig, RankerHead
-from shared_model.recommend import RecommendConfig, Recommender
+from shared_model.recommend import PublicClicks, RecommendConfig, Recommender
 from shared_model.release import write_public_key, write_release
 from shared_model.scoring import DeviceRanker, top_by_bm25
 from shared_model.world import WorldConfig, simulate_click_log
@@ -161,26 +163,169 @@ def _global(builder: FeatureBuilder):
     return scores
 
 
-def test_recommender_is_deterministic_and_session_order_aware(builder: FeatureBuilder) -> None:
-    # Prepare: the same two queries, in both orders.
-    qa, qb = builder.data.query_ids[2], builder.data.query_ids[7]
-    ab = learn_state([_session(builder, qa, 1), _session(builder, qb, 2)], builder)
-    ba = learn_state([_session(builder, qb, 1), _session(builder, qa, 2)], builder)
-    config = RecommendConfig(query_prior_weight=0.0, explore_weight=0.0)
-    rec = Recommender(builder, _global(builder), config)
+def _public_clicks(builder: FeatureBuilder, *, noise_var: float = 0.0) -> PublicClicks:
+    """Click and examination sums per (query, product) of a simulated population's log: what
+    the release's evidence holds, without the DP noise."""
+    log = simulate_click_log(builder.data, WorldConfig(num_users=400, num_regions=2, seed=5))
+    index = EvidenceIndex(builder.data)
+    pairs = index.pair_ids(log.column("query_id").to_pylist(),
+                           log.column("product_id").to_pylist())
+    clicked = log.column("clicked").to_numpy(zero_copy_only=False).astype(np.float64)
+    exam = 1.0 / log.column("rank").to_numpy().astype(np.float64)
+    clicks = np.bincount(pairs, weights=clicked, minlength=index.num_pairs)
+    exams = np.bincount(pairs, weights=exam, minlength=index.num_pairs)
+    return PublicClicks.from_evidence_arrays(builder.data, index, clicks, exams, noise_var)
+
+
+def _category_sessions(builder: FeatureBuilder, public: PublicClicks) -> dict[str, list[str]]:
+    """Query ids with public traffic, grouped by their recommender category."""
+    rec = Recommender(builder, _global(builder), public_clicks=public)
+    groups: dict[str, list[str]] = {}
+    for qid in builder.data.query_ids:
+        text = builder.data.queries[qid].text
+        if public.has_traffic(text):
+            groups.setdefault(rec.query_category(text), []).append(qid)
+    return groups
+
+
+def test_recommender_follows_the_users_recent_categories(builder: FeatureBuilder) -> None:
+    # Prepare: two categories with public traffic; one user searched A then B, another B then
+    # A (same sessions, other order).
+    public = _public_clicks(builder)
+    groups = _category_sessions(builder, public)
+    (cat_a, qa), (cat_b, qb) = sorted(groups.items(), key=lambda kv: -len(kv[1]))[:2]
+    ab = learn_state([_session(builder, qa[0], 1), _session(builder, qb[0], 2)], builder)
+    ba = learn_state([_session(builder, qb[0], 1), _session(builder, qa[0], 2)], builder)
+    rec = Recommender(builder, _global(builder), public_clicks=public)
+    texts_b = {builder.data.queries[q].text for q in qb}
     # Execute
-    first = rec.recommend(ab, 30)
-    second = Recommender(builder, _global(builder), rec.config).recommend(ab, 30)
-    swapped = rec.recommend(ba, 30)
-    # Assert: same input, same list; the most recent query leads the list.
-    assert first == second and len(first) == 30
-    pool_b = {p for p in top_by_bm25(builder, builder.data.queries[qb].text, 100)}
-    pool_a = {p for p in top_by_bm25(builder, builder.data.queries[qa].text, 100)}
-    only_b = pool_b - pool_a
-    mass_b = lambda recs: sum(s for p, s in recs if p in only_b)  # noqa: E731
-    assert mass_b(first) > mass_b(swapped)
-    assert [s for _, s in first] == sorted((s for _, s in first), reverse=True)
+    first = rec.recommend(ab, 10)
+    again = Recommender(builder, _global(builder), public_clicks=public).recommend(ab, 10)
+    swapped = rec.recommend(ba, 10)
+    # Assert: same input, same list; the more recent category weighs more in P(next query)
+    # and in the list; greedy gains never increase; no history, no list.
+    assert first == again and len(first) == 10
+    p_b = lambda st: sum(w for t, w in rec.next_queries(st).items() if t in texts_b)  # noqa: E731
+    assert p_b(ab) > p_b(ba)
+    assert sum(rec.next_queries(ab).values()) == pytest.approx(1.0)
+    in_b = {p for q in qb for p in public.queries[builder.data.queries[q].text][0]}
+    assert sum(p in in_b for p, _ in first) >= sum(p in in_b for p, _ in swapped)
+    gains = [g for _, g in first]
+    assert gains == sorted(gains, reverse=True) and gains[-1] > 0
     assert rec.recommend(UserState(), 10) == []
+
+
+def test_recommender_diversifies_across_likely_queries(builder: FeatureBuilder) -> None:
+    # The greedy list covers more distinct queries' products than plain expected clicks.
+    public = _public_clicks(builder)
+    qids = [q for qs in _category_sessions(builder, public).values() for q in qs][:4]
+    state = learn_state([_session(builder, q, t) for t, q in enumerate(qids, 1)], builder)
+    cover = Recommender(builder, _global(builder), public_clicks=public)
+    plain = Recommender(builder, _global(builder), RecommendConfig(diversify=False),
+                        public_clicks=public)
+    owner = {p: t for t, (pids, _, _) in public.queries.items() for p in pids}
+
+    def distinct(recs: list[tuple[str, float]]) -> int:
+        return len({owner.get(p) for p, _ in recs})
+
+    assert distinct(cover.recommend(state, 10)) >= distinct(plain.recommend(state, 10))
+    expected = [s for _, s in plain.recommend(state, 10)]
+    assert expected == sorted(expected, reverse=True)
+
+
+def test_noisy_public_clicks_fall_back_to_the_head(builder: FeatureBuilder) -> None:
+    # Noise far above the counts: no query shows traffic, so click rates come from the
+    # release's head over the BM25 candidates, not from the (unreadable) sums.
+    quiet = _public_clicks(builder, noise_var=1e9)
+    qid = builder.data.query_ids[0]
+    text = builder.data.queries[qid].text
+    assert not quiet.has_traffic(text)
+    rec = Recommender(builder, _global(builder), RecommendConfig(candidates=30),
+                      public_clicks=quiet)
+    state = learn_state([_session(builder, qid, 1)], builder)
+    listed = [p for p, _ in rec.recommend(state, 10)]
+    candidates = {p for t in rec.next_queries(state) for p in top_by_bm25(builder, t, 30)}
+    assert listed and set(listed) <= candidates
+    with pytest.raises(ValueError, match="prior_strength"):
+        RecommendConfig(prior_strength=0.0)
+
+
+def test_personal_scorer_reused_across_queries_matches_one_off(builder: FeatureBuilder) -> None:
+    # Prepare: a user with several sessions; one precomputed scorer serves every request.
+    sessions = sessions_from_log(_user_log(builder, sessions=12.0, seed=4), builder.data)
+    state = learn_state(sessions, builder)
+    scorer = PersonalScorer(state, builder)
+    rng = np.random.default_rng(0)
+    # Execute / Assert: same scores as the one-off form, for seen and unseen query texts,
+    # in any order (the per-query cache does not leak between queries).
+    for text in [s.query_text for s in sessions][::-1] + ["never searched", sessions[0].query_text]:
+        ids = top_by_bm25(builder, text, 60)
+        glob = rng.normal(size=len(ids)).astype(np.float32)
+        fast = scorer.scores(glob, ids, query_text=text)
+        assert fast.dtype == np.float32
+        np.testing.assert_allclose(
+            fast, personal_scores(glob, ids, state, builder, query_text=text), atol=1e-6
+        )
+    zero = PersonalScorer(state, builder, PersonalConfig(0.0, 0.0, 0.0, 0.0, 0.0))
+    glob = rng.normal(size=60).astype(np.float32)
+    ids = top_by_bm25(builder, sessions[0].query_text, 60)
+    np.testing.assert_allclose(zero.scores(glob, ids, query_text=sessions[0].query_text),
+                               (glob - glob.mean()) / glob.std(), atol=1e-5)
+
+
+def test_node_reply_with_a_personal_state_holds_only_the_contract(
+    builder: FeatureBuilder, tmp_path: Path
+) -> None:
+    # Prepare: a node whose device-side personal state exists (saved in its state dir, and
+    # in use in this process) trains one round; the reply is the message that leaves it.
+    import math
+
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+
+    from client.app import train
+    from client.node import REPLY_METRICS
+    from shared_model.data import DEFAULT_WANDS_DIR
+    from shared_model.settings import RunSettings
+    from shared_model.state import head_state
+
+    log = simulate_click_log(builder.data, WorldConfig(num_users=40, num_regions=1, seed=1))
+    data = write_click_log(log, tmp_path / "clicks.parquet")
+    state = learn_state(sessions_from_log(log, builder.data, user=0), builder)
+    state.save(tmp_path / "state" / "personal" / "user-0.json")
+    in_use = PersonalScorer(state, builder)
+    sent = {k: Array(v) for k, v in head_state(RankerHead()).items()}
+    content = RecordDict({"arrays": ArrayRecord(sent), "config": ConfigRecord({"server-round": 1})})
+    metadata = Metadata(
+        run_id=1, message_id="m1", src_node_id=0, dst_node_id=7, reply_to_message_id="",
+        group_id="1", created_at=0.0, ttl=3600.0, message_type="train",
+    )
+    message = Message(content, metadata=metadata)  # type: ignore[call-overload]
+    run = RunSettings(epsilon=math.inf, run_dir=str(tmp_path / "run"))
+    node_config: dict[str, bool | float | int | str] = {
+        "node-name": "region-x", "data-path": str(data), "state-dir": str(tmp_path / "state"),
+        "catalog-dir": str(DEFAULT_WANDS_DIR), "epsilon-budget": "inf",
+    }
+    context = Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(),
+                      run_config=run.to_config())
+    # Execute
+    reply = train(message, context)
+    # Assert: exactly the contract's records and keys; nothing of the state in any value.
+    assert in_use.static is not None and not reply.has_error()
+    assert set(reply.content) == {"arrays", "metrics", "node"}
+    arrays = reply.content.array_records["arrays"]
+    assert set(arrays) == set(sent)
+    for key, value in arrays.items():
+        assert value.numpy().shape == sent[key].numpy().shape
+        assert value.numpy().dtype == np.float32
+    assert tuple(reply.content.metric_records["metrics"]) == REPLY_METRICS
+    node = reply.content.config_records["node"]
+    assert dict(node) == {"name": "region-x"}
+    blob = b"".join(
+        [v.numpy().tobytes() for v in arrays.values()]
+        + [repr(dict(reply.content.metric_records["metrics"])).encode(), repr(dict(node)).encode()]
+    )
+    secrets = [state.vector.tobytes(), *(t.encode() for t in state.queries)]
+    assert state.queries and not any(s in blob for s in secrets)
 
 
 def test_federated_code_never_touches_the_personal_state() -> None:

@@ -126,7 +126,7 @@ def _mlp_layers(head: RankerHead) -> tuple[nn.Linear, nn.Linear]:
 def test_golden_output_hand_set_weights():
     # Prepare: hidden_dim=2 with every weight set by hand.
     torch.manual_seed(0)
-    head = RankerHead(HeadConfig(hidden_dim=2))
+    head = RankerHead(HeadConfig(num_features=4, hidden_dim=2))
     rt = head.relevance_tower
     hidden, out = _mlp_layers(head)
     with torch.no_grad():
@@ -162,7 +162,7 @@ def test_golden_output_seeded_init():
     # Values captured once with torch 2.13.0 on CPU (the pinned version), then checked by
     # hand for row 0: hidden = relu([0.39960, -0.82146, 0.95794]) -> 1.35754, + 1*x0 = 2.35754.
     torch.manual_seed(0)
-    head = RankerHead(HeadConfig(hidden_dim=3))
+    head = RankerHead(HeadConfig(num_features=4, hidden_dim=3))
     hidden, out_layer = _mlp_layers(head)
     with torch.no_grad():
         out_layer.weight.fill_(1.0)
@@ -221,7 +221,10 @@ def test_head_state_round_trip():
 
 def _bad_shape(state):
     state["relevance_tower.linear.weight"] = np.zeros((1, NUM_FEATURES + 1), np.float32)
-    return "relevance_tower.linear.weight", r"shape \(1, 5\), expected \(1, 4\)"
+    return (
+        "relevance_tower.linear.weight",
+        rf"shape \(1, {NUM_FEATURES + 1}\), expected \(1, {NUM_FEATURES}\)",
+    )
 
 
 def _nan(state):

@@ -10,7 +10,7 @@ from shared_model.ranker import HeadConfig, RankerHead, score, shrink_toward_ini
 
 def _trained(hidden_dim: int = 0) -> RankerHead:
     torch.manual_seed(0)
-    head = RankerHead(HeadConfig(hidden_dim=hidden_dim))
+    head = RankerHead(HeadConfig(num_features=4, hidden_dim=hidden_dim))  # golden: 4 features
     with torch.no_grad():
         for p in head.parameters():
             p.add_(torch.randn_like(p) * 0.5)

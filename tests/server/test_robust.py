@@ -1,0 +1,157 @@
+"""Robust aggregation of the head (issue 11): Flower's strategies behind reply validation,
+with the memorised evidence still summed, and what the server records about each node."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
+from flwr.supercore.task_identity import TaskIdentity
+
+from privacy.audit import AGGREGATION_DETAIL_PREFIX
+from server.evidence import EvidenceSumming
+from server.strategies import RobustHead, aggregate_train_metrics, kept_shares
+from server.validation import CLIP_UPDATE_NORM, RoundReplies, ValidatingStrategy, aggregation_events
+from shared_model.evidence import EVIDENCE_CLICKS, EVIDENCE_EXAM, EVIDENCE_NOISE_VAR
+from shared_model.settings import RunSettings
+
+NODES = [11, 22, 33, 44, 55]
+HEAD = {"w": np.zeros((1, 40), np.float32), "b": np.zeros(1, np.float32)}
+EVIDENCE = {EVIDENCE_CLICKS: np.zeros(3, np.float32), EVIDENCE_EXAM: np.zeros(3, np.float32),
+            EVIDENCE_NOISE_VAR: np.zeros(1, np.float32)}
+METRICS = {"num-examples": 1.0, "steps": 4.0, "epsilon": 0.5, "release-round": 0.0}
+# Each node's step: a common 0.02 plus its own seeded spread, per weight.
+_RNG = np.random.default_rng(0)
+HONEST = {n: {k: (0.02 + 0.01 * _RNG.normal(size=v.shape)).astype(np.float32)
+              for k, v in HEAD.items()} for n in NODES}
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    for attr in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+    yield
+
+
+class _Grid:
+    def get_node_ids(self) -> list[int]:
+        return list(NODES)
+
+
+def _round(robust: RobustHead | None, attacker_factor: float | None
+           ) -> tuple[dict[str, np.ndarray], RoundReplies]:
+    """One round: node 11 steps ``attacker_factor`` x its honest step (None: honest); every
+    node adds evidence clicks [node id, 0, 0]."""
+    reports: list[RoundReplies] = []
+    inner = FedAvg(fraction_evaluate=0.0, min_available_nodes=5, min_train_nodes=5,
+                   train_metrics_aggr_fn=aggregate_train_metrics)
+    strategy = ValidatingStrategy(EvidenceSumming(inner), robust=robust,
+                                  on_round=lambda _, r: reports.append(r))
+    sent_arrays = {**HEAD, **EVIDENCE}
+    sent = list(strategy.configure_train(
+        1, ArrayRecord({k: Array(v) for k, v in sent_arrays.items()}), ConfigRecord(),
+        _Grid()))  # type: ignore[arg-type]
+    replies = []
+    for msg in sent:
+        node = msg.metadata.dst_node_id
+        factor = 1.0 if node != 11 or attacker_factor is None else attacker_factor
+        arrays: dict[str, Any] = {k: v + np.float32(factor) * HONEST[node][k]
+                                  for k, v in HEAD.items()}
+        arrays.update({k: v.copy() for k, v in EVIDENCE.items()})
+        arrays[EVIDENCE_CLICKS] = np.array([node, 0, 0], np.float32)
+        content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                              "metrics": MetricRecord(dict(METRICS))})
+        replies.append(Message(content, reply_to=msg))
+    out, _ = strategy.aggregate_train(1, replies)
+    assert out is not None
+    return {k: v.numpy() for k, v in out.items()}, reports[0]
+
+
+def _honest_steps() -> np.ndarray:
+    return np.stack([np.concatenate([HONEST[n][k].ravel() for k in HEAD]) for n in NODES[1:]])
+
+
+def _step(arrays: dict[str, np.ndarray]) -> np.ndarray:
+    return np.concatenate([arrays[k].ravel() for k in HEAD])
+
+
+def test_trimmed_mean_removes_a_x100_node_and_records_it() -> None:
+    plain, plain_report = _round(None, 100.0)
+    robust, report = _round(RobustHead("fedtrimmedavg", trim_beta=0.2), 100.0)
+    honest = _honest_steps()
+    # Without the robust rule the clipped attacker (norm 5 / 5 nodes) swamps the honest mean.
+    assert np.linalg.norm(_step(plain) - honest.mean(0)) > 3 * np.linalg.norm(honest.mean(0))
+    # Trimmed mean: each coordinate lies within the honest nodes' range.
+    step = _step(robust)
+    assert np.all(step >= honest.min(0) - 1e-6) and np.all(step <= honest.max(0) + 1e-6)
+    assert [r["node_id"] for r in report.downweighted] == [11]
+    assert report.downweighted[0]["kept_share"] < 0.1
+    assert plain_report.downweighted == []
+    # The evidence is summed over all five replies, robust rule or not.
+    assert robust[EVIDENCE_CLICKS][0] == pytest.approx(sum(NODES))
+    assert plain[EVIDENCE_CLICKS][0] == pytest.approx(sum(NODES))
+
+
+def test_no_attack_trimmed_mean_downweights_nobody() -> None:
+    _, report = _round(RobustHead("fedtrimmedavg", trim_beta=0.2), None)
+    assert report.downweighted == []
+
+
+@pytest.mark.parametrize("rule", ["krum", "multikrum", "fedmedian"])
+def test_other_rules_keep_the_attacker_out(rule: str) -> None:
+    robust, report = _round(RobustHead(rule, malicious_nodes=1), -100.0)
+    honest = _honest_steps()
+    step = _step(robust)  # within the honest steps: the sign-flipped node left no mark
+    assert np.all(step >= honest.min(0) - 1e-6) and np.all(step <= honest.max(0) + 1e-6)
+    assert 11 in [r["node_id"] for r in report.downweighted]
+
+
+def test_kept_shares_follow_each_rule() -> None:
+    heads = [{"w": np.array([v, -v])} for v in (1.0, 2.0, 3.0, 4.0, 100.0)]
+    trimmed = kept_shares("fedtrimmedavg", heads, trim_beta=0.2, malicious_nodes=1)
+    assert trimmed[-1] == 0.0 and trimmed[0] == 0.0 and trimmed[2] == 1.0
+    assert kept_shares("fedmedian", heads, trim_beta=0.2, malicious_nodes=1)[2] == 1.0
+    multikrum = kept_shares("multikrum", heads, trim_beta=0.2, malicious_nodes=1)
+    assert multikrum == [1.0, 1.0, 1.0, 1.0, 0.0]
+    assert kept_shares("none", heads, trim_beta=0.2, malicious_nodes=1) == [1.0] * 5
+
+
+@pytest.mark.parametrize(("kwargs", "named"), [
+    ({"rule": "trimmed"}, "'trimmed'"),
+    ({"rule": "fedtrimmedavg", "trim_beta": 0.5}, "0.5"),
+    ({"rule": "krum", "malicious_nodes": -1}, "-1"),
+])
+def test_robust_head_names_a_bad_argument(kwargs: dict[str, Any], named: str) -> None:
+    rule = kwargs.pop("rule")
+    with pytest.raises(ValueError, match=named):
+        RobustHead(rule, **kwargs)
+
+
+def test_run_config_key_is_validated_and_off_means_none() -> None:
+    with pytest.raises(ValueError, match="robust-aggregation .*'median'"):
+        RunSettings(robust_aggregation="median")
+    with pytest.raises(ValueError, match="robust-trim-beta .*0.6"):
+        RunSettings(robust_trim_beta=0.6)
+    assert RobustHead.from_settings(RunSettings(robust_aggregation="none")) is None
+    assert RobustHead.from_settings(RunSettings()) is not None  # a robust rule by default
+
+
+def test_ledger_lines_for_rejected_clipped_and_downweighted_nodes() -> None:
+    report = RoundReplies(
+        rejected=[{"node_id": 1, "node": "node-1", "reason": "w: NaN or Inf values"}],
+        clipped=[{"node_id": 2, "node": "node-2", "norm": 500.0}],
+        downweighted=[{"node_id": 2, "node": "node-2", "rule": "fedtrimmedavg",
+                       "kept_share": 0.0, "expected_share": 0.6}],
+    )
+    events = aggregation_events(7, report, node_epsilon={"node-2": 0.4}, clip_norm=1.0,
+                                delta=1e-5)
+    assert [(e.node, e.round, e.mechanism, e.steps) for e in events] == [
+        ("node-1", 7, "refusal", 0), ("node-2", 7, "refusal", 0), ("node-2", 7, "refusal", 0)]
+    assert all((e.detail or "").startswith(AGGREGATION_DETAIL_PREFIX) for e in events)
+    assert "NaN" in (events[0].detail or "") and "500" in (events[1].detail or "")
+    assert "kept 0.0%" in (events[2].detail or "") and events[2].epsilon_after == 0.4
+    assert CLIP_UPDATE_NORM > 0
