@@ -26,7 +26,7 @@ run: setup
 	$(BIN)/fedrank audit $(RUN_DIR)
 	# On-device scoring with the final signed release, verified against the server's key.
 	$(BIN)/fedrank score --release $(RUN_DIR)/releases/round-0030 \
-		--public-key $(RUN_DIR).keys/server-signing.pub --query "modern velvet accent chair" --top 5
+		--public-key $(RUN_DIR).keys/server-signing.pub --query "dual monitor stand" --top 5
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -38,3 +38,41 @@ def wands_builder(wands_data):
 # ======================================================================================
 # end shared_model block
 # ======================================================================================
+
+
+# ======================================================================================
+# e2e: Deployment Engine runs shared between tests (tests/e2e/shared_runs.py).
+#
+# One loopback cluster per run exercises several behaviours; each test that checks one of
+# them asks for the run's result. Session scope: the run happens once, when the first test
+# that needs it runs, and has stopped all its processes before any test looks at it.
+# ======================================================================================
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+_E2E_DIR = str(Path(__file__).resolve().parent / "e2e")
+
+
+def _shared_runs():  # type: ignore[no-untyped-def]
+    if _E2E_DIR not in sys.path:
+        sys.path.insert(0, _E2E_DIR)
+    import shared_runs
+
+    return shared_runs
+
+
+@pytest.fixture(scope="session")
+def faulty_deployment(tmp_path_factory):  # type: ignore[no-untyped-def]
+    """``shared_runs.faulty_run``: faulty, unregistered, plaintext and wrongly pinned nodes."""
+    return _shared_runs().faulty_run(tmp_path_factory.mktemp("faulty-deployment"))
+
+
+@pytest.fixture(scope="session")
+def crash_deployment(tmp_path_factory):  # type: ignore[no-untyped-def]
+    """``shared_runs.crash_run``: a node killed in round 2, then the server killed and resumed."""
+    return _shared_runs().crash_run(tmp_path_factory.mktemp("crash-deployment"))
+
+
+# ======================================================================================
+# end e2e block
+# ======================================================================================

@@ -8,6 +8,7 @@ then anything else still carrying the tag, e.g. Flower's detached SuperExec).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
@@ -17,12 +18,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from client.deploy import NodeLaunch, start_node
+from client.deploy import GUARDS, NodeLaunch, start_node
 from server.deploy import (
     CA_CERT,
     Deployment,
     ServerConfig,
+    descendants,
     init_certs,
+    kill_pids,
     kill_tree,
     new_tag,
     stop_tagged,
@@ -152,9 +155,18 @@ class Cluster:
     # -- teardown -----------------------------------------------------------------------
     def close(self) -> None:
         try:
+            # All nodes at once (each tree and its app guard): one grace period, not one
+            # per node.
+            pids: list[int] = []
             for proc in self.nodes.values():
-                if proc.poll() is None:
-                    kill_tree(proc, grace=3)
+                guard = GUARDS.pop(proc.pid, None)
+                for p in (proc, guard):
+                    if p is not None and p.poll() is None:
+                        pids += [p.pid, *descendants(p.pid)]
+            kill_pids(pids, grace=3)
+            for proc in self.nodes.values():
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=1)
             self.deployment.stop(grace=5)
         finally:
             stop_tagged(self.tag, grace=3)

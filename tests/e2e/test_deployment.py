@@ -1,29 +1,25 @@
 """Deployment Engine end to end: real SuperLink/SuperNodes on loopback, TLS + node auth.
 
-Every process is started by ``deploy_helpers.Cluster`` with one tag and stopped in the
-fixture's ``finally`` (process trees, then anything else carrying the tag). Ports: 9400-9499.
-Node data: ``regional-3`` click logs from ``prepare_run``, cut to a few users per node so a
-round is bounded by Flower's process start-up rather than training.
+The cluster runs live in ``shared_runs.py`` (one cluster exercises several behaviours; the
+tests here ask for its result through the session fixtures ``faulty_deployment`` and
+``crash_deployment`` in ``tests/conftest.py``). Every process is started by
+``deploy_helpers.Cluster`` with one tag and stopped before the run returns (process trees,
+then anything else carrying the tag). Ports: 9400-9499. Node data: ``regional-3`` click logs
+from ``prepare_run``, cut to a few users per node so a round is bounded by Flower's process
+start-up rather than training.
 """
 
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import pytest
 from deploy_helpers import Cluster  # tests/e2e is on sys.path (rootdir)
+from shared_runs import node_data, prepare
 
 from privacy.ledger import verify_chain
-from server.deploy import tagged_pids
-from simulations.runner import prepare_run
-from simulations.scenarios import get_scenario
 
 pytestmark = [pytest.mark.deployment, pytest.mark.e2e]
 
@@ -32,66 +28,48 @@ USERS_PER_NODE = 150
 
 
 def _prepare(cluster: Cluster, rounds: int, **overrides: Any) -> dict[str, Any]:
-    settings = prepare_run(
-        get_scenario("regional-3"), run_dir=cluster.run_dir, rounds=rounds, epsilon=1.0,
-        overrides={"batch-size": 64, **overrides},
-    )
-    for name in NODES:  # keep the first USERS_PER_NODE users of each node
-        path = cluster.run_dir / "data" / name / "clicks.parquet"
-        table = pq.read_table(path)
-        users = sorted(set(table.column("user_id").to_pylist()))[:USERS_PER_NODE]
-        pq.write_table(table.filter(pc.is_in(table.column("user_id"), pa.array(users))), path)
-    return settings.to_config()
+    """regional-3's click logs for ``cluster``, USERS_PER_NODE users per node; the run config."""
+    return prepare(cluster, rounds, users=USERS_PER_NODE, **overrides)
 
 
 def _node_data(cluster: Cluster, name: str) -> Path:
-    return cluster.run_dir / "data" / name
+    return node_data(cluster, name)
 
 
-@pytest.fixture
-def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cluster]:
-    port = request.param
-    c = Cluster(tmp_path, port=port)
-    try:
-        yield c
-    finally:
-        c.close()
-        assert tagged_pids(c.tag) == [], "a deployment process outlived the test"
+def _ok(run: Any) -> None:
+    """The shared run itself finished and left no process behind."""
+    assert run.error is None, run.error
+    assert run.leftover == [], "a deployment process outlived the run"
 
 
-@pytest.mark.timeout(420)
-@pytest.mark.parametrize("cluster", [9400], indirect=True)
-def test_faulty_unregistered_and_plaintext_nodes_are_refused(cluster: Cluster) -> None:
-    # Prepare: 3 registered nodes (node-1 sends NaN, node-2 a wrong shape, node-0 records
-    # what it sends); node-3's key is not registered; a 5th node speaks plaintext.
-    config = _prepare(cluster, rounds=1, **{"min-train-nodes": 3})
-    cluster.start_server(register=NODES)
-    record = cluster.root / "node-0-messages.jsonl"
-    cluster.start_node("node-0", data=_node_data(cluster, "node-0"),
-                       extra={"record-messages": str(record)})
-    cluster.start_node("node-1", data=_node_data(cluster, "node-1"), extra={"fault": "nan"})
-    cluster.start_node("node-2", data=_node_data(cluster, "node-2"), extra={"fault": "shape"})
-    rogue = cluster.start_node("node-3", data=_node_data(cluster, "node-0"), max_wait_time=30)
-    plain = cluster.start_node("plain", insecure=True,
-                               data=_node_data(cluster, "node-0"), max_wait_time=20)
-    # Execute
-    cluster.submit(config)
-    rc = cluster.wait_run(300)
-    # Assert: the round completed on the one good reply
-    assert rc == 0, cluster.tail()
-    assert cluster.has_line("[fedrank] round 1/1"), cluster.tail()
+@pytest.mark.timeout(600)  # the first test to ask runs the shared cluster
+def test_faulty_unregistered_and_plaintext_nodes_are_refused(faulty_deployment: Any) -> None:
+    # Prepare + Execute (tests/e2e/shared_runs.py::faulty_run): registered nodes send NaN
+    # arrays (node-1), a wrong shape (node-2) and more (see FAULTY_NODES), node-0 records what
+    # it sends; node-6's key is not registered; a further node speaks plaintext. Two rounds.
+    run = faulty_deployment
+    _ok(run)
+    cluster = run.cluster
+    # Assert: both rounds completed on the good replies
+    assert run.rc == 0, cluster.tail()
+    assert cluster.has_line("[fedrank] round 2/2"), cluster.tail()
     rejected = [ln for ln in cluster.lines if "rejected reply from node" in ln]
-    assert len(rejected) == 2, rejected
-    assert any("NaN or Inf" in ln for ln in rejected), rejected
-    assert any("shape" in ln for ln in rejected), rejected
+    by_node = {
+        name: [ln for ln in rejected if f"rejected reply from node {run.ids[name]} " in ln]
+        for name in ("node-1", "node-2")
+    }
+    assert len(by_node["node-1"]) == 2 and all("NaN or Inf" in ln for ln in by_node["node-1"]), \
+        rejected
+    assert len(by_node["node-2"]) == 2 and all("shape" in ln for ln in by_node["node-2"]), \
+        rejected
     # unregistered key: the SuperNode exits non-zero and never trains
-    assert rogue.wait(timeout=60) != 0, cluster.node_log("node-3")[-2000:]
-    assert cluster.ledger("node-3") == []
+    assert run.rogue_rc not in (None, 0), cluster.node_log("node-6")[-2000:]
+    assert cluster.ledger("node-6") == []
     # plaintext against a TLS SuperLink: never connects, never trains
-    assert plain.wait(timeout=60) != 0, cluster.node_log("plain")[-2000:]
+    assert run.plain_rc not in (None, 0), cluster.node_log("plain")[-2000:]
     assert cluster.ledger("plain") == []
     # only model arrays and aggregate metrics left node-0
-    lines = [json.loads(ln) for ln in record.read_text().splitlines()]
+    lines = [json.loads(ln) for ln in run.record.read_text().splitlines()]
     assert lines and all(not ln["has_error"] for ln in lines)
     # the answer to the final release delivery (server.releases): its release round only
     answers = [ln for ln in lines if ln["message_type"] == "query.install_release"]
@@ -99,7 +77,7 @@ def test_faulty_unregistered_and_plaintext_nodes_are_refused(cluster: Cluster) -
         "type": "MetricRecord", "keys": ["release-round"],
         "value_types": {"release-round": "float"}}}]
     lines = [ln for ln in lines if ln["message_type"] == "train"]
-    assert lines
+    assert len(lines) == 2  # one train reply per round
     for line in lines:
         content = line["content"]
         # arrays, aggregate metrics, and the node's own operator-chosen name (for the
@@ -121,25 +99,17 @@ def test_faulty_unregistered_and_plaintext_nodes_are_refused(cluster: Cluster) -
             assert forbidden not in text
 
 
-@pytest.mark.timeout(480)
-@pytest.mark.parametrize("cluster", [9430], indirect=True)
-def test_node_killed_in_round_two_and_restarted(cluster: Cluster) -> None:
-    # Prepare
-    config = _prepare(cluster, rounds=3, **{"min-train-nodes": 2})
-    cluster.start_server(register=NODES)
-    for name in NODES:
-        cluster.start_node(name, data=_node_data(cluster, name))
-    cluster.submit(config)
-    # Execute: kill node-2 as round 2 starts; restart it once the server has given up on it
-    cluster.wait_for(lambda: cluster.has_line("[ROUND 2/3]"), 240, "round 2")
-    time.sleep(3)  # its round-2 ClientApp is starting/training
-    cluster.kill_node("node-2")
-    eps_before = cluster.ledger("node-2")[-1]["epsilon_after"]
-    cluster.wait_for(lambda: cluster.has_line("[fedrank] round 2/3"), 240, "round 2 to end")
-    cluster.start_node("node-2", data=_node_data(cluster, "node-2"))
-    rc = cluster.wait_run(240)
+@pytest.mark.timeout(600)  # the first test to ask runs the shared cluster
+def test_node_killed_in_round_two_and_restarted(crash_deployment: Any) -> None:
+    # Prepare + Execute (tests/e2e/shared_runs.py::crash_run): three nodes, three rounds;
+    # node-2 is killed as round 2 starts and restarted once round 2 has ended without it (the
+    # server side is also crashed and restarted then: the other test of this run).
+    run = crash_deployment
+    _ok(run)
+    cluster = run.cluster
     # Assert
-    assert rc == 0, cluster.tail()
+    assert run.rc == 0, cluster.tail()
+    assert any("[fedrank] round 2/3" in ln for ln in run.first_lines)
     assert cluster.has_line("[fedrank] round 3/3"), cluster.tail()
     metrics = json.loads((cluster.run_dir / "metrics.json").read_text())
     assert [r["round"] for r in metrics["rounds"]] == [1, 2, 3]
@@ -149,41 +119,33 @@ def test_node_killed_in_round_two_and_restarted(cluster: Cluster) -> None:
     assert eps == sorted(eps) and eps[0] > 0  # continued from its ledger, never reset
     rounds = [e["round"] for e in ledger]
     assert rounds[0] == 1 and rounds == sorted(rounds)
-    if 3 in rounds:  # it rejoined for round 3 (it may miss it if it reconnects late)
-        assert eps[-1] > eps_before
+    # it rejoined for round 3 (min-train-nodes = 3: the round waited for it)
+    assert rounds[-1] == 3 and run.eps_before_node_kill is not None
+    assert eps[-1] > run.eps_before_node_kill
     for name in ("node-0", "node-1"):
         assert [e["round"] for e in cluster.ledger(name)] == [1, 2, 3]
 
 
-@pytest.mark.timeout(480)
-@pytest.mark.parametrize("cluster", [9460], indirect=True)
-def test_server_killed_mid_run_resumes_from_checkpoint(cluster: Cluster) -> None:
-    # Prepare
-    config = _prepare(cluster, rounds=3, **{"min-train-nodes": 3})
-    cluster.start_server(register=NODES)
-    for name in NODES:
-        cluster.start_node(name, data=_node_data(cluster, name))
-    cluster.submit(config)
-    cluster.wait_for(lambda: cluster.has_line("[fedrank] round 1/3"), 240, "round 1")
-    # Execute: crash the server side (SuperLink, ServerApp, flwr run), then start it again
-    cluster.kill_server()
-    latest = json.loads((cluster.run_dir / "checkpoints" / "latest.json").read_text())
-    eps_at_kill = json.loads((cluster.run_dir / "metrics.json").read_text())["rounds"][-1][
-        "epsilon_max"]
-    cluster.lines.clear()
-    cluster.start_server(register=[])  # the state database keeps the registrations
-    cluster.submit(config)
-    rc = cluster.wait_run(360)
+@pytest.mark.timeout(600)  # the first test to ask runs the shared cluster
+def test_server_killed_mid_run_resumes_from_checkpoint(crash_deployment: Any) -> None:
+    # Prepare + Execute (tests/e2e/shared_runs.py::crash_run): once round 2 has ended, the
+    # server side (SuperLink, ServerApp, flwr run) is SIGKILLed, then started again with the
+    # same run config; the nodes stay up (node-2 was restarted, the other test of this run).
+    run = crash_deployment
+    _ok(run)
+    cluster = run.cluster
     # Assert
-    assert rc == 0, cluster.tail()
+    assert run.rc == 0, cluster.tail()
+    latest = run.checkpoint_at_kill
     round_at_kill, weights = latest["round"], latest["weights_sha256"][:12]
+    assert round_at_kill >= 1
     assert cluster.has_line(
         f"resuming {cluster.run_dir.resolve()} from round {round_at_kill} (weights {weights})"
     ), cluster.tail()
     metrics = json.loads((cluster.run_dir / "metrics.json").read_text())
     assert [r["round"] for r in metrics["rounds"]] == [1, 2, 3]
     eps = [r["epsilon_max"] for r in metrics["rounds"]]
-    assert eps == sorted(eps) and eps[round_at_kill] >= eps_at_kill  # not reset
+    assert eps == sorted(eps) and eps[round_at_kill] >= run.eps_at_server_kill  # not reset
     for name in NODES:
         ledger = cluster.ledger(name)
         node_eps = [e["epsilon_after"] for e in ledger]

@@ -45,11 +45,11 @@ def test_simulate_on_a_messy_import_records_its_hash(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     # Execute
     result = _fedrank(
-        "simulate", "regional-3", "--data", str(data), "--rounds", "2", "--run-dir", str(run_dir)
+        "simulate", "regional-3", "--data", str(data), "--rounds", "1", "--run-dir", str(run_dir)
     )
     # Assert: the run finished on the imported catalog and records its content hash
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "[fedrank] round 2/2" in result.stdout
+    assert "[fedrank] round 1/1" in result.stdout
     config = json.loads((run_dir / "config.json").read_text())
     assert config["catalog-dir"] == str(data.resolve())
     assert config["catalog-hash"] == catalog_hash(data)

@@ -4,7 +4,7 @@
   holding only ``ca.crt`` can neither register a node key nor start a run there;
 - a node runs only the app (FAB hash) it pinned: a node pinned to another app refuses the
   run's ClientApp (error reply, no training, no ledger line) while a node pinned to this
-  checkout trains;
+  checkout trains (checked on the shared faulty-node cluster, ``shared_runs.faulty_run``);
 - configuration checks that need no processes (Control API never exposed, key permissions,
   ``certs init`` re-runs print the SANs on disk).
 """
@@ -18,9 +18,9 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from deploy_helpers import Cluster  # tests/e2e is on sys.path (rootdir)
 
 from server.deploy import (
     PROJECT_ROOT,
@@ -124,31 +124,21 @@ def test_outsider_with_only_the_ca_cannot_register_or_run(
 
 @pytest.mark.deployment
 @pytest.mark.e2e
-@pytest.mark.timeout(420)
-def test_node_runs_only_the_app_it_pinned(tmp_path: Path) -> None:
-    from test_deployment import _node_data, _prepare
-
-    cluster = Cluster(tmp_path, port=9485, nodes=2)
-    try:
-        # Prepare: node-0 pins this checkout's app (default), node-1 pins another app
-        config = _prepare(cluster, rounds=1, **{"min-train-nodes": 1})
-        cluster.start_server(register=["node-0", "node-1"])
-        cluster.start_node("node-0", data=_node_data(cluster, "node-0"))
-        cluster.start_node("node-1", data=_node_data(cluster, "node-1"),
-                           app_hashes=("0" * 64,))
-        # Execute
-        cluster.submit(config)
-        rc = cluster.wait_run(300)
-        # Assert
-        assert rc == 0, cluster.tail()
-        assert cluster.has_line("[fedrank] round 1/1"), cluster.tail()
-        assert [e["round"] for e in cluster.ledger("node-0")] == [1]
-        assert cluster.ledger("node-1") == []  # it never trained
-        assert "refused app" in cluster.node_log("node-1"), cluster.node_log("node-1")[-3000:]
-        assert "refused app" not in cluster.node_log("node-0")
-    finally:
-        cluster.close()
-        assert tagged_pids(cluster.tag) == []
+@pytest.mark.timeout(600)  # the first test to ask runs the shared cluster
+def test_node_runs_only_the_app_it_pinned(faulty_deployment: Any) -> None:
+    # Prepare + Execute (tests/e2e/shared_runs.py::faulty_run): node-0 pins this checkout's
+    # app (default), node-5 pins another app; two rounds
+    run = faulty_deployment
+    assert run.error is None, run.error
+    assert run.leftover == []
+    cluster = run.cluster
+    # Assert
+    assert run.rc == 0, cluster.tail()
+    assert cluster.has_line("[fedrank] round 2/2"), cluster.tail()
+    assert [e["round"] for e in cluster.ledger("node-0")] == [1, 2]
+    assert cluster.ledger("node-5") == []  # it never trained
+    assert "refused app" in cluster.node_log("node-5"), cluster.node_log("node-5")[-3000:]
+    assert "refused app" not in cluster.node_log("node-0")
 
 
 # -- fast checks (no processes) -----------------------------------------------------------

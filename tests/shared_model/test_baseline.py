@@ -83,8 +83,11 @@ def test_cli_baseline_json_prints_only_json(baseline_result):
     for model in MODELS:
         _check_model_block(out[model])
         for m in METRICS:
+            # 1e-4, not 1e-6: the CLI is another process whose torch may use another
+            # thread count; float32 reductions then differ in the last bits, and a head
+            # trained on them by ~1e-5 NDCG (measured 8e-6 on the 10-feature head).
             assert out[model][f"{m}_per_fold"] == pytest.approx(
-                baseline_result[model][f"{m}_per_fold"], abs=1e-6
+                baseline_result[model][f"{m}_per_fold"], abs=1e-4
             )
     assert sum(out["split"]["fold_sizes"]) == 40
     ctr = out["clicks"]["ctr_at_rank"]
