@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -85,3 +87,31 @@ def test_sigma_zero_control_is_caught_and_dp_release_stays_below_claim(
     assert open_.epsilon_lower_bound >= 2.0
     assert open_.result == "inconclusive"
     assert open_.to_dict()["claimed_epsilon"] == "inf"
+
+
+def test_cli_mechanism_evidence_writes_the_json_contract(tmp_path: Path) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from privacy import commands as privacy_commands
+    from simulations import canary_commands
+
+    app, bench = typer.Typer(), typer.Typer()
+    privacy_commands.register(app, bench)
+    canary_commands.register(app, bench)
+    path = tmp_path / "evidence.json"
+    out = CliRunner().invoke(app, [
+        "audit", "canaries", "regional-3", "--epsilon", "1", "--mechanism", "evidence",
+        "--canaries", "300", "--json", str(path),
+    ])
+
+    assert out.exit_code == 0, out.output
+    report = json.loads(path.read_text())
+    assert report["mechanism"] == "evidence" and report["canaries"] == 300
+    assert report["claimed_epsilon"] == pytest.approx(0.75)
+    assert report["epsilon_lower_bound"] <= report["claimed_epsilon"]
+    assert report["positive_control_epsilon_lower_bound"] >= 2.0
+    assert report["result"] == "pass"
+    bad = CliRunner().invoke(app, ["audit", "canaries", "regional-3", "--epsilon", "1",
+                                   "--mechanism", "nope"])
+    assert bad.exit_code == 2
