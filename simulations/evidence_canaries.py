@@ -13,8 +13,9 @@ release's share of ``plan_split``). The claim being audited is the release's own
 node's real users touches. Canary ``i`` has one session on its query in which its product is
 shown at rank 1 and clicked, so, when included, it adds exactly ``(click 1, exam 1)`` to its
 pair (norm √2 < C: never clipped) and nothing elsewhere; real users add nothing there. Each
-canary is included in the node's log by a fair coin from ``secrets`` (or a seeded generator in
-tests).
+canary is included in the node's log by a fair coin: seeded by ``seed`` (the CLI's
+``--seed``, as for the DP-SGD audit: public coins are fine, the mechanism never sees them),
+from ``secrets`` when ``seed`` is None. The release's noise is never seeded here.
 
 **Score and guesses.** The auditor reads the released click and exam sums at each canary
 pair; score = click + exam (the log-likelihood ratio direction of the (1, 1) shift). It
