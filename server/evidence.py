@@ -33,6 +33,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from privacy.accounting import calibrate_noise_multiplier
+from server.wrapping import DelegatingStrategy
 from shared_model.evidence import (
     EVIDENCE_CLICKS,
     EVIDENCE_EXAM,
@@ -159,7 +160,7 @@ def evidence_from_mean(
     return out
 
 
-class EvidenceSumming(Strategy):
+class EvidenceSumming(DelegatingStrategy):
     """Wraps the aggregation strategy: head weights as it aggregates them, evidence summed.
 
     Sits between reply validation and FedAvg/FedAdam; every reply it sees was accepted.
@@ -170,9 +171,6 @@ class EvidenceSumming(Strategy):
     def __init__(self, inner: Strategy) -> None:
         self.inner = inner
         self._sent: dict[str, np.ndarray] = {}
-
-    def summary(self) -> None:
-        self.inner.summary()
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -195,13 +193,3 @@ class EvidenceSumming(Strategy):
         out = {k: v.numpy() for k, v in arrays.items()}
         out.update(total)
         return ArrayRecord({k: Array(np.asarray(v)) for k, v in out.items()}), metrics
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        return self.inner.aggregate_evaluate(server_round, replies)

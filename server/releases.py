@@ -41,6 +41,7 @@ from flwr.serverapp.strategy import Strategy
 
 from client.releases import INSTALL_ACTION, RELEASE_BLOBS, RELEASE_NAMES, RELEASE_RECORD
 from server.validation import escape
+from server.wrapping import DelegatingStrategy
 from shared_model.ranker import HeadConfig, RankerHead
 from shared_model.release import (
     PUBLIC_KEY_FILE,
@@ -210,7 +211,7 @@ def _reported_round(msg: Message) -> float | None:
     return None
 
 
-class ReleaseCarrier(Strategy):
+class ReleaseCarrier(DelegatingStrategy):
     """Wraps the aggregation strategy: the newest release rides on train messages.
 
     Sits inside reply validation (``server.validation.ValidatingStrategy``), so the
@@ -226,9 +227,6 @@ class ReleaseCarrier(Strategy):
         self._pending: dict[int, int] = {}  # node id -> round of the release sent this round
         self.deliveries: list[dict[str, object]] = []
         self.round_offset = 0  # a resumed run's rounds already done (for the log and deliveries)
-
-    def summary(self) -> None:
-        self.inner.summary()
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -277,15 +275,6 @@ class ReleaseCarrier(Strategy):
                         "release round %d; refused or failed: see the node's log); it is "
                         "sent again", server_round, node, sent, int(reported))
 
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        return self.inner.aggregate_evaluate(server_round, replies)
 
 
 # How long the final delivery waits for nodes' answers (a deployment message takes seconds:
@@ -337,4 +326,3 @@ def deliver_release(
     log.info("[fedrank] final release %s installed on %d/%d node(s)%s", manifest.version,
              len(installed), len(targets), f"; not on {missing}" if missing else "")
     return answered
-

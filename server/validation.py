@@ -35,6 +35,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from privacy.ledger import LedgerEvent
+from server.wrapping import DelegatingStrategy
 from shared_model.evidence import EVIDENCE_KEYS
 
 if TYPE_CHECKING:
@@ -359,7 +360,7 @@ def aggregation_events(
     ]
 
 
-class ValidatingStrategy(Strategy):
+class ValidatingStrategy(DelegatingStrategy):
     """Wraps a Flower strategy; replies that fail :func:`check_reply` are dropped, the others
     reach it clipped, with uniform weights and canonical content.
 
@@ -402,9 +403,6 @@ class ValidatingStrategy(Strategy):
         self._unmapped_logged: set[int] = set()
         self.rejected: list[tuple[int, int, str]] = []  # (round, node id, reason)
         self.node_epsilon: dict[str, float] = {}  # latest ε per node (server's names)
-
-    def summary(self) -> None:
-        self.inner.summary()
 
     def identity(self, node_id: int) -> str:
         """The server's name for a Flower node id (``node-regions``, else ``node-<id>``)."""
@@ -541,13 +539,3 @@ class ValidatingStrategy(Strategy):
         self._claims[node] = claimed
         log.info("node %s is %s to this server; it calls itself %r (a claim, not used)",
                  node, name, escape(claimed, 80))
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        return self.inner.aggregate_evaluate(server_round, replies)
