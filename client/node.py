@@ -68,6 +68,7 @@ from privacy.accountant_store import PersistentAccountant, plan_noise_multiplier
 from privacy.ledger import Ledger, LedgerEvent, node_signer
 from shared_model.catalog import node_feature_builder
 from shared_model.clicklog import read_click_logs
+from shared_model.encoder import CACHE_DIR_ENV
 from shared_model.evidence import split_evidence
 from shared_model.ranker import HeadConfig, RankerHead
 from shared_model.settings import (
@@ -496,7 +497,7 @@ def train_round(
     # under the run dir) shares its Ray worker's.
     simulated = Path(node.state_dir).parent == Path(run.run_dir) / "nodes"
     builder = node_feature_builder(
-        str(node.catalog_dir), str(node.cache_dir) if node.cache_dir else "",
+        str(node.catalog_dir), node_cache_dir(node, simulated=simulated),
         None if simulated else node.state_dir,
     )
     files, to_consume = node.round_click_files(run, server_round)
@@ -622,3 +623,18 @@ def _metrics(result: Any, *, epsilon: float, release_round: float) -> dict[str, 
 def torch_threads(n: int = 1) -> None:
     """Keep each virtual node to one thread: many nodes share two cores."""
     torch.set_num_threads(n)
+
+
+def node_cache_dir(node: NodeSettings, *, simulated: bool) -> str:
+    """The embedding cache a node reads ("" = :func:`shared_model.encoder.default_cache_dir`).
+
+    The node's ``cache-dir`` when set. Otherwise a simulated node (and any process with
+    ``$FEDRANK_CACHE_DIR`` set) uses the default cache; a deployed node uses
+    ``<state-dir>/embedding-cache``: the default would resolve inside Flower's per-version app
+    install folder, so every new app version would encode the whole catalog again.
+    """
+    if node.cache_dir is not None:
+        return str(node.cache_dir)
+    if simulated or os.environ.get(CACHE_DIR_ENV):
+        return ""
+    return str(Path(node.state_dir) / "embedding-cache")

@@ -219,9 +219,12 @@ class EmbeddingCache:
         os.replace(tf.name, self.root / "keys.json")
 
 
+CACHE_DIR_ENV = "FEDRANK_CACHE_DIR"
+
+
 def default_cache_dir() -> Path:
     """``$FEDRANK_CACHE_DIR`` or ``<repo>/.cache/embeddings``."""
-    env = os.environ.get("FEDRANK_CACHE_DIR")
+    env = os.environ.get(CACHE_DIR_ENV)
     if env:
         return Path(env)
     return Path(__file__).resolve().parents[1] / ".cache" / "embeddings"

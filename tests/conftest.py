@@ -11,11 +11,18 @@ from __future__ import annotations
 # (`$FEDRANK_CACHE_DIR` or the gitignored `<repo>/.cache/embeddings`).
 # ======================================================================================
 import os
+from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# One embedding cache for the whole session, inherited by every process the tests start
+# (SuperNodes' ClientApps, Ray workers): without it each deployed test node would encode the
+# catalog into its own state folder (minutes each on a cold CI machine).
+os.environ.setdefault(
+    "FEDRANK_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "embeddings")
+)
 
 
 @pytest.fixture(scope="session")
@@ -48,7 +55,6 @@ def wands_builder(wands_data):
 # that needs it runs, and has stopped all its processes before any test looks at it.
 # ======================================================================================
 import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 _E2E_DIR = str(Path(__file__).resolve().parent / "e2e")
 

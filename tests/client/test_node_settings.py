@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from client.node import NodeSettings
+from client.node import NodeSettings, node_cache_dir
 from shared_model.data import DEFAULT_WANDS_DIR
 from shared_model.settings import NodePrivacy, RunSettings, simulated_node_settings_path
 
@@ -76,3 +76,24 @@ def test_runner_writes_each_simulated_nodes_settings(tmp_path: Path) -> None:
     assert node.state_dir == tmp_path / "run" / "nodes" / "node-1"
     assert node.release_dir == tmp_path / "run" / "releases"
     assert node.privacy == NodePrivacy.of_run(run)
+
+
+def test_deployed_node_keeps_its_embedding_cache_in_its_state_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: no cache-dir and no $FEDRANK_CACHE_DIR; the default would otherwise resolve
+    # inside Flower's per-version app install folder.
+    monkeypatch.delenv("FEDRANK_CACHE_DIR", raising=False)
+    node = NodeSettings.from_mapping({"data-path": "x", "state-dir": str(tmp_path / "s")})
+    pinned = NodeSettings.from_mapping(
+        {"data-path": "x", "state-dir": str(tmp_path / "s"), "cache-dir": str(tmp_path / "c")})
+    # Execute
+    deployed = node_cache_dir(node, simulated=False)
+    simulated = node_cache_dir(node, simulated=True)
+    own = node_cache_dir(pinned, simulated=False)
+    monkeypatch.setenv("FEDRANK_CACHE_DIR", str(tmp_path / "env"))
+    from_env = node_cache_dir(node, simulated=False)
+    # Assert
+    assert deployed == str(tmp_path / "s" / "embedding-cache")
+    assert simulated == "" and from_env == ""
+    assert own == str(tmp_path / "c")
