@@ -36,7 +36,12 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 
-from client.device_mods import compact_masked_mod, dropout_mod
+from client.device_mods import (  # poison mods: simulated attackers only (inert otherwise)
+    bypass_poison_mod,
+    compact_masked_mod,
+    compliant_poison_mod,
+    dropout_mod,
+)
 from client.faults import corrupt, fault_mod, fault_of, recording_mod  # test hooks (inert)
 from client.node import BudgetRefusal, NodeSettings, torch_threads, train_round
 from client.releases import (
@@ -78,9 +83,11 @@ def _adaptiveclipping_if_legacy(msg: Message, ctxt: Context, call_next):  # type
 
 
 # Order matters: SecAgg+ (outer) must mask the *clipped* update; a simulated device may
-# vanish once it has the model (dropout_mod); the masked upload goes out as uint32.
-@app.train(mods=[dropout_mod, compact_masked_mod, _secaggplus_if_legacy,
-                 _adaptiveclipping_if_legacy])
+# vanish once it has the model (dropout_mod); the masked upload goes out as uint32. A
+# simulated malicious device (issue 11) poisons its update after the clip (bypass: its own
+# code) or before it (compliant: stock software); both are pass-throughs on any other node.
+@app.train(mods=[dropout_mod, compact_masked_mod, _secaggplus_if_legacy, bypass_poison_mod,
+                 _adaptiveclipping_if_legacy, compliant_poison_mod])
 def train(msg: Message, context: Context) -> Message:
     """Train on this node's clicks and reply with weights + public/DP-protected metrics.
 

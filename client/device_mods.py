@@ -14,7 +14,14 @@
   the upload is 4 bytes per parameter (plus NumPy's per-array header).
   ``server.traffic.TrafficGrid`` widens it back to int64 before Flower's workflow sums it.
 
-Both are Flower mods for ``@app.train(mods=[...])``, outside ``secaggplus_mod``.
+- :func:`compliant_poison_mod` / :func:`bypass_poison_mod`: a **simulated** malicious device
+  (issue 11; its runner-written settings carry ``attack``, ``attack-strength`` and
+  ``attacker``, ``client.faults.simulated_device_attack``) poisons its fit reply, the
+  compliant one inside ``adaptiveclipping_mod`` (before the clip), the bypass one between
+  ``secaggplus_mod`` and ``adaptiveclipping_mod`` (after the clip, before the quantiser). A
+  deployed node never poisons.
+
+The first two are Flower mods for ``@app.train(mods=[...])``, outside ``secaggplus_mod``.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import (
     Stage,
 )
 
+from client.faults import poison_fit_reply, simulated_device_attack
 from shared_model.settings import PARTITION_ID, simulated_node_settings_path
 
 DROPPED_OUT = 4003
@@ -107,3 +115,23 @@ def compact_masked_mod(msg: Message, ctxt: Context, call_next: Any) -> Message:
     if cfg is not None and Key.MASKED_PARAMETERS in cfg:
         cfg[Key.MASKED_PARAMETERS] = narrow(list(cfg[Key.MASKED_PARAMETERS]))  # type: ignore[arg-type]
     return reply
+
+
+def _poison_as(attacker: str, msg: Message, ctxt: Context, call_next: Any) -> Message:
+    reply: Message = call_next(msg, ctxt)
+    attack = simulated_device_attack(ctxt)
+    if attack is None or attack.attacker != attacker:
+        return reply
+    return poison_fit_reply(msg, reply, attack.poison)  # type: ignore[no-any-return]
+
+
+def compliant_poison_mod(msg: Message, ctxt: Context, call_next: Any) -> Message:
+    """A simulated ``compliant`` attacker poisons its honest reply; placed inside
+    ``adaptiveclipping_mod``, so the stock clip still bounds it to C."""
+    return _poison_as("compliant", msg, ctxt, call_next)
+
+
+def bypass_poison_mod(msg: Message, ctxt: Context, call_next: Any) -> Message:
+    """A simulated ``bypass`` attacker poisons its *clipped* reply; placed between
+    ``secaggplus_mod`` and ``adaptiveclipping_mod``, so only the quantiser bounds it."""
+    return _poison_as("bypass", msg, ctxt, call_next)

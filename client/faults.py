@@ -38,6 +38,19 @@ replaces the head part of its honest train reply (never the memorised evidence) 
 Deterministic given the honest reply (no randomness of its own). A deployed node (no
 ``partition-id``) never poisons: nothing in its node config or from the server can make it.
 
+Device shape (legacy SecAgg+ path; :func:`simulated_device_attack`): the runner marks a
+seeded set of simulated devices (``simulations.attacks.mark_device_attackers``) with
+``attack = scale | signflip``, ``attack-strength = S`` and ``attacker = compliant | bypass``;
+the device's fit reply is poisoned by :func:`poison_fit_reply` from one of two places in the
+ClientApp's train mods (``client.device_mods``):
+
+- ``compliant``: inside ``adaptiveclipping_mod``, i.e. *before* the clip: a device running
+  the stock client software (attested), whose poisoned update the clip then bounds to C;
+- ``bypass``: between ``secaggplus_mod`` and ``adaptiveclipping_mod``, i.e. *after* the
+  clip: a device running its own code scales its already-clipped update, so only SecAgg+'s
+  quantiser (each parameter clipped to ``[-clipping_range, clipping_range]``) bounds it. Its
+  clipped-count bit is the honest one (it could lie there too: see docs/results.md).
+
 Production nodes never set these keys; nothing here changes a reply otherwise.
 """
 
@@ -227,6 +240,73 @@ def simulated_poison(context: Any) -> Poison | None:
     if not isinstance(values, dict) or values.get(POISON) in (None, "", "none"):
         return None
     return Poison(str(values[POISON]), float(values.get(POISON_STRENGTH, 1.0)))
+
+
+ATTACKER = "attacker"
+ATTACKERS = ("compliant", "bypass")
+DEVICE_POISONS = ("scale", "signflip")
+
+
+@dataclass(frozen=True)
+class DeviceAttack:
+    """A simulated device's poisoning: what it does (``poison``) and where (``attacker``)."""
+
+    poison: Poison
+    attacker: str
+
+    def __post_init__(self) -> None:
+        if self.attacker not in ATTACKERS:
+            raise ValueError(f"{ATTACKER} must be one of {ATTACKERS}, got {self.attacker!r}")
+        if self.poison.attack not in DEVICE_POISONS:
+            # "lie" estimates the honest spread from a node's DP-SGD plan: no such plan here.
+            raise ValueError(
+                f"a device's {POISON} must be one of {DEVICE_POISONS}, got "
+                f"{self.poison.attack!r}"
+            )
+
+
+def simulated_device_attack(context: Any) -> DeviceAttack | None:
+    """The device attack a simulated node's runner-written settings ask for (``None``: none,
+    and always ``None`` on a deployed node, which has no ``partition-id``)."""
+    from shared_model.settings import PARTITION_ID, simulated_node_settings_path
+
+    pid = context.node_config.get(PARTITION_ID)
+    run_dir = context.run_config.get("run-dir")
+    if pid is None or not run_dir:
+        return None
+    try:
+        values = json.loads(simulated_node_settings_path(str(run_dir), int(pid)).read_text())
+    except (OSError, ValueError):
+        return None
+    if (not isinstance(values, dict) or values.get(POISON) in (None, "", "none")
+            or values.get(ATTACKER) in (None, "", "none")):
+        return None
+    poison = Poison(str(values[POISON]), float(values.get(POISON_STRENGTH, 1.0)))
+    return DeviceAttack(poison, str(values[ATTACKER]))
+
+
+def poison_fit_reply(msg: Any, reply: Any, poison: Poison) -> Any:
+    """A legacy fit reply (``fitres.*``) whose parameters are poisoned against the
+    parameters the fit message sent (:func:`poison_update`); other records unchanged.
+    Error replies and messages without legacy fit parameters pass through."""
+    from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.compat.common import recorddict_compat as compat
+
+    if reply.has_error() or "fitins.parameters" not in msg.content.array_records:
+        return reply
+    sent = parameters_to_ndarrays(compat.recorddict_to_fitins(msg.content,
+                                                              keep_input=True).parameters)
+    fitres = compat.recorddict_to_fitres(reply.content, keep_input=True)
+    own = parameters_to_ndarrays(fitres.parameters)
+    if len(sent) != len(own):
+        raise ValueError(f"fit reply has {len(own)} arrays for {len(sent)} sent")
+    # Positional names: the legacy path carries no array names, and none is evidence.
+    names = [f"p{i}" for i in range(len(own))]
+    poisoned = poison_update(poison, dict(zip(names, sent, strict=True)),
+                             dict(zip(names, own, strict=True)))
+    fitres.parameters = ndarrays_to_parameters([poisoned[n] for n in names])
+    reply.content = compat.fitres_to_recorddict(fitres, keep_input=True)
+    return reply
 
 
 def _lie_std(context: Any, steps: float) -> float | None:

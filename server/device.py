@@ -41,6 +41,18 @@ scaled by the next round's norm instead of the one the devices clipped to, (ii) 
 noise multiplier with an add-remove/centred-bit formula, and (iii) moves the clip norm the wrong
 way (its bit is "was clipped", its update is Andrew et al.'s for "was not clipped"). The
 subclass fixes all three. Each release is appended to ``RUN_DIR/ledger/server.jsonl``.
+
+Defence against devices that skip the clip (issue 11; run config ``device-aggregate-clip``,
+on by default): SecAgg+ shows the server only the sum, so no robust rule can run, but every
+honest device's update is clipped to the round's norm C, so the honest *mean* update has
+norm <= C (triangle inequality). :class:`AggregateClip` projects the unmasked mean update onto
+the ball of radius ``C (1 + slack) + sqrt(d) * q`` (``q``: SecAgg+'s quantisation step, which
+bounds the rounding error of the mean per coordinate) *before* the noise. Without an attacker
+the projection never acts; a device that sent more than C can move the round's update by at
+most that radius. Privacy is unchanged: the projection is 1-Lipschitz, so the clipped mean's
+sensitivity is at most the mean's and the same Gaussian noise covers it (the accountant is
+untouched). That the projection acted is a function of the un-noised aggregate: it goes to
+the server's log only (the server sees that aggregate anyway), never to metrics or ledger.
 """
 
 from __future__ import annotations
@@ -103,6 +115,56 @@ KEY_CLIPPING_NORM = "clipping_norm"  # flwr.supercore.differential_privacy's key
 KEY_NORM_BIT = "norm_bit"
 
 RngFactory = Callable[[], np.random.Generator]
+
+# SecAgg+'s quantiser (Flower's SecAggPlusWorkflow defaults, passed explicitly so the
+# aggregate clip's allowance matches): each parameter is clipped to [-range, range] and
+# stochastically rounded to 2^22 levels.
+SECAGG_CLIPPING_RANGE = 8.0
+SECAGG_QUANTIZATION_RANGE = 2**22
+# Relative allowance of the aggregate clip over C: float32 rounding of the devices' clipped
+# parameters (~1e-7 relative) with a wide margin; an honest round is never clipped.
+AGGREGATE_CLIP_SLACK = 0.01
+
+
+@dataclass(frozen=True)
+class AggregateClip:
+    """The server's bound on a round's mean update, applied before the noise.
+
+    ``slack``: relative allowance over the clip norm C; ``quantisation_step``: SecAgg+'s
+    rounding step ``2 * clipping_range / quantization_range`` (0 without SecAgg+), whose
+    error on the mean is below one step per coordinate.
+    """
+
+    slack: float = AGGREGATE_CLIP_SLACK
+    quantisation_step: float = 2 * SECAGG_CLIPPING_RANGE / SECAGG_QUANTIZATION_RANGE
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.slack) and self.slack >= 0):
+            raise ValueError(f"slack must be finite and >= 0, got {self.slack!r}")
+        if not (math.isfinite(self.quantisation_step) and self.quantisation_step >= 0):
+            raise ValueError(
+                f"quantisation_step must be finite and >= 0, got {self.quantisation_step!r}"
+            )
+
+    def bound(self, clip_norm: float, num_params: int) -> float:
+        """``C (1 + slack) + sqrt(d) * quantisation_step``."""
+        return clip_norm * (1 + self.slack) + math.sqrt(num_params) * self.quantisation_step
+
+
+def clip_mean_update(
+    mean: list[np.ndarray], sent: list[np.ndarray], bound: float
+) -> tuple[list[np.ndarray], bool]:
+    """``sent`` plus the mean update ``mean - sent`` projected onto the L2 ball of radius
+    ``bound`` (float64), and whether the projection acted."""
+    if len(mean) != len(sent):
+        raise ValueError(f"aggregate has {len(mean)} arrays for {len(sent)} sent")
+    update = [np.asarray(m, np.float64) - np.asarray(s, np.float64)
+              for m, s in zip(mean, sent, strict=True)]
+    norm = math.sqrt(sum(float(np.sum(u * u)) for u in update))
+    if norm <= bound:
+        return [np.asarray(m, np.float64) for m in mean], False
+    scale = bound / norm
+    return [np.asarray(s, np.float64) + u * scale for s, u in zip(sent, update, strict=True)], True
 
 
 def csprng_generator() -> np.random.Generator:
@@ -220,6 +282,7 @@ class AccountedAdaptiveClipping(DifferentialPrivacyClientSideAdaptiveClipping):
         target_clipped_quantile: float = TARGET_CLIPPED_QUANTILE,
         clip_norm_lr: float = CLIP_NORM_LR,
         rng_factory: RngFactory | None = None,
+        aggregate_clip: AggregateClip | None = None,
     ) -> None:
         if not update_noise_multiplier > 0 or not clipped_count_stddev > 0:
             raise ValueError(
@@ -250,6 +313,8 @@ class AccountedAdaptiveClipping(DifferentialPrivacyClientSideAdaptiveClipping):
         self.max_epsilon = max_epsilon
         self.rng_factory = rng_factory or csprng_generator
         self.clip_by_round: dict[int, float] = {}
+        self.aggregate_clip = aggregate_clip
+        self.sent_by_round: dict[int, list[np.ndarray]] = {}
         self.accountant = RdpAccountant(
             PrivacyConfig(
                 delta,
@@ -271,6 +336,8 @@ class AccountedAdaptiveClipping(DifferentialPrivacyClientSideAdaptiveClipping):
     def configure_fit(self, server_round, parameters, client_manager):  # type: ignore[no-untyped-def]
         """Flower's configure_fit; remembers the clip norm sent to this round's devices."""
         self.clip_by_round[server_round] = float(self.clipping_norm)
+        if self.aggregate_clip is not None:
+            self.sent_by_round[server_round] = parameters_to_ndarrays(parameters)
         return super().configure_fit(server_round, parameters, client_manager)
 
     def aggregate_fit(
@@ -279,7 +346,9 @@ class AccountedAdaptiveClipping(DifferentialPrivacyClientSideAdaptiveClipping):
         results: list[tuple[ClientProxy, FitRes]],
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        """Aggregate, noise with this round's clip norm, account, then adapt the norm."""
+        """Aggregate, bound the mean update (:class:`AggregateClip`, when set), noise with
+        this round's clip norm, account, then adapt the norm."""
+        sent = self.sent_by_round.pop(server_round, None)
         if not results:
             return None, {}
         if failures:
@@ -306,14 +375,18 @@ class AccountedAdaptiveClipping(DifferentialPrivacyClientSideAdaptiveClipping):
         if params is None:
             return None, metrics
 
+        mean = parameters_to_ndarrays(params)
+        if self.aggregate_clip is not None and sent is not None:
+            bound = self.aggregate_clip.bound(clip_used, sum(int(a.size) for a in mean))
+            mean, bounded = clip_mean_update(mean, sent, bound)
+            if bounded:  # the server's log only: a function of the un-noised aggregate
+                log.info("round %d: mean update above %.4g (C %.4g): projected onto that "
+                         "ball", server_round, bound, clip_used)
         rng = self.rng_factory()
         # Noise on the mean of k results: z_u * C / k, i.e. z_u * C on the sum.
         std = self.noise_multiplier * clip_used / len(results)
         # The model is float32 (SecAgg+ dequantizes to float64): float32 goes back out.
-        arrays = [
-            (a + rng.normal(0.0, std, np.shape(a))).astype(np.float32)
-            for a in parameters_to_ndarrays(params)
-        ]
+        arrays = [(a + rng.normal(0.0, std, np.shape(a))).astype(np.float32) for a in mean]
         noised_count = clipped + float(rng.normal(0.0, self.clipped_count_stddev))
         log.info(
             "round %d: noise std %.4g on the mean (clip norm %.4g), clipped-count std %.4g",
@@ -546,6 +619,9 @@ def run_device(grid: Grid, context: Context, settings: RunSettings) -> None:
             ),
             recorder=recorder,
             max_epsilon=settings.epsilon,
+            aggregate_clip=AggregateClip(quantisation_step=(
+                2 * SECAGG_CLIPPING_RANGE / SECAGG_QUANTIZATION_RANGE if settings.secagg
+                else 0.0)) if settings.device_aggregate_clip else None,
         )
     num_shares, threshold = secagg_shares(sampled)
     workflow = DefaultWorkflow(
@@ -553,6 +629,8 @@ def run_device(grid: Grid, context: Context, settings: RunSettings) -> None:
             num_shares=num_shares,
             reconstruction_threshold=threshold,
             max_weight=1.0,
+            clipping_range=SECAGG_CLIPPING_RANGE,
+            quantization_range=SECAGG_QUANTIZATION_RANGE,
         )
         if settings.secagg
         else None

@@ -52,6 +52,7 @@ REPLAY_FILES = "replay-files"
 ROBUST_AGGREGATION = "robust-aggregation"
 ROBUST_TRIM_BETA = "robust-trim-beta"
 ROBUST_MALICIOUS_NODES = "robust-malicious-nodes"
+DEVICE_AGGREGATE_CLIP = "device-aggregate-clip"
 
 # node_config keys (a node's own settings; never read from run config). Paths:
 NODE_NAME = "node-name"
@@ -153,6 +154,10 @@ class RunSettings:
     robust_aggregation: str = "fedtrimmedavg"
     robust_trim_beta: float = 0.2
     robust_malicious_nodes: int = 1
+    # Device shape (server.device.AggregateClip; issue 11): bound the round's mean update to
+    # the devices' clip norm before the noise (a no-op without an attacker; measured in
+    # docs/results.md, "Malicious devices under SecAgg+").
+    device_aggregate_clip: bool = True
 
     def __post_init__(self) -> None:
         if self.num_server_rounds < 1:

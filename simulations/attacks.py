@@ -44,7 +44,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from client.faults import POISON, POISON_STRENGTH, Poison
+from client.faults import ATTACKER, POISON, POISON_STRENGTH, DeviceAttack, Poison
 from server.strategies import aggregate_train_metrics
 from server.validation import CLIP_UPDATE_NORM, ValidatingStrategy
 from shared_model.settings import RunSettings, simulated_node_settings_path
@@ -277,6 +277,137 @@ def federated(
         "no_attack": clean["views"], "attacked": hit["views"],
         "target_rank_before": None, "target_rank_after": None,
         "server_actions": hit["actions"], "run_dirs": [clean["run_dir"], hit["run_dir"]],
+    }
+
+
+# ------------------------------------------------------------------ device shape
+# 10% malicious devices under SecAgg+ (issue 11): a seeded set of simulated devices poisons
+# its fit reply (client.faults.DeviceAttack): "compliant" before the clip (stock software),
+# "bypass" after it (own code; only SecAgg+'s quantiser bounds it). The server's defence is
+# the aggregate clip (server.device.AggregateClip, run config device-aggregate-clip).
+
+DEVICE_ATTACK_FRACTION = 0.1
+DEVICE_ATTACK_SEED = 0
+ATTACKERS_FILE = "attackers.json"
+
+
+def choose_attackers(num_nodes: int, fraction: float = DEVICE_ATTACK_FRACTION, *,
+                     seed: int = DEVICE_ATTACK_SEED) -> list[int]:
+    """``round(fraction * num_nodes)`` distinct partition ids (at least 1), sorted, drawn by
+    a generator seeded with ``seed`` (simulated attackers are public and reproducible)."""
+    if num_nodes < 1:
+        raise ValueError(f"num_nodes must be >= 1, got {num_nodes!r}")
+    if not 0 < fraction <= 1:
+        raise ValueError(f"attacker fraction must be in (0, 1], got {fraction!r}")
+    count = max(1, round(fraction * num_nodes))
+    chosen = np.random.default_rng(seed).choice(num_nodes, size=count, replace=False)
+    return sorted(int(i) for i in chosen)
+
+
+def mark_device_attackers(
+    run_dir: Path, attack: DeviceAttack | None, *, num_nodes: int,
+    fraction: float = DEVICE_ATTACK_FRACTION, seed: int = DEVICE_ATTACK_SEED,
+) -> dict[str, Any]:
+    """Write (or clear, ``attack=None``) the attack into the chosen devices' settings and
+    record the choice in ``RUN_DIR/attackers.json``; returns that record."""
+    chosen = choose_attackers(num_nodes, fraction, seed=seed) if attack is not None else []
+    marked = set(chosen)
+    for pid in range(num_nodes):
+        path = simulated_node_settings_path(run_dir, pid)
+        values = json.loads(path.read_text())
+        had = any(k in values for k in (POISON, POISON_STRENGTH, ATTACKER))
+        if not had and pid not in marked:
+            continue  # nothing to write: keep the runner's file as it is
+        for key in (POISON, POISON_STRENGTH, ATTACKER):
+            values.pop(key, None)
+        if attack is not None and pid in marked:
+            values.update({POISON: attack.poison.attack, POISON_STRENGTH: attack.poison.strength,
+                           ATTACKER: attack.attacker})
+        path.write_text(json.dumps(values, indent=1))
+    record: dict[str, Any] = {
+        "attack": None if attack is None else attack.poison.attack,
+        "strength": None if attack is None else attack.poison.strength,
+        "attacker": None if attack is None else attack.attacker,
+        "fraction": fraction, "seed": seed, "num_nodes": num_nodes, "partition_ids": chosen,
+    }
+    (run_dir / ATTACKERS_FILE).write_text(json.dumps(record, indent=1))
+    return record
+
+
+def device_attack_run_dir(root: Path, *, scenario: str, attack: DeviceAttack | None,
+                          defence: bool, epsilon: float, rounds: int, fold: int,
+                          fraction: float = DEVICE_ATTACK_FRACTION,
+                          seed: int = DEVICE_ATTACK_SEED) -> Path:
+    """Where one device-shape run of :func:`federated_device` goes."""
+    eps = "inf" if math.isinf(epsilon) else f"{epsilon:g}"
+    what = "none" if attack is None else (
+        f"{attack.attacker}-{attack.poison.attack}-{attack.poison.strength:g}"
+        f"-p{fraction:g}-s{seed}")
+    clip = "aggregate-clip" if defence else "no-aggregate-clip"
+    return root / f"{scenario}-eps{eps}-r{rounds}-f{fold}" / clip / what
+
+
+def one_device_run(
+    scenario_name: str, *, attack: DeviceAttack | None, defence: bool, epsilon: float,
+    rounds: int, root: Path, fold: int = 0, fraction: float = DEVICE_ATTACK_FRACTION,
+    seed: int = DEVICE_ATTACK_SEED, echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """One device-shape Simulation Engine run (reused if its metrics.json is complete)."""
+    from shared_model.settings import DEVICE_AGGREGATE_CLIP
+    from simulations.runner import prepare_run, run_simulation
+    from simulations.scenarios import get_scenario
+
+    scenario = get_scenario(scenario_name)
+    run_dir = device_attack_run_dir(root, scenario=scenario_name, attack=attack,
+                                    defence=defence, epsilon=epsilon, rounds=rounds, fold=fold,
+                                    fraction=fraction, seed=seed)
+    metrics_path = run_dir / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    if len(metrics.get("rounds", [])) != rounds:
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        settings = prepare_run(scenario, run_dir=run_dir, rounds=rounds, epsilon=epsilon,
+                               eval_fold=fold, overrides={DEVICE_AGGREGATE_CLIP: defence})
+        mark_device_attackers(run_dir, attack, num_nodes=scenario.num_nodes,
+                              fraction=fraction, seed=seed)
+        result = run_simulation(scenario, settings, echo=echo)
+        metrics = result.metrics
+        if len(metrics.get("rounds", [])) != rounds:
+            raise RuntimeError(f"run in {run_dir} did not finish (flwr exit "
+                               f"{result.returncode}); see {run_dir / 'flower.log'}")
+    return {"views": _views(metrics), "run_dir": str(run_dir)}
+
+
+def federated_device(
+    scenario: str, *, attack: str, strength: float, attacker: str, defence: bool,
+    epsilon: float, rounds: int | None = None, root: Path = Path("runs/attack"), fold: int = 0,
+    fraction: float = DEVICE_ATTACK_FRACTION, seed: int = DEVICE_ATTACK_SEED,
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """The issue's JSON for 10% malicious devices: no attack vs attacked, same defence."""
+    from simulations.scenarios import get_scenario
+
+    chosen = get_scenario(scenario)
+    if chosen.partition != "device":
+        raise ValueError(f"scenario {scenario!r} is not a device scenario")
+    hostile = DeviceAttack(Poison(attack, strength), attacker)  # validates, naming bad values
+    choose_attackers(chosen.num_nodes, fraction, seed=seed)  # validates the fraction
+    rounds = rounds or chosen.rounds
+    common: dict[str, Any] = dict(defence=defence, epsilon=epsilon, rounds=rounds, root=root,
+                                  fold=fold, fraction=fraction, seed=seed, echo=echo)
+    clean = one_device_run(scenario, attack=None, **common)
+    hit = one_device_run(scenario, attack=hostile, **common)
+    record = json.loads((Path(hit["run_dir"]) / ATTACKERS_FILE).read_text())
+    return {
+        "attack": attack, "strength": strength, "attacker": attacker,
+        "defence": ("aggregate clip (mean update <= C, before the noise) + device clip + "
+                    "noise" if defence else "device clip + noise only"),
+        "epsilon": "inf" if math.isinf(epsilon) else epsilon, "rounds": rounds,
+        "no_attack": clean["views"], "attacked": hit["views"],
+        "target_rank_before": None, "target_rank_after": None,
+        "attackers": {"fraction": fraction, "seed": seed,
+                      "count": len(record["partition_ids"]), "of": chosen.num_nodes},
+        "run_dirs": [clean["run_dir"], hit["run_dir"]],
     }
 
 

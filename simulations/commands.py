@@ -27,7 +27,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
 
     @app.command("attack")
     def attack(
-        scenario: str = typer.Argument(..., help="Scenario name (regional shape)."),
+        scenario: str = typer.Argument(..., help="Scenario name (regional or device shape)."),
         attack: str = typer.Option(..., "--attack", help="scale|signflip|lie|clickfraud"),
         strength: float = typer.Option(..., "--strength",
                                        help="x factor, lie's z, or the bots' user fraction"),
@@ -38,12 +38,21 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         root: Path = typer.Option(Path("runs/attack"), "--runs",
                                   help="Folder for the runs (finished runs are reused)."),
         as_json: bool = typer.Option(False, "--json", help="JSON on stdout."),
+        attacker: str | None = typer.Option(
+            None, "--attacker",
+            help="Device scenarios: compliant (poisons before the stock clip) or bypass "
+                 "(scales its clipped update; default)."),
+        fraction: float = typer.Option(
+            0.1, "--fraction", help="Device scenarios: share of devices that attack (seeded)."),
     ) -> None:
         """Measure an attack (issue 11). scale|signflip|lie: two Simulation Engine runs (no
         attack, and node 0 of the scenario poisoning every train reply), the same defence
         (on: the default robust rule `robust-aggregation` + the server's update clip; off:
         the plain mean + the clip). clickfraud: bots among one region's users, Flower-free
-        evidence pipeline (simulations.clickfraud); defence on = the evidence fraud bounds."""
+        evidence pipeline (simulations.clickfraud); defence on = the evidence fraud bounds.
+        Device scenarios (scale|signflip): a seeded 10% of devices poison their update
+        (--attacker); defence on = the server's aggregate clip (server.device.AggregateClip),
+        off = the devices' clip and the noise only."""
         import json as _json
 
         from simulations.runner import parse_epsilon
@@ -60,9 +69,17 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                 raise ValueError("clickfraud --strength is the bots' fraction, in (0, 1)")
             if attack != "clickfraud" and not (math.isfinite(strength) and strength > 0):
                 raise ValueError(f"--strength must be finite and > 0, got {strength!r}")
-            if attack != "clickfraud" and chosen.partition != "regional":
-                raise ValueError(f"--attack {attack} needs a regional scenario (the device "
-                                 "shape's SecAgg+ masks each update)")
+            device = chosen.partition == "device"
+            if device and attack not in ("scale", "signflip"):
+                raise ValueError(f"--attack {attack} needs a regional scenario; a device "
+                                 "scenario takes scale or signflip")
+            if not device and attacker is not None:
+                raise ValueError(f"--attacker is for device scenarios; {scenario!r} is "
+                                 "regional")
+            if attacker not in (None, "compliant", "bypass"):
+                raise ValueError(f"--attacker must be compliant or bypass, got {attacker!r}")
+            if device and not 0 < fraction <= 1:
+                raise ValueError(f"--fraction must be in (0, 1], got {fraction!r}")
         except (KeyError, ValueError) as exc:
             typer.echo(f"error: {exc.args[0]}", err=True)
             raise typer.Exit(2) from None
@@ -76,6 +93,17 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                    "attacked": result["attacked"],
                    "target_rank_before": result["target_rank_before"],
                    "target_rank_after": result["target_rank_after"]}
+        elif device:
+            from simulations.attacks import federated_device
+
+            try:
+                out = federated_device(
+                    scenario, attack=attack, strength=strength, attacker=attacker or "bypass",
+                    defence=defence == "on", epsilon=eps, rounds=rounds, root=root,
+                    fraction=fraction, echo=(lambda line: typer.echo(line, err=True)))
+            except RuntimeError as exc:
+                typer.echo(f"error: {exc}", err=True)
+                raise typer.Exit(1) from None
         else:
             from simulations.attacks import federated
 
