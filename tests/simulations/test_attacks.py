@@ -123,9 +123,10 @@ def test_attack_command_validates_and_prints_the_issue_json(
                         (["--attack", "nope", "--strength", "1"], "'nope'")]:
         bad = runner.invoke(_cli(), ["attack", "regional-5", *args, "--json"])
         assert bad.exit_code == 2 and named in bad.output
-    device = runner.invoke(_cli(), ["attack", "device-500", "--attack", "scale", "--strength",
-                                    "100"])
-    assert device.exit_code == 2 and "SecAgg+" in device.output
+    # Device scenarios take scale|signflip only (tests/simulations/test_device_attack.py).
+    device = runner.invoke(_cli(), ["attack", "device-500", "--attack", "lie", "--strength",
+                                    "1"])
+    assert device.exit_code == 2 and "regional" in device.output
 
 
 # -- the node-side fault (client.faults), as the Simulation Engine runs it --------------

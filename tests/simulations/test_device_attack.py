@@ -46,7 +46,7 @@ def test_attackers_are_a_seeded_tenth_of_the_devices() -> None:
     # Assert
     assert first == again and first != other
     assert len(set(first)) == 100 and first == sorted(first)
-    assert 0 <= first[0] and first[-1] < 1000
+    assert first[0] >= 0 and first[-1] < 1000
     assert choose_attackers(5, 0.1, seed=0) != []  # at least one
 
 
@@ -224,3 +224,38 @@ def test_cli_names_bad_device_attack_options(args: list[str], named: str) -> Non
     out = _cli(args)
     # Assert
     assert out.exit_code == 2 and named in out.output
+
+
+def test_cli_prints_the_issue_json_with_bypass_by_default(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    # Prepare: no simulation; each run reports fixed views and writes its attackers record
+    import simulations.attacks as attacks
+
+    calls: list[dict[str, Any]] = []
+
+    def fake_run(scenario: str, **kwargs: Any) -> dict[str, Any]:
+        calls.append(kwargs)
+        attack = kwargs["attack"]
+        (tmp_path / ATTACKERS_FILE).write_text(json.dumps(
+            {"partition_ids": [] if attack is None else list(range(100))}))
+        views = {"seen": 0.70, "unseen": 0.85} if attack is None else {"seen": 0.5,
+                                                                      "unseen": 0.6}
+        return {"views": views, "run_dir": str(tmp_path)}
+
+    monkeypatch.setattr(attacks, "one_device_run", fake_run)
+    # Execute
+    out = _cli(["device-1000", "--attack", "scale", "--strength", "100", "--defence", "off",
+                "--rounds", "2", "--runs", str(tmp_path), "--json"])
+    # Assert
+    assert out.exit_code == 0, out.output
+    result = json.loads(out.output.strip().splitlines()[-1])
+    assert {"attack", "defence", "no_attack", "attacked", "target_rank_before",
+            "target_rank_after"} <= set(result)
+    assert result["target_rank_before"] is None and result["target_rank_after"] is None
+    assert result["no_attack"] == {"seen": 0.70, "unseen": 0.85}
+    assert result["attacked"] == {"seen": 0.5, "unseen": 0.6}
+    assert result["attacker"] == "bypass" and result["attackers"]["count"] == 100
+    assert calls[0]["attack"] is None and calls[0]["defence"] is False
+    assert calls[1]["attack"] == DeviceAttack(Poison("scale", 100.0), "bypass")
+    assert calls[1]["rounds"] == 2 and calls[1]["fraction"] == 0.1
