@@ -375,7 +375,20 @@ def one_device_run(
         if len(metrics.get("rounds", [])) != rounds:
             raise RuntimeError(f"run in {run_dir} did not finish (flwr exit "
                                f"{result.returncode}); see {run_dir / 'flower.log'}")
-    return {"views": _views(metrics), "run_dir": str(run_dir)}
+    return {"views": _views(metrics), "run_dir": str(run_dir), "rounds": rounds_summary(metrics)}
+
+
+def rounds_summary(metrics: Mapping[str, Any], last: int = 10) -> dict[str, dict[str, float]]:
+    """Seen/unseen NDCG@10 over the rounds: mean of the ``last`` rounds and the worst round
+    (a device run's final value swings with one round's noise and sampled attackers)."""
+    rows = metrics.get("rounds", [])
+    out: dict[str, dict[str, float]] = {}
+    for view, get in (("seen", lambda r: r["seen"]["ndcg@10"]), ("unseen", lambda r: r["ndcg@10"])):
+        values = [float(get(r)) for r in rows if view != "seen" or "seen" in r]
+        if values:
+            out[view] = {f"mean_last_{last}": float(np.mean(values[-last:])),
+                         "worst": float(min(values))}
+    return out
 
 
 def federated_device(
@@ -405,6 +418,7 @@ def federated_device(
         "epsilon": "inf" if math.isinf(epsilon) else epsilon, "rounds": rounds,
         "no_attack": clean["views"], "attacked": hit["views"],
         "target_rank_before": None, "target_rank_after": None,
+        "rounds_summary": {"no_attack": clean["rounds"], "attacked": hit["rounds"]},
         "attackers": {"fraction": fraction, "seed": seed,
                       "count": len(record["partition_ids"]), "of": chosen.num_nodes},
         "run_dirs": [clean["run_dir"], hit["run_dir"]],

@@ -23,7 +23,12 @@ from server.device import (
     CsprngClientManager,
     clip_mean_update,
 )
-from simulations.attacks import ATTACKERS_FILE, choose_attackers, mark_device_attackers
+from simulations.attacks import (
+    ATTACKERS_FILE,
+    choose_attackers,
+    mark_device_attackers,
+    rounds_summary,
+)
 
 C = 0.5
 DIM = 16
@@ -241,7 +246,7 @@ def test_cli_prints_the_issue_json_with_bypass_by_default(
             {"partition_ids": [] if attack is None else list(range(100))}))
         views = {"seen": 0.70, "unseen": 0.85} if attack is None else {"seen": 0.5,
                                                                       "unseen": 0.6}
-        return {"views": views, "run_dir": str(tmp_path)}
+        return {"views": views, "run_dir": str(tmp_path), "rounds": {}}
 
     monkeypatch.setattr(attacks, "one_device_run", fake_run)
     # Execute
@@ -259,3 +264,16 @@ def test_cli_prints_the_issue_json_with_bypass_by_default(
     assert calls[0]["attack"] is None and calls[0]["defence"] is False
     assert calls[1]["attack"] == DeviceAttack(Poison("scale", 100.0), "bypass")
     assert calls[1]["rounds"] == 2 and calls[1]["fraction"] == 0.1
+
+
+def test_rounds_summary_takes_the_last_rounds_mean_and_the_worst_round() -> None:
+    # Prepare
+    rows = [{"ndcg@10": 0.8 - 0.01 * i, "seen": {"ndcg@10": 0.7}} for i in range(12)]
+    rows[0]["ndcg@10"] = 0.3
+    # Execute
+    summary = rounds_summary({"rounds": rows}, last=10)
+    # Assert
+    assert summary["unseen"]["worst"] == 0.3
+    assert summary["unseen"]["mean_last_10"] == pytest.approx(np.mean([0.8 - 0.01 * i
+                                                                       for i in range(2, 12)]))
+    assert summary["seen"] == {"mean_last_10": pytest.approx(0.7), "worst": 0.7}
