@@ -123,7 +123,7 @@ def test_attack_command_validates_and_prints_the_issue_json(
                         (["--attack", "nope", "--strength", "1"], "'nope'")]:
         bad = runner.invoke(_cli(), ["attack", "regional-5", *args, "--json"])
         assert bad.exit_code == 2 and named in bad.output
-    # Device scenarios take scale|signflip only (tests/simulations/test_device_attack.py).
+    # Device scenarios take scale|signflip only (tests/simulations/test_device_attack_runs.py).
     device = runner.invoke(_cli(), ["attack", "device-500", "--attack", "lie", "--strength",
                                     "1"])
     assert device.exit_code == 2 and "regional" in device.output
