@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -138,7 +138,20 @@ def robust_strategy(rule: str, *, trim_beta: float, malicious_nodes: int, num_no
                 MultiKrum(**common, num_malicious_nodes=f, num_nodes_to_select=num_nodes - f))
     if rule == "bulyan" and num_nodes >= 4 * f + 3:
         return Bulyan(**common, num_malicious_nodes=f)
-    return None
+    return None  # "none", and "normbound" (RobustHead clips the updates, FedAvg averages)
+
+
+def norm_bound_scales(norms: list[float], *, factor: float) -> list[float]:
+    """Per update, the scale that clips it to ``factor`` x the median of ``norms``.
+
+    Sun et al. (2019), "Can you really backdoor federated learning?": an update's norm is
+    bounded, here relative to the round's median so the bound follows the honest DP-SGD
+    update scale (a majority of honest nodes sets the median). 1.0 = untouched.
+    """
+    if not norms:
+        return []
+    bound = factor * float(np.median(norms))
+    return [min(1.0, bound / n) if n > 0 else 1.0 for n in norms]
 
 
 def kept_shares(
@@ -187,12 +200,16 @@ class RobustHead:
     reply's :func:`kept_shares`.
     """
 
-    def __init__(self, rule: str, *, trim_beta: float = 0.2, malicious_nodes: int = 1) -> None:
+    def __init__(self, rule: str, *, trim_beta: float = 0.2, malicious_nodes: int = 1,
+                 norm_factor: float = 1.5) -> None:
         robust_strategy(rule, trim_beta=trim_beta, malicious_nodes=malicious_nodes,
                         num_nodes=0)  # validates the arguments, naming a bad one
+        if not (norm_factor >= 1 and np.isfinite(norm_factor)):
+            raise ValueError(f"norm_factor must be finite and >= 1, got {norm_factor!r}")
         self.rule = rule
         self.trim_beta = trim_beta
         self.malicious_nodes = malicious_nodes
+        self.norm_factor = norm_factor
 
     @classmethod
     def from_settings(cls, settings: RunSettings) -> RobustHead | None:
@@ -200,7 +217,8 @@ class RobustHead:
         if settings.robust_aggregation == "none":
             return None
         return cls(settings.robust_aggregation, trim_beta=settings.robust_trim_beta,
-                   malicious_nodes=settings.robust_malicious_nodes)
+                   malicious_nodes=settings.robust_malicious_nodes,
+                   norm_factor=settings.robust_norm_factor)
 
     def expected_share(self, n: int) -> float:
         """The share of an average node's coordinates the rule keeps with ``n`` replies."""
@@ -208,13 +226,24 @@ class RobustHead:
             return (n - 2 * int(self.trim_beta * n)) / n
         if self.rule == "fedmedian":
             return (1 if n % 2 else 2) / n
+        if self.rule == "normbound":
+            return 1.0
         f = self.malicious_nodes
         select = {"krum": 1, "multikrum": n - f, "bulyan": n - 2 * f}.get(self.rule, n)
         return max(select, 1) / n
 
-    def apply(self, server_round: int, replies: list[Message]) -> list[float]:
-        """Rewrite ``replies`` (accepted, canonical content) in place; their kept shares."""
+    def apply(self, server_round: int, replies: list[Message],
+              sent: Mapping[str, np.ndarray] | None = None) -> list[float]:
+        """Rewrite ``replies`` (accepted, canonical content) in place; their kept shares.
+
+        ``sent``: the weights this round sent (``normbound`` clips updates relative to them;
+        the other rules ignore it). normbound's share is the scale its clip kept.
+        """
         n = len(replies)
+        if self.rule == "normbound":
+            if sent is None:
+                raise ValueError("normbound needs the weights sent this round")
+            return self._norm_bound(replies, sent)
         inner = robust_strategy(self.rule, trim_beta=self.trim_beta,
                                 malicious_nodes=self.malicious_nodes, num_nodes=n)
         if inner is None or n < 2:
@@ -244,3 +273,22 @@ class RobustHead:
             merged = {k: (robust[k] if k in robust else record[k].numpy()) for k in record}
             content["arrays"] = ArrayRecord({k: Array(v) for k, v in merged.items()})
         return shares
+
+    def _norm_bound(self, replies: list[Message], sent: Mapping[str, np.ndarray]
+                    ) -> list[float]:
+        deltas = []
+        for msg in replies:
+            record = msg.content.array_records["arrays"]
+            deltas.append({k: record[k].numpy().astype(np.float64) - np.asarray(sent[k],
+                                                                                 np.float64)
+                           for k in record if k not in EVIDENCE_KEYS})
+        norms = [float(np.sqrt(sum(float(np.sum(v * v)) for v in d.values()))) for d in deltas]
+        scales = norm_bound_scales(norms, factor=self.norm_factor)
+        for msg, delta, scale in zip(replies, deltas, scales, strict=True):
+            if scale >= 1.0:
+                continue
+            record = msg.content.array_records["arrays"]
+            merged = {k: (np.asarray(sent[k], np.float64) + scale * delta[k]).astype(np.float32)
+                      if k in delta else record[k].numpy() for k in record}
+            msg.content["arrays"] = ArrayRecord({k: Array(v) for k, v in merged.items()})
+        return scales

@@ -519,7 +519,7 @@ class ValidatingStrategy(DelegatingStrategy):
         from server.strategies import DOWNWEIGHT_FRACTION
 
         assert self.robust is not None
-        shares = self.robust.apply(server_round, good)
+        shares = self.robust.apply(server_round, good, sent=self._sent)
         expected = self.robust.expected_share(len(good))
         for msg, share in zip(good, shares, strict=True):
             if share < DOWNWEIGHT_FRACTION * expected:

@@ -138,9 +138,13 @@ class MiniLMEncoder:
         import torch
 
         out = np.zeros((len(texts), EMBEDDING_DIM), dtype=np.float32)
+        # Batches of similar length pad little: a catalog mixes 3-word titles with 128-token
+        # descriptions, and padding is most of the work when they share a batch.
+        order = np.argsort([len(t) for t in texts], kind="stable")
         with torch.inference_mode():
             for start in range(0, len(texts), self.batch_size):
-                batch = list(texts[start : start + self.batch_size])
+                rows = order[start : start + self.batch_size]
+                batch = [texts[i] for i in rows]
                 tokens = self._tokenizer(
                     batch,
                     padding=True,
@@ -152,7 +156,7 @@ class MiniLMEncoder:
                 mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
                 pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
-                out[start : start + len(batch)] = pooled.numpy()
+                out[rows] = pooled.numpy()
         return out
 
 

@@ -52,6 +52,7 @@ REPLAY_FILES = "replay-files"
 ROBUST_AGGREGATION = "robust-aggregation"
 ROBUST_TRIM_BETA = "robust-trim-beta"
 ROBUST_MALICIOUS_NODES = "robust-malicious-nodes"
+ROBUST_NORM_FACTOR = "robust-norm-factor"
 DEVICE_AGGREGATE_CLIP = "device-aggregate-clip"
 
 # node_config keys (a node's own settings; never read from run config). Paths:
@@ -83,7 +84,9 @@ NODE_SETTINGS_FILE = "node-settings.json"
 
 STRATEGIES = ("fedavg", "fedadam")
 # Robust aggregation of the regional head (Flower 1.42 strategies; server.strategies).
-ROBUST_RULES = ("none", "fedtrimmedavg", "fedmedian", "krum", "multikrum", "bulyan")
+ROBUST_RULES = (
+    "none", "fedtrimmedavg", "fedmedian", "krum", "multikrum", "bulyan", "normbound",
+)
 PRIVACY_SHAPES = ("regional", "device")
 
 
@@ -154,6 +157,9 @@ class RunSettings:
     robust_aggregation: str = "fedtrimmedavg"
     robust_trim_beta: float = 0.2
     robust_malicious_nodes: int = 1
+    # normbound: each head update is clipped to this multiple of the round's median update
+    # norm (Sun et al. 2019's norm bound, relative so it follows the honest DP-SGD scale).
+    robust_norm_factor: float = 1.5
     # Device shape (server.device.AggregateClip; issue 11): bound the round's mean update to
     # the devices' clip norm before the noise (a no-op without an attacker; measured in
     # docs/results.md, "Malicious devices under SecAgg+").
@@ -198,6 +204,10 @@ class RunSettings:
         if self.robust_malicious_nodes < 0:
             raise ValueError(
                 f"{ROBUST_MALICIOUS_NODES} must be >= 0, got {self.robust_malicious_nodes!r}"
+            )
+        if not (self.robust_norm_factor >= 1 and math.isfinite(self.robust_norm_factor)):
+            raise ValueError(
+                f"{ROBUST_NORM_FACTOR} must be finite and >= 1, got {self.robust_norm_factor!r}"
             )
         self.region_caps()  # validates the format
 

@@ -77,6 +77,9 @@ def bench_deploy(*, rounds: int = 3, port: int = 9600, root: Path | None = None,
                     key=certs.node_keys[name][0], ca=certs.root / CA_CERT,
                     state_dir=base / "nodes" / name, port=port + 10 + i,
                     catalog_dir=DEFAULT_WANDS_DIR, extra={"delta": "1e-4"}, app_hashes=pinned,
+                    # the embedding cache prepare_run warmed: the bench measures rounds, not
+                    # each node's first encode of the catalog
+                    cache_dir=settings.cache_path(),
                 )
                 nodes.append(start_node(launch, tag=tag, log_path=base / "logs" / f"{name}.log"))
             # fedrank

@@ -10,10 +10,15 @@ comes first, and only if a test that needs it is selected.
 - :func:`faulty_run`: six registered nodes, each misbehaving in its own way (NaN arrays, a
   wrong shape, an extra metric, ``num-examples`` = 1e300 with an update of norm 50, a node
   pinned to another app) beside an honest node that records what it sends, plus an
-  unregistered key and a plaintext node. Two rounds. Checked by
+  unregistered key and a plaintext node. Two rounds, a signed release after each
+  (``release-every = 1``): node-0 and node-4 (:data:`RELEASE_NODES`) have only their own
+  folders (click log, pinned server key, state; no ``release-dir``), so releases can reach
+  them only inside Flower messages; node-4 alters round-0001 as it arrives (the
+  ``tamper-release`` hook) and must refuse it. Checked by
   ``test_deployment.py::test_faulty_unregistered_and_plaintext_nodes_are_refused``,
-  ``tests/server/test_faulty_node_e2e.py`` and
-  ``test_security.py::test_node_runs_only_the_app_it_pinned``.
+  ``tests/server/test_faulty_node_e2e.py``,
+  ``test_security.py::test_node_runs_only_the_app_it_pinned`` and
+  ``test_release_transport.py``.
 - :func:`crash_run`: three nodes, three rounds; node-2 is killed as round 2 starts, the
   server side (SuperLink, ServerApp, ``flwr run``) is killed once round 2 has ended, node-2 is
   restarted, the server is started again and resumes. Checked by
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +46,9 @@ import pyarrow.parquet as pq
 from deploy_helpers import Cluster
 
 from server.deploy import tagged_pids
+from server.releases import ReleasePublisher
+from shared_model.ranker import HeadConfig
+from shared_model.release import PUBLIC_KEY_FILE, signing_key_dir
 from shared_model.settings import RunSettings
 from simulations.runner import prepare_run
 from simulations.scenarios import get_scenario
@@ -81,6 +90,8 @@ class FaultyRun:
     plain_rc: int | None  # the plaintext SuperNode
     record: Path  # node-0's outgoing-message record
     hidden_dim: int
+    own_folders: dict[str, Path] = field(default_factory=dict)  # RELEASE_NODES' own folders
+    node_args: dict[str, str] = field(default_factory=dict)  # RELEASE_NODES' command lines
     leftover: list[int] = field(default_factory=list)  # tagged pids alive after close
     error: str | None = None  # set when the run itself failed (the tests report it)
 
@@ -96,6 +107,24 @@ FAULTY_NODES: dict[str, tuple[str | None, str]] = {
 }
 ROGUE = "node-6"  # the cluster's spare key: never registered
 OTHER_APP = ("0" * 64,)
+# Nodes with only their own folders that take releases over Flower; node -> tampered round
+RELEASE_NODES: dict[str, int | None] = {"node-0": None, "node-4": 1}
+RELEASE_USERS = 60
+
+
+def own_folder(cluster: Cluster, root: Path, name: str, data_node: str) -> tuple[Path, Path]:
+    """A node's own copy of a click log and of the server's public key (pinned at set-up: an
+    operator copies ``server-signing.pub`` once, out of band), outside every server folder."""
+    own = root / name
+    data = own / "data"
+    data.mkdir(parents=True)
+    table = pq.read_table(node_data(cluster, data_node) / "clicks.parquet")
+    users = sorted(set(table.column("user_id").to_pylist()))[:RELEASE_USERS]
+    pq.write_table(table.filter(pc.is_in(table.column("user_id"), pa.array(users))),
+                   data / "clicks.parquet")
+    key = own / "server-signing.pub"
+    shutil.copy(signing_key_dir(cluster.run_dir) / PUBLIC_KEY_FILE, key)
+    return data, key
 
 
 def faulty_run(root: Path, *, rounds: int = 2) -> FaultyRun:
@@ -106,9 +135,13 @@ def faulty_run(root: Path, *, rounds: int = 2) -> FaultyRun:
     error = None
     record = root / "node-0-messages.jsonl"
     hidden_dim = 0
+    folders: dict[str, Path] = {}
+    args: dict[str, str] = {}
     try:
-        config = prepare(cluster, rounds, **{"min-train-nodes": len(names)})
+        config = prepare(cluster, rounds, **{"min-train-nodes": len(names), "release-every": 1})
         hidden_dim = RunSettings.from_config(config).hidden_dim
+        # the server's signing key exists before the release nodes pin a copy of it
+        ReleasePublisher(cluster.run_dir, every=1, head_config=HeadConfig(hidden_dim=hidden_dim))
         cluster.deployment.start_superlink()
         for name in names:
             text = cluster.deployment.register(cluster.certs.node_keys[name][1], name=name)
@@ -118,13 +151,25 @@ def faulty_run(root: Path, *, rounds: int = 2) -> FaultyRun:
         for i, name in enumerate(names):
             fault = FAULTY_NODES[name][0]
             data = node_data(cluster, DATA_NODES[i % len(DATA_NODES)])
+            extra: dict[str, str] = {}
+            if name in RELEASE_NODES:
+                data, key = own_folder(cluster, root / "node-files", name,
+                                       DATA_NODES[i % len(DATA_NODES)])
+                folders[name] = key.parent
+                extra["release-key"] = str(key)
+                if RELEASE_NODES[name] is not None:
+                    extra["tamper-release"] = str(RELEASE_NODES[name])
             if name == "node-0":
-                cluster.start_node(name, data=data, extra={"record-messages": str(record)})
-            elif fault == "pinned-other-app":
-                cluster.start_node(name, data=data, app_hashes=OTHER_APP)
+                extra["record-messages"] = str(record)
+            if fault == "pinned-other-app":
+                proc = cluster.start_node(name, data=data, app_hashes=OTHER_APP)
             else:
-                assert fault is not None
-                cluster.start_node(name, data=data, extra={"fault": fault})
+                if fault is not None:
+                    extra["fault"] = fault
+                proc = cluster.start_node(name, data=data, extra=extra)
+            if name in RELEASE_NODES:
+                argv = proc.args if isinstance(proc.args, list) else [str(proc.args)]
+                args[name] = " ".join(map(str, argv))
         rogue = cluster.start_node(ROGUE, data=node_data(cluster, "node-0"), max_wait_time=30)
         plain = cluster.start_node("plain", insecure=True, data=node_data(cluster, "node-0"),
                                    max_wait_time=20)
@@ -140,7 +185,7 @@ def faulty_run(root: Path, *, rounds: int = 2) -> FaultyRun:
         cluster=cluster, rc=rc, ids=ids, regions={n: r for n, (_, r) in FAULTY_NODES.items()},
         faults={n: f for n, (f, _) in FAULTY_NODES.items() if f is not None},
         rogue_rc=rogue_rc, plain_rc=plain_rc, record=record, hidden_dim=hidden_dim,
-        leftover=tagged_pids(cluster.tag), error=error,
+        own_folders=folders, node_args=args, leftover=tagged_pids(cluster.tag), error=error,
     )
 
 

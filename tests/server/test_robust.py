@@ -14,7 +14,12 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from privacy.audit import AGGREGATION_DETAIL_PREFIX
 from server.evidence import EvidenceSumming
-from server.strategies import RobustHead, aggregate_train_metrics, kept_shares
+from server.strategies import (
+    RobustHead,
+    aggregate_train_metrics,
+    kept_shares,
+    norm_bound_scales,
+)
 from server.validation import CLIP_UPDATE_NORM, RoundReplies, ValidatingStrategy, aggregation_events
 from shared_model.evidence import EVIDENCE_CLICKS, EVIDENCE_EXAM, EVIDENCE_NOISE_VAR
 from shared_model.settings import RunSettings
@@ -110,6 +115,35 @@ def test_other_rules_keep_the_attacker_out(rule: str) -> None:
     assert 11 in [r["node_id"] for r in report.downweighted]
 
 
+def test_norm_bound_clips_a_x100_node_to_the_honest_scale_and_records_it() -> None:
+    # Prepare + Execute: node 11 sends 100x (server-clipped to norm 5), then sign-flipped
+    scaled, report = _round(RobustHead("normbound", norm_factor=1.5), 100.0)
+    flipped, _ = _round(RobustHead("normbound", norm_factor=1.5), -100.0)
+    honest = _honest_steps()
+    # the round's median norm: the four honest norms and the attacker's (the largest)
+    median = float(np.median([*np.linalg.norm(honest, axis=1), np.inf]))
+    # Assert: the attacker moves the mean by at most 1.5 x the median norm / 5 nodes
+    for arrays in (scaled, flipped):
+        shift = np.linalg.norm(_step(arrays) - honest.sum(0) / 5)
+        assert shift <= 1.5 * median / 5 + 1e-5
+    assert [r["node_id"] for r in report.downweighted] == [11]
+    assert report.downweighted[0]["rule"] == "normbound"
+    # the evidence is still summed over all five replies
+    assert scaled[EVIDENCE_CLICKS][0] == pytest.approx(sum(NODES))
+
+
+def test_norm_bound_leaves_honest_rounds_alone() -> None:
+    # Prepare / Execute
+    robust, report = _round(RobustHead("normbound", norm_factor=1.5), None)
+    plain, _ = _round(None, None)
+    # Assert: honest norms are within 1.5 x their median: the plain mean, nobody recorded
+    assert report.downweighted == []
+    assert np.allclose(_step(robust), _step(plain), atol=1e-7)
+    assert norm_bound_scales([1.0, 2.0, 3.0, 30.0], factor=1.5) == pytest.approx(
+        [1.0, 1.0, 1.0, 3.75 / 30.0])
+    assert norm_bound_scales([], factor=1.5) == []
+
+
 def test_kept_shares_follow_each_rule() -> None:
     heads = [{"w": np.array([v, -v])} for v in (1.0, 2.0, 3.0, 4.0, 100.0)]
     trimmed = kept_shares("fedtrimmedavg", heads, trim_beta=0.2, malicious_nodes=1)
@@ -124,6 +158,7 @@ def test_kept_shares_follow_each_rule() -> None:
     ({"rule": "trimmed"}, "'trimmed'"),
     ({"rule": "fedtrimmedavg", "trim_beta": 0.5}, "0.5"),
     ({"rule": "krum", "malicious_nodes": -1}, "-1"),
+    ({"rule": "normbound", "norm_factor": 0.5}, "0.5"),
 ])
 def test_robust_head_names_a_bad_argument(kwargs: dict[str, Any], named: str) -> None:
     rule = kwargs.pop("rule")
@@ -136,6 +171,8 @@ def test_run_config_key_is_validated_and_off_means_none() -> None:
         RunSettings(robust_aggregation="median")
     with pytest.raises(ValueError, match="robust-trim-beta .*0.6"):
         RunSettings(robust_trim_beta=0.6)
+    with pytest.raises(ValueError, match="robust-norm-factor .*0.9"):
+        RunSettings(robust_norm_factor=0.9)
     assert RobustHead.from_settings(RunSettings(robust_aggregation="none")) is None
     assert RobustHead.from_settings(RunSettings()) is not None  # a robust rule by default
 
