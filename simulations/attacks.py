@@ -222,32 +222,46 @@ def _views(metrics: Mapping[str, Any]) -> dict[str, float]:
     return {"seen": float(final["seen"]["ndcg@10"]), "unseen": float(final["ndcg@10"])}
 
 
+def _finished_run(scenario: Any, run_dir: Path, rounds: int, *, setup: Callable[[], Any],
+                  echo: Callable[[str], None]) -> dict[str, Any]:
+    """The metrics of the run in ``run_dir``: reused when it finished all ``rounds``, else
+    started afresh (``setup`` prepares the run dir and returns its settings)."""
+    from simulations.runner import run_simulation
+
+    metrics_path = run_dir / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    if len(metrics.get("rounds", [])) == rounds:
+        return dict(metrics)
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    result = run_simulation(scenario, setup(), echo=echo)
+    if len(result.metrics.get("rounds", [])) != rounds:
+        raise RuntimeError(f"run in {run_dir} did not finish (flwr exit "
+                           f"{result.returncode}); see {run_dir / 'flower.log'}")
+    return dict(result.metrics)
+
+
 def one_run(
     scenario_name: str, *, attack: str | None, strength: float, rule: str, epsilon: float,
     rounds: int, root: Path, fold: int = 0, echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """One Simulation Engine run (reused if its metrics.json is complete); its final views
     and what the server recorded about the attacker (rounds clipped / down-weighted)."""
-    from simulations.runner import prepare_run, run_simulation
+    from simulations.runner import prepare_run
     from simulations.scenarios import get_scenario
 
     scenario = get_scenario(scenario_name)
     poison = Poison(attack, strength) if attack is not None else None
     run_dir = attack_run_dir(root, scenario=scenario_name, attack=attack, strength=strength,
                              rule=rule, epsilon=epsilon, rounds=rounds, fold=fold)
-    metrics_path = run_dir / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
-    if len(metrics.get("rounds", [])) != rounds:
-        if run_dir.exists():
-            shutil.rmtree(run_dir)
+
+    def setup() -> Any:
         settings = prepare_run(scenario, run_dir=run_dir, rounds=rounds, epsilon=epsilon,
                                eval_fold=fold, overrides={"robust-aggregation": rule})
         mark_attacker(run_dir, poison)
-        result = run_simulation(scenario, settings, echo=echo)
-        metrics = result.metrics
-        if len(metrics.get("rounds", [])) != rounds:
-            raise RuntimeError(f"run in {run_dir} did not finish (flwr exit "
-                               f"{result.returncode}); see {run_dir / 'flower.log'}")
+        return settings
+
+    metrics = _finished_run(scenario, run_dir, rounds, setup=setup, echo=echo)
     actions: dict[str, int] = {}
     for row in metrics["rounds"]:
         for kind in ("rejected", "clipped", "downweighted"):
@@ -354,27 +368,22 @@ def one_device_run(
 ) -> dict[str, Any]:
     """One device-shape Simulation Engine run (reused if its metrics.json is complete)."""
     from shared_model.settings import DEVICE_AGGREGATE_CLIP
-    from simulations.runner import prepare_run, run_simulation
+    from simulations.runner import prepare_run
     from simulations.scenarios import get_scenario
 
     scenario = get_scenario(scenario_name)
     run_dir = device_attack_run_dir(root, scenario=scenario_name, attack=attack,
                                     defence=defence, epsilon=epsilon, rounds=rounds, fold=fold,
                                     fraction=fraction, seed=seed)
-    metrics_path = run_dir / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
-    if len(metrics.get("rounds", [])) != rounds:
-        if run_dir.exists():
-            shutil.rmtree(run_dir)
+
+    def setup() -> Any:
         settings = prepare_run(scenario, run_dir=run_dir, rounds=rounds, epsilon=epsilon,
                                eval_fold=fold, overrides={DEVICE_AGGREGATE_CLIP: defence})
         mark_device_attackers(run_dir, attack, num_nodes=scenario.num_nodes,
                               fraction=fraction, seed=seed)
-        result = run_simulation(scenario, settings, echo=echo)
-        metrics = result.metrics
-        if len(metrics.get("rounds", [])) != rounds:
-            raise RuntimeError(f"run in {run_dir} did not finish (flwr exit "
-                               f"{result.returncode}); see {run_dir / 'flower.log'}")
+        return settings
+
+    metrics = _finished_run(scenario, run_dir, rounds, setup=setup, echo=echo)
     return {"views": _views(metrics), "run_dir": str(run_dir), "rounds": rounds_summary(metrics)}
 
 

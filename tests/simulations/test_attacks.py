@@ -236,3 +236,40 @@ def test_a_users_repeat_clicks_on_a_pair_count_once() -> None:
     assert float(uncapped.clicks.sum()) == float(both.clicks.sum())
     with pytest.raises(ValueError, match="0"):
         cap_user_pair_clicks(both, 0.0)
+
+
+def test_finished_run_reuses_a_complete_run_and_reruns_an_incomplete_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: a stand-in for the Simulation Engine that writes a run of `done` rounds
+    import simulations.runner as runner
+    from simulations.attacks import _finished_run
+
+    calls: list[str] = []
+
+    class Result:
+        def __init__(self, rounds: int) -> None:
+            self.metrics = {"rounds": [{"round": r} for r in range(1, rounds + 1)]}
+            self.returncode = 0 if rounds == 3 else 1
+
+    done = {"rounds": 3}
+    monkeypatch.setattr(runner, "run_simulation",
+                        lambda scenario, settings, echo: (calls.append(settings),
+                                                          Result(done["rounds"]))[1])
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.json").write_text(json.dumps({"rounds": [{"round": 1}]}))
+    (run_dir / "stale.txt").write_text("left from an interrupted run")
+    # Execute + Assert: an incomplete run is removed and run again
+    metrics = _finished_run(None, run_dir, 3, setup=lambda: "settings", echo=print)
+    assert calls == ["settings"] and len(metrics["rounds"]) == 3
+    assert not (run_dir / "stale.txt").exists()
+    # a complete run is reused without running anything
+    run_dir.mkdir(exist_ok=True)
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    assert _finished_run(None, run_dir, 3, setup=lambda: "again", echo=print) == metrics
+    assert calls == ["settings"]
+    # a run that stops early is an error naming its folder
+    done["rounds"] = 2
+    with pytest.raises(RuntimeError, match="did not finish"):
+        _finished_run(None, tmp_path / "other", 3, setup=lambda: "s", echo=print)
