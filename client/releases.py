@@ -62,6 +62,16 @@ _ROUND_NAME = re.compile(r"round-(\d{1,9})")
 _REASON_LIMIT = 300
 
 
+def _current_round(store: ReleaseStore, node_name: str) -> int | None:
+    """The round of the node's installed release (0 = none); ``None`` (logged) when its
+    pointer is unreadable."""
+    try:
+        return store.current_round()
+    except ReleaseError as exc:
+        log.warning("node %s: release pointer unreadable: %s", node_name, _short(str(exc)))
+        return None
+
+
 def _short(text: str) -> str:
     text = text.encode("ascii", "backslashreplace").decode().replace("\n", " ")
     return text if len(text) <= _REASON_LIMIT else text[:_REASON_LIMIT] + "..."
@@ -107,10 +117,8 @@ def install_latest_release(
     node's current release after the attempt (0.0 = none).
     """
     store = ReleaseStore(Path(state_dir))
-    try:
-        current = store.current_round()
-    except ReleaseError as exc:
-        log.warning("node %s: release pointer unreadable: %s", node_name, _short(str(exc)))
+    current = _current_round(store, node_name)
+    if current is None:
         return 0.0
     if release_dir is None or release_key is None:
         return float(current)
@@ -281,10 +289,8 @@ def install_received_release(
     ``tamper_round``: the :data:`TAMPER_RELEASE` test hook.
     """
     store = ReleaseStore(Path(state_dir))
-    try:
-        current = store.current_round()
-    except ReleaseError as exc:
-        log.warning("node %s: release pointer unreadable: %s", node_name, _short(str(exc)))
+    current = _current_round(store, node_name)
+    if current is None:
         return 0.0
     if release_key is None:
         log.warning("node %s: a release arrived but the node pins no release key "
