@@ -138,7 +138,8 @@ def robust_strategy(rule: str, *, trim_beta: float, malicious_nodes: int, num_no
                 MultiKrum(**common, num_malicious_nodes=f, num_nodes_to_select=num_nodes - f))
     if rule == "bulyan" and num_nodes >= 4 * f + 3:
         return Bulyan(**common, num_malicious_nodes=f)
-    return None  # "none", and "normbound" (RobustHead clips the updates, FedAvg averages)
+    # "none", "normbound" and "centeredclip": RobustHead clips the updates, FedAvg averages
+    return None
 
 
 def norm_bound_scales(norms: list[float], *, factor: float) -> list[float]:
@@ -152,6 +153,45 @@ def norm_bound_scales(norms: list[float], *, factor: float) -> list[float]:
         return []
     bound = factor * float(np.median(norms))
     return [min(1.0, bound / n) if n > 0 else 1.0 for n in norms]
+
+
+def centered_clip_scales(
+    updates: np.ndarray, *, radius: float
+) -> tuple[np.ndarray, list[float]]:
+    """Centre and per-update scales of centered clipping around the coordinate-wise median.
+
+    Karimireddy, He & Jaggi (2021), "Learning from History for Byzantine Robust
+    Optimization": ``v = m + mean_i (x_i - m) min(1, tau / |x_i - m|)``. Here the centre
+    ``m`` is the coordinate-wise median of the round's updates (no server history to
+    trust) and ``tau = radius x median_i |x_i - m|``, so the bound follows the honest spread
+    (DP noise plus regional differences) that a majority of honest nodes sets. An update
+    inside the ball is kept whole: without an outlier the aggregate *is* the plain mean.
+
+    Parameters
+    ----------
+    updates : np.ndarray
+        ``(n, d)`` head updates (reply minus the weights sent), float64.
+    radius : float
+        ``tau`` as a multiple of the median deviation; ``>= 1``.
+
+    Returns
+    -------
+    centre : np.ndarray
+        ``(d,)`` the coordinate-wise median.
+    scales : list[float]
+        Per update, the share of its deviation from the centre that is kept (1.0 = all).
+    """
+    if updates.ndim != 2:
+        raise ValueError(f"updates must be (n, d), got shape {updates.shape}")
+    if not (radius >= 1 and np.isfinite(radius)):
+        raise ValueError(f"radius must be finite and >= 1, got {radius!r}")
+    if len(updates) == 0:
+        return np.zeros(updates.shape[1]), []
+    centre = np.median(updates, axis=0)
+    dev = np.linalg.norm(updates - centre, axis=1)
+    tau = radius * float(np.median(dev))
+    scales = [min(1.0, tau / d) if d > 0 else 1.0 for d in dev.tolist()]
+    return centre, scales
 
 
 def kept_shares(
@@ -201,12 +241,15 @@ class RobustHead:
     """
 
     def __init__(self, rule: str, *, trim_beta: float = 0.2, malicious_nodes: int = 1,
-                 norm_factor: float = 1.5) -> None:
+                 norm_factor: float = 1.5, center_radius: float = 2.0) -> None:
         robust_strategy(rule, trim_beta=trim_beta, malicious_nodes=malicious_nodes,
                         num_nodes=0)  # validates the arguments, naming a bad one
         if not (norm_factor >= 1 and np.isfinite(norm_factor)):
             raise ValueError(f"norm_factor must be finite and >= 1, got {norm_factor!r}")
+        if not (center_radius >= 1 and np.isfinite(center_radius)):
+            raise ValueError(f"center_radius must be finite and >= 1, got {center_radius!r}")
         self.rule = rule
+        self.center_radius = center_radius
         self.trim_beta = trim_beta
         self.malicious_nodes = malicious_nodes
         self.norm_factor = norm_factor
@@ -218,7 +261,8 @@ class RobustHead:
             return None
         return cls(settings.robust_aggregation, trim_beta=settings.robust_trim_beta,
                    malicious_nodes=settings.robust_malicious_nodes,
-                   norm_factor=settings.robust_norm_factor)
+                   norm_factor=settings.robust_norm_factor,
+                   center_radius=settings.robust_center_radius)
 
     def expected_share(self, n: int) -> float:
         """The share of an average node's coordinates the rule keeps with ``n`` replies."""
@@ -226,7 +270,7 @@ class RobustHead:
             return (n - 2 * int(self.trim_beta * n)) / n
         if self.rule == "fedmedian":
             return (1 if n % 2 else 2) / n
-        if self.rule == "normbound":
+        if self.rule in ("normbound", "centeredclip"):
             return 1.0
         f = self.malicious_nodes
         select = {"krum": 1, "multikrum": n - f, "bulyan": n - 2 * f}.get(self.rule, n)
@@ -236,13 +280,16 @@ class RobustHead:
               sent: Mapping[str, np.ndarray] | None = None) -> list[float]:
         """Rewrite ``replies`` (accepted, canonical content) in place; their kept shares.
 
-        ``sent``: the weights this round sent (``normbound`` clips updates relative to them;
-        the other rules ignore it). normbound's share is the scale its clip kept.
+        ``sent``: the weights this round sent (``normbound`` and ``centeredclip`` clip
+        updates relative to them; the other rules ignore it). Their share is the scale the
+        clip kept (of the update, or of its deviation from the centre).
         """
         n = len(replies)
-        if self.rule == "normbound":
+        if self.rule in ("normbound", "centeredclip"):
             if sent is None:
-                raise ValueError("normbound needs the weights sent this round")
+                raise ValueError(f"{self.rule} needs the weights sent this round")
+            if self.rule == "centeredclip":
+                return self._centered_clip(replies, sent)
             return self._norm_bound(replies, sent)
         inner = robust_strategy(self.rule, trim_beta=self.trim_beta,
                                 malicious_nodes=self.malicious_nodes, num_nodes=n)
@@ -274,14 +321,34 @@ class RobustHead:
             content["arrays"] = ArrayRecord({k: Array(v) for k, v in merged.items()})
         return shares
 
+    def _centered_clip(self, replies: list[Message], sent: Mapping[str, np.ndarray]
+                       ) -> list[float]:
+        deltas = _head_deltas(replies, sent)
+        if len(deltas) < 3:  # the median of two is their mean: nothing to clip against
+            return [1.0] * len(deltas)
+        keys = sorted(deltas[0])
+        flat = np.stack([np.concatenate([d[k].ravel() for k in keys]) for d in deltas])
+        centre, scales = centered_clip_scales(flat, radius=self.center_radius)
+        for msg, row, scale in zip(replies, flat, scales, strict=True):
+            if scale >= 1.0:
+                continue
+            kept = centre + scale * (row - centre)
+            record = msg.content.array_records["arrays"]
+            merged, offset = {}, 0
+            for k in record:
+                if k in EVIDENCE_KEYS:
+                    merged[k] = record[k].numpy()
+            for k in keys:
+                size = deltas[0][k].size
+                merged[k] = (np.asarray(sent[k], np.float64) + kept[offset:offset + size]
+                             .reshape(deltas[0][k].shape)).astype(np.float32)
+                offset += size
+            msg.content["arrays"] = ArrayRecord({k: Array(merged[k]) for k in record})
+        return scales
+
     def _norm_bound(self, replies: list[Message], sent: Mapping[str, np.ndarray]
                     ) -> list[float]:
-        deltas = []
-        for msg in replies:
-            record = msg.content.array_records["arrays"]
-            deltas.append({k: record[k].numpy().astype(np.float64) - np.asarray(sent[k],
-                                                                                 np.float64)
-                           for k in record if k not in EVIDENCE_KEYS})
+        deltas = _head_deltas(replies, sent)
         norms = [float(np.sqrt(sum(float(np.sum(v * v)) for v in d.values()))) for d in deltas]
         scales = norm_bound_scales(norms, factor=self.norm_factor)
         for msg, delta, scale in zip(replies, deltas, scales, strict=True):
@@ -292,3 +359,14 @@ class RobustHead:
                       if k in delta else record[k].numpy() for k in record}
             msg.content["arrays"] = ArrayRecord({k: Array(v) for k, v in merged.items()})
         return scales
+
+
+def _head_deltas(replies: list[Message], sent: Mapping[str, np.ndarray]
+                 ) -> list[dict[str, np.ndarray]]:
+    """Per reply, its head arrays minus the weights sent (float64; evidence left out)."""
+    deltas = []
+    for msg in replies:
+        record = msg.content.array_records["arrays"]
+        deltas.append({k: record[k].numpy().astype(np.float64) - np.asarray(sent[k], np.float64)
+                       for k in record if k not in EVIDENCE_KEYS})
+    return deltas

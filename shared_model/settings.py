@@ -53,6 +53,7 @@ ROBUST_AGGREGATION = "robust-aggregation"
 ROBUST_TRIM_BETA = "robust-trim-beta"
 ROBUST_MALICIOUS_NODES = "robust-malicious-nodes"
 ROBUST_NORM_FACTOR = "robust-norm-factor"
+ROBUST_CENTER_RADIUS = "robust-center-radius"
 DEVICE_AGGREGATE_CLIP = "device-aggregate-clip"
 
 # node_config keys (a node's own settings; never read from run config). Paths:
@@ -86,6 +87,7 @@ STRATEGIES = ("fedavg", "fedadam")
 # Robust aggregation of the regional head (Flower 1.42 strategies; server.strategies).
 ROBUST_RULES = (
     "none", "fedtrimmedavg", "fedmedian", "krum", "multikrum", "bulyan", "normbound",
+    "centeredclip",
 )
 PRIVACY_SHAPES = ("regional", "device")
 
@@ -160,6 +162,11 @@ class RunSettings:
     # normbound: each head update is clipped to this multiple of the round's median update
     # norm (Sun et al. 2019's norm bound, relative so it follows the honest DP-SGD scale).
     robust_norm_factor: float = 1.5
+    # centeredclip: each head update's deviation from the round's coordinate-wise median is
+    # clipped to this multiple of the median deviation, then the plain mean (Karimireddy et
+    # al. 2021's centered clipping, with a robust centre and a radius that follows the honest
+    # spread).
+    robust_center_radius: float = 2.0
     # Device shape (server.device.AggregateClip; issue 11): bound the round's mean update to
     # the devices' clip norm before the noise (a no-op without an attacker; measured in
     # docs/results.md, "Malicious devices under SecAgg+").
@@ -208,6 +215,11 @@ class RunSettings:
         if not (self.robust_norm_factor >= 1 and math.isfinite(self.robust_norm_factor)):
             raise ValueError(
                 f"{ROBUST_NORM_FACTOR} must be finite and >= 1, got {self.robust_norm_factor!r}"
+            )
+        if not (self.robust_center_radius >= 1 and math.isfinite(self.robust_center_radius)):
+            raise ValueError(
+                f"{ROBUST_CENTER_RADIUS} must be finite and >= 1, "
+                f"got {self.robust_center_radius!r}"
             )
         self.region_caps()  # validates the format
 

@@ -17,6 +17,7 @@ from server.evidence import EvidenceSumming
 from server.strategies import (
     RobustHead,
     aggregate_train_metrics,
+    centered_clip_scales,
     kept_shares,
     norm_bound_scales,
 )
@@ -144,6 +145,47 @@ def test_norm_bound_leaves_honest_rounds_alone() -> None:
     assert norm_bound_scales([], factor=1.5) == []
 
 
+def test_centered_clip_bounds_a_x100_or_flipped_node_by_the_honest_spread() -> None:
+    # Prepare + Execute: node 11 sends 100x (server-clipped to norm 5), then sign-flipped
+    scaled, report = _round(RobustHead("centeredclip", center_radius=2.0), 100.0)
+    flipped, flipped_report = _round(RobustHead("centeredclip", center_radius=2.0), -100.0)
+    honest = _honest_steps()
+    # Assert: the mean moves from the honest steps' median-centred mean by at most
+    # radius x (the largest honest deviation from any centre inside their hull) / 5
+    spread = float(np.max(np.linalg.norm(honest[:, None] - honest[None], axis=2)))
+    for arrays in (scaled, flipped):
+        shift = np.linalg.norm(_step(arrays) - honest.mean(0))
+        assert shift <= (2.0 * spread + spread) / 5 + 1e-5
+        assert shift < 0.5 * np.linalg.norm(honest.mean(0))  # far less than the clip-5 pull
+    for r in (report, flipped_report):
+        assert [d["node_id"] for d in r.downweighted] == [11]
+        assert r.downweighted[0]["rule"] == "centeredclip"
+    assert scaled[EVIDENCE_CLICKS][0] == pytest.approx(sum(NODES))  # evidence still summed
+
+
+def test_centered_clip_is_the_plain_mean_without_an_outlier() -> None:
+    # Prepare / Execute
+    robust, report = _round(RobustHead("centeredclip", center_radius=2.0), None)
+    plain, _ = _round(None, None)
+    # Assert: every honest deviation is inside 2 x the median one: bit-for-bit the mean
+    assert report.downweighted == []
+    assert np.allclose(_step(robust), _step(plain), atol=1e-7)
+
+
+def test_centered_clip_scales_golden_values() -> None:
+    # Prepare: four points around 0 and one far out on the first axis
+    updates = np.array([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0], [21.0, 0.0]])
+    # Execute
+    centre, scales = centered_clip_scales(updates, radius=2.0)
+    # Assert: median centre (0, 0); deviations 1, 1, 1, 1, 21; tau = 2 x 1
+    assert centre == pytest.approx([0.0, 0.0])
+    assert scales == pytest.approx([1.0, 1.0, 1.0, 1.0, 2.0 / 21.0])
+    with pytest.raises(ValueError, match="radius .*0.5"):
+        centered_clip_scales(updates, radius=0.5)
+    with pytest.raises(ValueError, match=r"\(5,\)"):
+        centered_clip_scales(updates[:, 0], radius=2.0)
+
+
 def test_kept_shares_follow_each_rule() -> None:
     heads = [{"w": np.array([v, -v])} for v in (1.0, 2.0, 3.0, 4.0, 100.0)]
     trimmed = kept_shares("fedtrimmedavg", heads, trim_beta=0.2, malicious_nodes=1)
@@ -159,6 +201,7 @@ def test_kept_shares_follow_each_rule() -> None:
     ({"rule": "fedtrimmedavg", "trim_beta": 0.5}, "0.5"),
     ({"rule": "krum", "malicious_nodes": -1}, "-1"),
     ({"rule": "normbound", "norm_factor": 0.5}, "0.5"),
+    ({"rule": "centeredclip", "center_radius": float("nan")}, "nan"),
 ])
 def test_robust_head_names_a_bad_argument(kwargs: dict[str, Any], named: str) -> None:
     rule = kwargs.pop("rule")
@@ -173,6 +216,8 @@ def test_run_config_key_is_validated_and_off_means_none() -> None:
         RunSettings(robust_trim_beta=0.6)
     with pytest.raises(ValueError, match="robust-norm-factor .*0.9"):
         RunSettings(robust_norm_factor=0.9)
+    with pytest.raises(ValueError, match="robust-center-radius .*0.9"):
+        RunSettings(robust_center_radius=0.9)
     assert RobustHead.from_settings(RunSettings(robust_aggregation="none")) is None
     assert RobustHead.from_settings(RunSettings()) is not None  # a robust rule by default
 
