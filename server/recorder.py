@@ -108,7 +108,8 @@ class RoundRecorder:
 
 
 def _no_replies() -> dict[str, list[dict[str, Any]]]:
-    return {"rejected": [], "clipped": [], "refused": [], "evidence": [], "downweighted": []}
+    return {"rejected": [], "clipped": [], "refused": [], "evidence": [], "downweighted": [],
+            "robust_clipped": []}
 
 
 def _fmt(metrics: dict[str, float]) -> str:

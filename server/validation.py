@@ -331,6 +331,9 @@ class RoundReplies:
     # Robust aggregation (server.strategies.RobustHead): nodes the rule kept at less than
     # half an average node's share, with their kept share.
     downweighted: list[dict[str, Any]] = field(default_factory=list)
+    # Every node the rule kept less than all of (normbound / centeredclip: the clip acted),
+    # down-weighted or not: shows whether an honest round was left the plain mean.
+    robust_clipped: list[dict[str, Any]] = field(default_factory=list)
 
 
 def aggregation_events(
@@ -522,6 +525,10 @@ class ValidatingStrategy(DelegatingStrategy):
         shares = self.robust.apply(server_round, good, sent=self._sent)
         expected = self.robust.expected_share(len(good))
         for msg, share in zip(good, shares, strict=True):
+            if self.robust.rule in ("normbound", "centeredclip") and share < 1.0:
+                report.robust_clipped.append({"node_id": msg.metadata.src_node_id,
+                                              "node": self.identity(msg.metadata.src_node_id),
+                                              "kept_share": round(share, 4)})
             if share < DOWNWEIGHT_FRACTION * expected:
                 node = msg.metadata.src_node_id
                 name = self.identity(node)

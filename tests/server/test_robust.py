@@ -160,6 +160,7 @@ def test_centered_clip_bounds_a_x100_or_flipped_node_by_the_honest_spread() -> N
     for r in (report, flipped_report):
         assert [d["node_id"] for d in r.downweighted] == [11]
         assert r.downweighted[0]["rule"] == "centeredclip"
+        assert [d["node_id"] for d in r.robust_clipped] == [11]
     assert scaled[EVIDENCE_CLICKS][0] == pytest.approx(sum(NODES))  # evidence still summed
 
 
@@ -168,7 +169,7 @@ def test_centered_clip_is_the_plain_mean_without_an_outlier() -> None:
     robust, report = _round(RobustHead("centeredclip", center_radius=2.0), None)
     plain, _ = _round(None, None)
     # Assert: every honest deviation is inside 2 x the median one: bit-for-bit the mean
-    assert report.downweighted == []
+    assert report.downweighted == [] and report.robust_clipped == []
     assert np.allclose(_step(robust), _step(plain), atol=1e-7)
 
 
