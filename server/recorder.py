@@ -109,7 +109,7 @@ class RoundRecorder:
 
 def _no_replies() -> dict[str, list[dict[str, Any]]]:
     return {"rejected": [], "clipped": [], "refused": [], "evidence": [], "downweighted": [],
-            "robust_clipped": []}
+            "robust_clipped": [], "robust_spread": []}
 
 
 def _fmt(metrics: dict[str, float]) -> str:

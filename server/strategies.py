@@ -114,6 +114,11 @@ def restore_strategy_state(strategy: Strategy, state: dict[str, np.ndarray]) -> 
 DOWNWEIGHT_FRACTION = 0.5
 
 
+# Rules RobustHead applies itself to the updates (not a Flower strategy): each acts only on
+# an update outside its bound, so an honest round stays the plain mean.
+CLIP_RULES = ("normbound", "centeredclip", "deviationdrop")
+
+
 def robust_strategy(rule: str, *, trim_beta: float, malicious_nodes: int, num_nodes: int
                     ) -> Strategy | None:
     """The Flower strategy for ``rule`` on ``num_nodes`` replies; ``None`` for ``"none"`` or
@@ -138,7 +143,7 @@ def robust_strategy(rule: str, *, trim_beta: float, malicious_nodes: int, num_no
                 MultiKrum(**common, num_malicious_nodes=f, num_nodes_to_select=num_nodes - f))
     if rule == "bulyan" and num_nodes >= 4 * f + 3:
         return Bulyan(**common, num_malicious_nodes=f)
-    # "none", "normbound" and "centeredclip": RobustHead clips the updates, FedAvg averages
+    # "none" and CLIP_RULES: RobustHead bounds the updates itself, FedAvg averages
     return None
 
 
@@ -155,8 +160,18 @@ def norm_bound_scales(norms: list[float], *, factor: float) -> list[float]:
     return [min(1.0, bound / n) if n > 0 else 1.0 for n in norms]
 
 
+def median_deviations(updates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The coordinate-wise median of ``(n, d)`` updates and each update's L2 distance to it."""
+    if updates.ndim != 2:
+        raise ValueError(f"updates must be (n, d), got shape {updates.shape}")
+    if len(updates) == 0:
+        return np.zeros(updates.shape[1]), np.zeros(0)
+    centre = np.median(updates, axis=0)
+    return centre, np.linalg.norm(updates - centre, axis=1)
+
+
 def centered_clip_scales(
-    updates: np.ndarray, *, radius: float
+    updates: np.ndarray, *, radius: float, drop: bool = False
 ) -> tuple[np.ndarray, list[float]]:
     """Centre and per-update scales of centered clipping around the coordinate-wise median.
 
@@ -166,6 +181,7 @@ def centered_clip_scales(
     trust) and ``tau = radius x median_i |x_i - m|``, so the bound follows the honest spread
     (DP noise plus regional differences) that a majority of honest nodes sets. An update
     inside the ball is kept whole: without an outlier the aggregate *is* the plain mean.
+    ``drop``: an update outside the ball is left out (scale 0) instead of pulled onto it.
 
     Parameters
     ----------
@@ -173,6 +189,8 @@ def centered_clip_scales(
         ``(n, d)`` head updates (reply minus the weights sent), float64.
     radius : float
         ``tau`` as a multiple of the median deviation; ``>= 1``.
+    drop : bool
+        Leave out, rather than clip, an update beyond ``tau``.
 
     Returns
     -------
@@ -181,17 +199,23 @@ def centered_clip_scales(
     scales : list[float]
         Per update, the share of its deviation from the centre that is kept (1.0 = all).
     """
-    if updates.ndim != 2:
-        raise ValueError(f"updates must be (n, d), got shape {updates.shape}")
     if not (radius >= 1 and np.isfinite(radius)):
         raise ValueError(f"radius must be finite and >= 1, got {radius!r}")
-    if len(updates) == 0:
-        return np.zeros(updates.shape[1]), []
-    centre = np.median(updates, axis=0)
-    dev = np.linalg.norm(updates - centre, axis=1)
-    tau = radius * float(np.median(dev))
-    scales = [min(1.0, tau / d) if d > 0 else 1.0 for d in dev.tolist()]
+    centre, dev = median_deviations(updates)
+    tau = radius * float(np.median(dev)) if len(dev) else 0.0
+    scales = [1.0 if d <= tau else (0.0 if drop else tau / d) for d in dev.tolist()]
     return centre, scales
+
+
+def centered_aggregate(updates: np.ndarray, centre: np.ndarray, scales: list[float], *,
+                       drop: bool) -> np.ndarray:
+    """The rule's mean update: clipped deviations averaged over all ``n`` updates, or, with
+    ``drop``, the plain mean of the updates kept (scale 1)."""
+    w = np.asarray(scales, np.float64)
+    if drop:
+        kept = updates[w >= 1.0]
+        return kept.mean(axis=0) if len(kept) else centre
+    return centre + ((updates - centre) * w[:, None]).mean(axis=0)
 
 
 def kept_shares(
@@ -250,6 +274,9 @@ class RobustHead:
             raise ValueError(f"center_radius must be finite and >= 1, got {center_radius!r}")
         self.rule = rule
         self.center_radius = center_radius
+        # centeredclip / deviationdrop: the last round's distances from the median over the
+        # median distance (what the radius is compared with; recorded in metrics.json)
+        self.last_spread: list[float] = []
         self.trim_beta = trim_beta
         self.malicious_nodes = malicious_nodes
         self.norm_factor = norm_factor
@@ -270,7 +297,7 @@ class RobustHead:
             return (n - 2 * int(self.trim_beta * n)) / n
         if self.rule == "fedmedian":
             return (1 if n % 2 else 2) / n
-        if self.rule in ("normbound", "centeredclip"):
+        if self.rule in CLIP_RULES:
             return 1.0
         f = self.malicious_nodes
         select = {"krum": 1, "multikrum": n - f, "bulyan": n - 2 * f}.get(self.rule, n)
@@ -280,15 +307,16 @@ class RobustHead:
               sent: Mapping[str, np.ndarray] | None = None) -> list[float]:
         """Rewrite ``replies`` (accepted, canonical content) in place; their kept shares.
 
-        ``sent``: the weights this round sent (``normbound`` and ``centeredclip`` clip
-        updates relative to them; the other rules ignore it). Their share is the scale the
-        clip kept (of the update, or of its deviation from the centre).
+        ``sent``: the weights this round sent (:data:`CLIP_RULES` work on updates relative to
+        them; the other rules ignore it). Their share is the scale the rule kept (of the
+        update, or of its deviation from the centre; 0 = left out).
         """
         n = len(replies)
-        if self.rule in ("normbound", "centeredclip"):
+        self.last_spread = []
+        if self.rule in CLIP_RULES:
             if sent is None:
                 raise ValueError(f"{self.rule} needs the weights sent this round")
-            if self.rule == "centeredclip":
+            if self.rule != "normbound":
                 return self._centered_clip(replies, sent)
             return self._norm_bound(replies, sent)
         inner = robust_strategy(self.rule, trim_beta=self.trim_beta,
@@ -324,26 +352,30 @@ class RobustHead:
     def _centered_clip(self, replies: list[Message], sent: Mapping[str, np.ndarray]
                        ) -> list[float]:
         deltas = _head_deltas(replies, sent)
-        if len(deltas) < 3:  # the median of two is their mean: nothing to clip against
+        self.last_spread = []
+        if len(deltas) < 3:  # the median of two is their mean: nothing to measure against
             return [1.0] * len(deltas)
         keys = sorted(deltas[0])
         flat = np.stack([np.concatenate([d[k].ravel() for k in keys]) for d in deltas])
-        centre, scales = centered_clip_scales(flat, radius=self.center_radius)
-        for msg, row, scale in zip(replies, flat, scales, strict=True):
-            if scale >= 1.0:
-                continue
-            kept = centre + scale * (row - centre)
+        drop = self.rule == "deviationdrop"
+        centre, scales = centered_clip_scales(flat, radius=self.center_radius, drop=drop)
+        _, dev = median_deviations(flat)
+        median = float(np.median(dev))
+        self.last_spread = [round(float(d) / median, 3) if median > 0 else 0.0 for d in dev]
+        if min(scales) >= 1.0:
+            return scales  # nobody outside the ball: the replies' own plain mean, untouched
+        step = centered_aggregate(flat, centre, scales, drop=drop)
+        # every reply carries the rule's aggregate, so FedAvg's uniform mean is exactly it
+        for msg in replies:
             record = msg.content.array_records["arrays"]
             merged, offset = {}, 0
-            for k in record:
-                if k in EVIDENCE_KEYS:
-                    merged[k] = record[k].numpy()
             for k in keys:
                 size = deltas[0][k].size
-                merged[k] = (np.asarray(sent[k], np.float64) + kept[offset:offset + size]
+                merged[k] = (np.asarray(sent[k], np.float64) + step[offset:offset + size]
                              .reshape(deltas[0][k].shape)).astype(np.float32)
                 offset += size
-            msg.content["arrays"] = ArrayRecord({k: Array(merged[k]) for k in record})
+            msg.content["arrays"] = ArrayRecord({
+                k: Array(merged[k] if k in merged else record[k].numpy()) for k in record})
         return scales
 
     def _norm_bound(self, replies: list[Message], sent: Mapping[str, np.ndarray]

@@ -334,6 +334,9 @@ class RoundReplies:
     # Every node the rule kept less than all of (normbound / centeredclip: the clip acted),
     # down-weighted or not: shows whether an honest round was left the plain mean.
     robust_clipped: list[dict[str, Any]] = field(default_factory=list)
+    # centeredclip / deviationdrop: each reply's distance from the coordinate-wise median
+    # over the median distance (the rule acts beyond robust-center-radius).
+    robust_spread: list[float] = field(default_factory=list)
 
 
 def aggregation_events(
@@ -519,13 +522,14 @@ class ValidatingStrategy(DelegatingStrategy):
     def _robust_round(self, server_round: int, good: list[Message], report: RoundReplies
                       ) -> None:
         """Robust head aggregate into every accepted reply; note the down-weighted nodes."""
-        from server.strategies import DOWNWEIGHT_FRACTION
+        from server.strategies import CLIP_RULES, DOWNWEIGHT_FRACTION
 
         assert self.robust is not None
         shares = self.robust.apply(server_round, good, sent=self._sent)
         expected = self.robust.expected_share(len(good))
+        report.robust_spread = list(self.robust.last_spread)
         for msg, share in zip(good, shares, strict=True):
-            if self.robust.rule in ("normbound", "centeredclip") and share < 1.0:
+            if self.robust.rule in CLIP_RULES and share < 1.0:
                 report.robust_clipped.append({"node_id": msg.metadata.src_node_id,
                                               "node": self.identity(msg.metadata.src_node_id),
                                               "kept_share": round(share, 4)})

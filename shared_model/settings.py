@@ -87,7 +87,7 @@ STRATEGIES = ("fedavg", "fedadam")
 # Robust aggregation of the regional head (Flower 1.42 strategies; server.strategies).
 ROBUST_RULES = (
     "none", "fedtrimmedavg", "fedmedian", "krum", "multikrum", "bulyan", "normbound",
-    "centeredclip",
+    "centeredclip", "deviationdrop",
 )
 PRIVACY_SHAPES = ("regional", "device")
 
@@ -165,7 +165,7 @@ class RunSettings:
     # centeredclip: each head update's deviation from the round's coordinate-wise median is
     # clipped to this multiple of the median deviation, then the plain mean (Karimireddy et
     # al. 2021's centered clipping, with a robust centre and a radius that follows the honest
-    # spread).
+    # spread); deviationdrop: an update beyond it is left out instead.
     robust_center_radius: float = 2.0
     # Device shape (server.device.AggregateClip; issue 11): bound the round's mean update to
     # the devices' clip norm before the noise (a no-op without an attacker; measured in

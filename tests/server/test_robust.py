@@ -164,13 +164,31 @@ def test_centered_clip_bounds_a_x100_or_flipped_node_by_the_honest_spread() -> N
     assert scaled[EVIDENCE_CLICKS][0] == pytest.approx(sum(NODES))  # evidence still summed
 
 
-def test_centered_clip_is_the_plain_mean_without_an_outlier() -> None:
+@pytest.mark.parametrize("rule", ["centeredclip", "deviationdrop"])
+def test_centered_rules_are_the_plain_mean_without_an_outlier(rule: str) -> None:
     # Prepare / Execute
-    robust, report = _round(RobustHead("centeredclip", center_radius=2.0), None)
+    robust, report = _round(RobustHead(rule, center_radius=2.0), None)
     plain, _ = _round(None, None)
-    # Assert: every honest deviation is inside 2 x the median one: bit-for-bit the mean
+    # Assert: every honest deviation is inside 2 x the median one: the plain mean (up to
+    # float32 summation order: Flower samples the nodes in a random order)
     assert report.downweighted == [] and report.robust_clipped == []
-    assert np.allclose(_step(robust), _step(plain), atol=1e-7)
+    assert np.allclose(_step(robust), _step(plain), rtol=0, atol=1e-8)
+    assert len(report.robust_spread) == 5 and max(report.robust_spread) <= 2.0
+
+
+def test_deviation_drop_leaves_a_x100_or_flipped_node_out_entirely() -> None:
+    # Prepare / Execute
+    scaled, report = _round(RobustHead("deviationdrop", center_radius=2.0), 100.0)
+    flipped, _ = _round(RobustHead("deviationdrop", center_radius=2.0), -100.0)
+    honest = _honest_steps()
+    # Assert: exactly the mean of the four honest steps
+    others = honest.mean(0)
+    for arrays in (scaled, flipped):
+        assert np.allclose(_step(arrays), others, atol=1e-6)
+    assert [d["node_id"] for d in report.downweighted] == [11]
+    assert report.downweighted[0]["kept_share"] == 0.0
+    assert max(report.robust_spread) > 2.0
+    assert scaled[EVIDENCE_CLICKS][0] == pytest.approx(sum(NODES))
 
 
 def test_centered_clip_scales_golden_values() -> None:
@@ -181,6 +199,8 @@ def test_centered_clip_scales_golden_values() -> None:
     # Assert: median centre (0, 0); deviations 1, 1, 1, 1, 21; tau = 2 x 1
     assert centre == pytest.approx([0.0, 0.0])
     assert scales == pytest.approx([1.0, 1.0, 1.0, 1.0, 2.0 / 21.0])
+    _, dropped = centered_clip_scales(updates, radius=2.0, drop=True)
+    assert dropped == [1.0, 1.0, 1.0, 1.0, 0.0]
     with pytest.raises(ValueError, match="radius .*0.5"):
         centered_clip_scales(updates, radius=0.5)
     with pytest.raises(ValueError, match=r"\(5,\)"):

@@ -383,7 +383,8 @@ def test_recorder_writes_each_rounds_rejections_and_clips(tmp_path: Path) -> Non
     recorder(2, dict(REF))
     rows = json.loads((tmp_path / "metrics.json").read_text())["rounds"]
     empty: dict[str, list[Any]] = {"rejected": [], "clipped": [], "refused": [], "evidence": [],
-                                   "downweighted": [], "robust_clipped": []}
+                                   "downweighted": [], "robust_clipped": [],
+                                   "robust_spread": []}
     assert rows[0]["replies"] == {**empty, "rejected": [rejected]}
     assert rows[1]["replies"] == empty
 
