@@ -223,9 +223,45 @@ def run(
     return out
 
 
+# The per-node clamp candidates of docs/results.md (none = today's evidence, cap on).
+CLAMP_CANDIDATES: tuple[dict[str, Any], ...] = (
+    {"clamp": None}, {"clamp": 0.0}, {"clamp": 1.0}, {"clamp": 2.0}, {"clamp": 3.0},
+    {"clamp": 2.0, "clamp_mode": "loo"}, {"clamp": 1.0, "clamp_mode": "loo-median"},
+    {"clamp": 2.0, "clamp_mode": "loo-median"},
+)
+
+
+def clamp_rows(sizes: list[int]) -> None:
+    """Print (JSON lines) the clamp candidates' rows: every candidate at 0.1/1/5 % bots and
+    ε 1/8/inf (seen NDCG@10 at 1 %), adaptive bots (spread over regions; 4 % decoys) and
+    two more noise draws of the 100k / 1 % / ε 1 cell."""
+    def emit(**kw: Any) -> None:
+        print(json.dumps(run(**kw)), flush=True)
+
+    for users in sizes:
+        for eps in (1.0, 8.0, math.inf):
+            for frac in (0.001, 0.01, 0.05):
+                for cand in CLAMP_CANDIDATES:
+                    emit(fraction=frac, epsilon=eps, users=users, evaluate_seen=frac == 0.01,
+                         **cand)
+        for eps in (1.0, math.inf):
+            for cand in (CLAMP_CANDIDATES[0], CLAMP_CANDIDATES[3], CLAMP_CANDIDATES[7]):
+                emit(fraction=0.01, epsilon=eps, users=users, spread=True, **cand)
+                emit(fraction=0.01, epsilon=eps, users=users, decoys=0.04, **cand)
+                emit(fraction=0.05, epsilon=eps, users=users, spread=True, **cand)
+    if 100_000 in sizes:
+        for draw in (1, 2):
+            for cand in (CLAMP_CANDIDATES[0], CLAMP_CANDIDATES[3], CLAMP_CANDIDATES[7]):
+                emit(fraction=0.01, epsilon=1.0, users=100_000, draw=draw, evaluate_seen=True,
+                     **cand)
+
+
 if __name__ == "__main__":
     import sys
 
+    if "--clamps" in sys.argv:
+        clamp_rows([int(a) for a in sys.argv[1:] if a != "--clamps"] or [100_000, 10_000])
+        raise SystemExit(0)
     sizes = [int(a) for a in sys.argv[1:]] or [10_000, 100_000]
     for users in sizes:
         for eps in (1.0, 8.0, math.inf):
