@@ -44,13 +44,73 @@ from shared_model.world import WorldConfig, simulate_click_log
 _CACHE: dict[tuple[int, int], Any] = {}
 
 
-def bot_rows(num_bots: int, pair: int, *, sessions: int, rank: int, first_user: int
-             ) -> UserPairRows:
-    """``num_bots`` users, each ``sessions`` sessions clicking ``pair`` shown at ``rank``."""
+def bot_rows(num_bots: int, pair: int, *, sessions: int, rank: int, first_user: int,
+             click: bool = True) -> UserPairRows:
+    """``num_bots`` users, each ``sessions`` sessions clicking ``pair`` shown at ``rank``
+    (``click=False``: decoys, shown the pair without clicking it)."""
     users = np.repeat(np.arange(first_user, first_user + num_bots, dtype=np.int64), sessions)
     n = len(users)
-    return UserPairRows(user=users, pair=np.full(n, pair, np.int64), clicks=np.ones(n),
+    return UserPairRows(user=users, pair=np.full(n, pair, np.int64),
+                        clicks=np.full(n, 1.0 if click else 0.0),
                         exam=np.full(n, float(rank) ** -1.0), num_users=num_bots)
+
+
+def clamp_clicks_to_exam(
+    clicks: np.ndarray, exam: np.ndarray, noise_std: float, *, z: float
+) -> np.ndarray:
+    """Candidate (measured, not the default): ``min(clicks, exam + z sqrt(2) noise_std)``
+    per pair, for ONE node's noisy release (post-processing, no privacy cost).
+
+    Under the position-based click model a pair is not clicked more than it is examined
+    (attractiveness <= 1); ``sqrt(2) noise_std`` is the std of a node's clicks - exam noise.
+    """
+    clicks = np.asarray(clicks, dtype=np.float64)
+    exam = np.asarray(exam, dtype=np.float64)
+    if clicks.shape != exam.shape:
+        raise ValueError(f"clicks and exam shapes differ: {clicks.shape} vs {exam.shape}")
+    if not (math.isfinite(noise_std) and noise_std >= 0 and math.isfinite(z) and z >= 0):
+        raise ValueError(f"noise_std and z must be finite and >= 0, got {noise_std!r}, {z!r}")
+    return np.minimum(clicks, exam + z * math.sqrt(2.0) * noise_std)
+
+
+def loo_ratio_clamp(released: list[tuple[np.ndarray, np.ndarray]], noise_std: float, *,
+                    z: float, median: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Candidate (measured, not the default): cut each node's clicks on a pair to what the
+    OTHER nodes' click rate on that pair predicts for its exam, plus ``z`` sd.
+
+    ``rho = clip(Σ_other c / Σ_other e, 0, 1)``; ``c_r <= e_r rho + z sqrt(s²(1+rho²) +
+    e_r rho + e_r² Var(rho))``, ``Var(rho) ≈ (k s²(1+rho²) + E rho) / E²`` (noise + click
+    sampling; ``E = Σ_other e``, ``k`` other nodes). Only where ``E`` is beyond 3 noise sd.
+    Post-processing of the noisy releases (no privacy cost); regional taste differences are
+    not modelled (they are what it costs honest pairs). ``median``: ``rho`` is the median of
+    the other nodes' own rates (nodes with exam beyond 3 noise sd), so one node's bots do not
+    raise the others' caps."""
+    cs = np.stack([c for c, _ in released])
+    es = np.stack([e for _, e in released])
+    k = len(released) - 1
+    out = []
+    for r in range(len(released)):
+        oc, oe = cs.sum(0) - cs[r], es.sum(0) - es[r]
+        ok = oe > 3.0 * noise_std * math.sqrt(max(k, 1)) + 1.0
+        rho = np.clip(np.where(ok, oc / np.where(ok, oe, 1.0), 1.0), 0.0, 1.0)
+        if median:
+            others = [i for i in range(len(released)) if i != r]
+            good = es[others] > 3.0 * noise_std + 1.0
+            rates = np.where(good, cs[others] / np.where(good, es[others], 1.0), np.nan)
+            enough = good.sum(0) >= 2
+            med = np.nanmedian(np.where(enough, rates, 0.0), axis=0)
+            rho = np.where(enough, np.clip(med, 0.0, 1.0), rho)
+        er = np.maximum(es[r], 0.0)
+        var_rho = (k * noise_std**2 * (1 + rho**2) + np.maximum(oe, 1.0) * rho) / np.maximum(
+            oe, 1.0) ** 2
+        slack = z * np.sqrt(noise_std**2 * (1 + rho**2) + er * rho + er**2 * var_rho)
+        cap = np.where(ok, er * rho + slack, np.inf)
+        out.append((np.minimum(cs[r], cap), es[r]))
+    return out
+
+
+def _split(total: int, parts: int) -> list[int]:
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
 
 
 def _world(users: int, seed: int) -> Any:
@@ -74,10 +134,20 @@ def run(
     *, fraction: float, epsilon: float, users: int = 10_000, clip: float = 3.0,
     share: float = 0.75, delta: float = 1e-5, bot_rank: int = 10, seed: int = 0,
     query: str | None = None, evaluate_seen: bool = False, defence: bool = True,
+    clamp: float | None = None, spread: bool = False, decoys: float = 0.0, draw: int = 0,
+    clamp_mode: str = "exam",
 ) -> dict[str, Any]:
     """``defence``: the evidence's click fraud bound (each user's clicks on a pair count at
     most ``shared_model.evidence.MAX_CLICKS_PER_USER_PAIR`` times), for honest users and
-    bots alike; ``False`` measures the evidence without it."""
+    bots alike; ``False`` measures the evidence without it.
+
+    ``clamp``: ``z`` of the server's per-node examination-consistency clamp
+    (``shared_model.evidence.clamp_clicks_to_exam`` on each region's noisy release before
+    the sum; ``None``: off). Adaptive bots: ``spread`` puts the same number of bots in
+    every region in turn instead of region 0 only; ``decoys`` adds that fraction (of the
+    users) of extra bots that are shown the target without clicking it (to raise its
+    exam). ``draw`` picks another noise draw (0: the documented one). ``clamp_mode``
+    "loo": :func:`loo_ratio_clamp` instead (a measured candidate, not the default)."""
     builder, data, index, seen, rows = _world(users, seed)
     base = cosine_scorer(builder)
     region = sorted(rows)[0]
@@ -89,29 +159,43 @@ def run(
     target = min(pids, key=lambda p: (grades[p], float(zs[pids.index(p)])))
     pair = int(index.query_pairs(query, [target])[0])
     num_bots = int(round(fraction * rows[region].num_users))
+    num_decoys = int(round(decoys * rows[region].num_users))
+    regions = sorted(rows)
+    targets = regions if spread else [region]
+    bots_in = dict(zip(targets, _split(num_bots, len(targets)), strict=True))
+    decoys_in = dict(zip(targets, _split(num_decoys, len(targets)), strict=True))
     sigma = 0.0 if math.isinf(epsilon) else calibrate_noise_multiplier(
         target_epsilon=share * epsilon, delta=delta, sample_rate=1.0, steps=1)
-    rng = np.random.default_rng(seed + 1)
+    rng = np.random.default_rng(seed + 1 + 1000 * draw)
     noise = {r: (rng.normal(0, sigma * clip, index.num_pairs),
                  rng.normal(0, sigma * clip, index.num_pairs)) for r in rows}
 
     def model(with_bots: bool) -> EvidenceModel:
-        clicks = np.zeros(index.num_pairs)
-        exam = np.zeros(index.num_pairs)
+        released: list[tuple[np.ndarray, np.ndarray]] = []
         for r, rr in rows.items():
-            if with_bots and r == region and num_bots:
-                bots = bot_rows(num_bots, pair, sessions=2, rank=bot_rank,
-                                first_user=int(rr.user.max(initial=0)) + 1)
-                rr = UserPairRows(np.concatenate([rr.user, bots.user]),
-                                  np.concatenate([rr.pair, bots.pair]),
-                                  np.concatenate([rr.clicks, bots.clicks]),
-                                  np.concatenate([rr.exam, bots.exam]),
-                                  rr.num_users + num_bots)
+            if with_bots:
+                for n_bots, click in ((bots_in.get(r, 0), True), (decoys_in.get(r, 0), False)):
+                    if not n_bots:
+                        continue
+                    bots = bot_rows(n_bots, pair, sessions=2, rank=bot_rank, click=click,
+                                    first_user=int(rr.user.max(initial=0)) + 1)
+                    rr = UserPairRows(np.concatenate([rr.user, bots.user]),
+                                      np.concatenate([rr.pair, bots.pair]),
+                                      np.concatenate([rr.clicks, bots.clicks]),
+                                      np.concatenate([rr.exam, bots.exam]),
+                                      rr.num_users + n_bots)
             rr = cap_user_pair_clicks(rr, MAX_CLICKS_PER_USER_PAIR if defence else None)
             c, e, _ = clip_and_sum(rr.user, rr.pair, rr.clicks, rr.exam,
                                    num_pairs=index.num_pairs, clip_norm=clip)
-            clicks += c + noise[r][0]  # same noise draw with and without bots
-            exam += e + noise[r][1]
+            released.append((c + noise[r][0], e + noise[r][1]))  # same draw with/without bots
+        if clamp is not None and clamp_mode == "exam":  # the server's per-node clamp
+            released = [(clamp_clicks_to_exam(c, e, sigma * clip, z=clamp), e)
+                        for c, e in released]
+        elif clamp is not None and clamp_mode in ("loo", "loo-median"):
+            released = loo_ratio_clamp(released, sigma * clip, z=clamp,
+                                       median=clamp_mode == "loo-median")
+        clicks = np.sum([c for c, _ in released], axis=0)
+        exam = np.sum([e for _, e in released], axis=0)
         ev = {EVIDENCE_CLICKS: clicks, EVIDENCE_EXAM: exam,
               EVIDENCE_NOISE_VAR: np.array([len(rows) * (sigma * clip) ** 2])}
         return EvidenceModel(index, ev, base)
@@ -122,7 +206,9 @@ def run(
 
     clean, attacked = model(False), model(True)
     out: dict[str, Any] = {
-        "attack": "clickfraud", "defence": defence, "fraction": fraction,
+        "attack": "clickfraud", "defence": defence, "clamp": clamp, "spread": spread,
+        "decoys": num_decoys, "draw": draw,
+        "clamp_mode": clamp_mode, "fraction": fraction,
         "epsilon": "inf" if math.isinf(epsilon) else epsilon, "users": users,
         "bots": num_bots, "region": region, "query": query, "target": target,
         "pool": len(pids), "target_rank_before": rank(clean),
@@ -137,9 +223,45 @@ def run(
     return out
 
 
+# The per-node clamp candidates of docs/results.md (none = today's evidence, cap on).
+CLAMP_CANDIDATES: tuple[dict[str, Any], ...] = (
+    {"clamp": None}, {"clamp": 0.0}, {"clamp": 1.0}, {"clamp": 2.0}, {"clamp": 3.0},
+    {"clamp": 2.0, "clamp_mode": "loo"}, {"clamp": 1.0, "clamp_mode": "loo-median"},
+    {"clamp": 2.0, "clamp_mode": "loo-median"},
+)
+
+
+def clamp_rows(sizes: list[int]) -> None:
+    """Print (JSON lines) the clamp candidates' rows: every candidate at 0.1/1/5 % bots and
+    ε 1/8/inf (seen NDCG@10 at 1 %), adaptive bots (spread over regions; 4 % decoys) and
+    two more noise draws of the 100k / 1 % / ε 1 cell."""
+    def emit(**kw: Any) -> None:
+        print(json.dumps(run(**kw)), flush=True)
+
+    for users in sizes:
+        for eps in (1.0, 8.0, math.inf):
+            for frac in (0.001, 0.01, 0.05):
+                for cand in CLAMP_CANDIDATES:
+                    emit(fraction=frac, epsilon=eps, users=users, evaluate_seen=frac == 0.01,
+                         **cand)
+        for eps in (1.0, math.inf):
+            for cand in (CLAMP_CANDIDATES[0], CLAMP_CANDIDATES[3], CLAMP_CANDIDATES[7]):
+                emit(fraction=0.01, epsilon=eps, users=users, spread=True, **cand)
+                emit(fraction=0.01, epsilon=eps, users=users, decoys=0.04, **cand)
+                emit(fraction=0.05, epsilon=eps, users=users, spread=True, **cand)
+    if 100_000 in sizes:
+        for draw in (1, 2):
+            for cand in (CLAMP_CANDIDATES[0], CLAMP_CANDIDATES[3], CLAMP_CANDIDATES[7]):
+                emit(fraction=0.01, epsilon=1.0, users=100_000, draw=draw, evaluate_seen=True,
+                     **cand)
+
+
 if __name__ == "__main__":
     import sys
 
+    if "--clamps" in sys.argv:
+        clamp_rows([int(a) for a in sys.argv[1:] if a != "--clamps"] or [100_000, 10_000])
+        raise SystemExit(0)
     sizes = [int(a) for a in sys.argv[1:]] or [10_000, 100_000]
     for users in sizes:
         for eps in (1.0, 8.0, math.inf):
