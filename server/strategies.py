@@ -9,10 +9,14 @@ FedAvg/FedAdam average the replies, the head arrays (never the memorised evidenc
 summed) of the round's accepted replies go through one of Flower 1.42's robust strategies
 (FedTrimmedAvg, FedMedian, Krum, MultiKrum, Bulyan), and every reply's head is replaced by
 that robust aggregate, so the mean FedAvg (or FedAdam's pseudo-gradient) takes is the robust
-one. Per node, :class:`RobustHead` also says how much of its update the rule kept
-(``kept_share``): the share of head coordinates where its value entered the aggregate (Krum
-family: 1 if selected, else 0). A node kept at less than half the share the rule keeps of an
-average node is *down-weighted* (:data:`DOWNWEIGHT_FRACTION`): metrics.json and the server
+one; or through a rule that bounds updates itself (:data:`CLIP_RULES`: ``normbound``,
+``centeredclip`` and the default ``deviationdrop``, which leaves out an update farther from
+the coordinate-wise median than ``robust-center-radius`` x the median distance and is the
+plain mean in a round without one). Per node, :class:`RobustHead` also says how much of its
+update the rule kept (``kept_share``): the share of head coordinates where its value entered
+the aggregate (Krum family: 1 if selected, else 0; clip rules: the scale kept, 0 = left
+out). A node kept at less than half the share the rule keeps of an average node is
+*down-weighted* (:data:`DOWNWEIGHT_FRACTION`): metrics.json and the server
 ledger record it.
 
 Aggregated train metrics carry only public or DP-protected values: ``epsilon`` (the max over

@@ -156,7 +156,7 @@ class RunSettings:
     # fedtrimmedavg; the number of malicious nodes krum/multikrum/bulyan tolerate. Chosen by
     # measurement (docs/results.md, "Poisoning"). The device shape ignores it (SecAgg+ masks
     # each update: clipping + noise are the defence there).
-    robust_aggregation: str = "fedtrimmedavg"
+    robust_aggregation: str = "deviationdrop"
     robust_trim_beta: float = 0.2
     robust_malicious_nodes: int = 1
     # normbound: each head update is clipped to this multiple of the round's median update
