@@ -143,6 +143,7 @@ def run_regional(grid: Grid, settings: RunSettings) -> None:
         else None,
         evidence_released=[int(n) for n in released],
         robust=RobustHead.from_settings(settings),
+        evidence_rate_clamp=settings.evidence_rate_clamp,
     )
     checkpoint = run_dir.load_latest()
     if checkpoint is None:

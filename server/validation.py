@@ -36,7 +36,13 @@ from flwr.serverapp.strategy import Strategy
 
 from privacy.ledger import LedgerEvent
 from server.wrapping import DelegatingStrategy
-from shared_model.evidence import EVIDENCE_KEYS
+from shared_model.evidence import (
+    EVIDENCE_CLICKS,
+    EVIDENCE_EXAM,
+    EVIDENCE_KEYS,
+    EVIDENCE_NOISE_VAR,
+    median_rate_caps,
+)
 
 if TYPE_CHECKING:
     from server.evidence import EvidenceBound
@@ -355,6 +361,9 @@ def aggregation_events(
     actions += [(r["node"], f"down-weighted: {r['rule']} kept {100 * r['kept_share']:.1f}% "
                  f"of its update (an average node {100 * r['expected_share']:.1f}%)")
                 for r in report.downweighted]
+    actions += [(r["node"], f"evidence rate-clamped: {r['pairs']} pair(s), "
+                 f"{r['clicks_removed']:.4g} click(s) above the other nodes' rates removed")
+                for r in report.evidence if r.get("action") == "rate-clamped"]
     return [
         LedgerEvent(
             node=name, round=round_, mechanism="refusal", unit_of_privacy="user",
@@ -386,6 +395,7 @@ class ValidatingStrategy(DelegatingStrategy):
         evidence_bound: EvidenceBound | None = None,
         evidence_released: Iterable[int] = (),
         robust: RobustHead | None = None,
+        evidence_rate_clamp: float = math.inf,
     ) -> None:
         if not 0 < clip_norm <= reject_norm:
             raise ValueError(
@@ -400,6 +410,10 @@ class ValidatingStrategy(DelegatingStrategy):
         self.on_round = on_round
         self.evidence_bound = evidence_bound
         self.robust = robust
+        if not evidence_rate_clamp >= 0:
+            raise ValueError(f"evidence_rate_clamp must be >= 0 (inf: off), got "
+                             f"{evidence_rate_clamp!r}")
+        self.evidence_rate_clamp = evidence_rate_clamp
         # Node ids whose evidence was accepted (once per node; the server app persists it in
         # the run directory and passes it back on resume).
         self.evidence_released: set[int] = set(evidence_released)
@@ -512,6 +526,8 @@ class ValidatingStrategy(DelegatingStrategy):
             self._eps_history.setdefault(name, []).append(epsilon)
         if self.robust is not None and good:
             self._robust_round(server_round, good, report)
+        if not math.isinf(self.evidence_rate_clamp) and len(good) >= 3:
+            self._clamp_evidence_rates(server_round, good, report)
         if self.on_round is not None:
             self.on_round(server_round, report)
         if not good:
@@ -543,6 +559,47 @@ class ValidatingStrategy(DelegatingStrategy):
                                             "rule": self.robust.rule,
                                             "kept_share": round(share, 4),
                                             "expected_share": round(expected, 4)})
+
+    def _clamp_evidence_rates(self, server_round: int, good: list[Message],
+                              report: RoundReplies) -> None:
+        """Cap each releasing node's clicks per pair by the other nodes' click rates
+        (:func:`shared_model.evidence.median_rate_caps`; post-processing of DP releases)."""
+        if EVIDENCE_CLICKS not in self._sent:
+            return
+        base = {k: np.asarray(self._sent[k], np.float64) for k in EVIDENCE_KEYS}
+        releasing, clicks, exam, stds = [], [], [], []
+        for msg in good:
+            record = msg.content.array_records["arrays"]
+            d = {k: record[k].numpy().astype(np.float64) - base[k] for k in EVIDENCE_KEYS}
+            noise_var = float(d[EVIDENCE_NOISE_VAR].sum())
+            if noise_var <= 0 and not (d[EVIDENCE_CLICKS].any() or d[EVIDENCE_EXAM].any()):
+                continue  # released nothing this round
+            releasing.append(msg)
+            clicks.append(d[EVIDENCE_CLICKS])
+            exam.append(d[EVIDENCE_EXAM])
+            stds.append(math.sqrt(max(noise_var, 0.0)))
+        if len(releasing) < 3:  # a median of the others needs at least two others
+            return
+        caps = median_rate_caps(np.stack(clicks), np.stack(exam), np.asarray(stds),
+                                z=self.evidence_rate_clamp)
+        for msg, c, cap in zip(releasing, clicks, caps, strict=True):
+            capped = np.minimum(c, cap)
+            cut = capped < c
+            if not cut.any():
+                continue
+            record = msg.content.array_records["arrays"]
+            arrays = {k: record[k].numpy() for k in record}
+            arrays[EVIDENCE_CLICKS] = (base[EVIDENCE_CLICKS] + capped).astype(np.float32)
+            msg.content["arrays"] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+            node = msg.metadata.src_node_id
+            name = self.identity(node)
+            removed = float(np.sum(c - capped))
+            log.warning("round %s: capped the evidence clicks of node %s (%s) on %d pair(s) "
+                        "to the other nodes' click rates (%.4g clicks removed)", server_round,
+                        node, name, int(cut.sum()), removed)
+            report.evidence.append({"node_id": node, "node": name, "action": "rate-clamped",
+                                    "pairs": int(cut.sum()),
+                                    "clicks_removed": round(removed, 3)})
 
     def _note_claim(self, node: int, name: str, claimed: str | None) -> None:
         if claimed is None or claimed == name or self._claims.get(node) == claimed:

@@ -35,6 +35,7 @@ No Flower, no torch here.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -357,3 +358,66 @@ class EvidenceModel:
         c = np.where(known, self.clicks[np.maximum(pairs, 0)], 0.0)
         e = np.where(known, self.exam[np.maximum(pairs, 0)], 0.0)
         return shrunk_scores(c, e, z, self.prior, self.noise_var)
+
+
+def median_rate_caps(
+    clicks: np.ndarray, exam: np.ndarray, noise_std: np.ndarray, *, z: float
+) -> np.ndarray:
+    """Per node and pair, the most clicks the OTHER nodes' click rates allow (issue 11).
+
+    A click-fraud bound on the nodes' already-noised evidence releases (post-processing: no
+    privacy cost). For node ``r`` and a pair, ``rho`` is the median click rate (clicks /
+    exam) of the other nodes that saw the pair beyond 3 noise sd (at least two of them;
+    else the other nodes' pooled rate), clipped to [0, 1]; the cap is ``e_r rho`` plus ``z``
+    standard deviations of what an honest node would release: its noise, the click sampling
+    and ``rho``'s own error. Bots that click one product inside one region push that
+    region's rate far above the others'; honest regions differ by less than the slack.
+    The median (rather than the pooled rate) keeps one node's bots from raising the caps of
+    the others. Where the others saw the pair too little to compare, the cap is ``inf``.
+
+    Parameters
+    ----------
+    clicks, exam : np.ndarray
+        ``(k, P)``: each releasing node's noisy click and examination sums per pair.
+    noise_std : np.ndarray
+        ``(k,)``: each node's noise standard deviation per count (>= 0).
+    z : float
+        Slack in standard deviations (>= 0; ``inf`` = no cap).
+
+    Returns
+    -------
+    np.ndarray
+        ``(k, P)`` caps on ``clicks`` (``inf`` where nothing is capped).
+    """
+    cs = np.asarray(clicks, np.float64)
+    es = np.asarray(exam, np.float64)
+    s = np.asarray(noise_std, np.float64).reshape(-1)
+    if cs.ndim != 2 or cs.shape != es.shape or s.shape != (cs.shape[0],):
+        raise ValueError(f"need clicks and exam (k, P) and noise_std (k,), got {cs.shape}, "
+                         f"{es.shape} and {s.shape}")
+    if not (np.all(np.isfinite(s)) and np.all(s >= 0)):
+        raise ValueError(f"noise_std must be finite and >= 0, got {s.tolist()}")
+    if not z >= 0:
+        raise ValueError(f"z must be >= 0 (inf: no cap), got {z!r}")
+    k = cs.shape[0]
+    caps = np.full(cs.shape, np.inf)
+    if k < 3 or math.isinf(z):
+        return caps
+    good = es > 3.0 * s[:, None] + 1.0  # a node's own rate is worth comparing
+    rates = np.where(good, cs / np.where(good, es, 1.0), np.nan)
+    for r in range(k):
+        others = [i for i in range(k) if i != r]
+        oc, oe = cs[others].sum(0), es[others].sum(0)
+        pooled_ok = oe > 3.0 * math.sqrt(float(np.sum(s[others] ** 2))) + 1.0
+        rho = np.clip(np.where(pooled_ok, oc / np.where(pooled_ok, oe, 1.0), 1.0), 0.0, 1.0)
+        enough = good[others].sum(0) >= 2
+        # columns without two good rates are zeroed (then unused), so none is all-NaN
+        med = np.nanmedian(np.where(enough, rates[others], 0.0), axis=0)
+        rho = np.where(enough, np.clip(med, 0.0, 1.0), rho)
+        er = np.maximum(es[r], 0.0)
+        o_var = float(np.mean(s[others] ** 2))
+        safe_oe = np.maximum(oe, 1.0)
+        var_rho = ((k - 1) * o_var * (1 + rho**2) + safe_oe * rho) / safe_oe**2
+        slack = z * np.sqrt(s[r] ** 2 * (1 + rho**2) + er * rho + er**2 * var_rho)
+        caps[r] = np.where(pooled_ok | enough, er * rho + slack, np.inf)
+    return caps

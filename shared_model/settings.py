@@ -54,6 +54,7 @@ ROBUST_TRIM_BETA = "robust-trim-beta"
 ROBUST_MALICIOUS_NODES = "robust-malicious-nodes"
 ROBUST_NORM_FACTOR = "robust-norm-factor"
 ROBUST_CENTER_RADIUS = "robust-center-radius"
+EVIDENCE_RATE_CLAMP = "evidence-rate-clamp"
 DEVICE_AGGREGATE_CLIP = "device-aggregate-clip"
 
 # node_config keys (a node's own settings; never read from run config). Paths:
@@ -146,6 +147,11 @@ class RunSettings:
     # one user's [clicks, exam] contribution (sets the noise scale, not the guarantee).
     evidence_share: float = 0.0
     evidence_clip: float = 3.0
+    # Click fraud bound on the released evidence (issue 11; server.validation): each node's
+    # clicks on a pair are capped at what the other nodes' median click rate predicts for
+    # its exam plus this many standard deviations (inf = off). Post-processing of the DP
+    # releases; measured in docs/results.md, "Click fraud against the memorised evidence".
+    evidence_rate_clamp: float = 2.0
     # The served head (evaluated and released): moved this fraction of the way from its
     # zero-shot start (shared_model.state.shrink_state; 1 = as trained). Post-processing of
     # the global weights, chosen on seen queries only (docs/results.md, "Unseen floor").
@@ -197,6 +203,10 @@ class RunSettings:
             raise ValueError(f"{EVIDENCE_SHARE} must be in [0, 1), got {self.evidence_share!r}")
         if not (self.evidence_clip > 0 and math.isfinite(self.evidence_clip)):
             raise ValueError(f"{EVIDENCE_CLIP} must be finite and > 0, got {self.evidence_clip!r}")
+        if not self.evidence_rate_clamp >= 0:
+            raise ValueError(
+                f"{EVIDENCE_RATE_CLAMP} must be >= 0 (inf: off), got {self.evidence_rate_clamp!r}"
+            )
         if not 0 <= self.head_shrink <= 1:
             raise ValueError(f"head-shrink must be in [0, 1], got {self.head_shrink!r}")
         if self.robust_aggregation not in ROBUST_RULES:

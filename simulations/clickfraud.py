@@ -36,6 +36,7 @@ from shared_model.evidence import (
     EvidenceModel,
     UserPairRows,
     cap_user_pair_clicks,
+    median_rate_caps,
     user_pair_rows,
 )
 from shared_model.partition import partition_regional
@@ -74,17 +75,15 @@ def clamp_clicks_to_exam(
 
 
 def loo_ratio_clamp(released: list[tuple[np.ndarray, np.ndarray]], noise_std: float, *,
-                    z: float, median: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
+                    z: float) -> list[tuple[np.ndarray, np.ndarray]]:
     """Candidate (measured, not the default): cut each node's clicks on a pair to what the
-    OTHER nodes' click rate on that pair predicts for its exam, plus ``z`` sd.
+    OTHER nodes' pooled click rate on that pair predicts for its exam, plus ``z`` sd.
 
     ``rho = clip(Σ_other c / Σ_other e, 0, 1)``; ``c_r <= e_r rho + z sqrt(s²(1+rho²) +
     e_r rho + e_r² Var(rho))``, ``Var(rho) ≈ (k s²(1+rho²) + E rho) / E²`` (noise + click
     sampling; ``E = Σ_other e``, ``k`` other nodes). Only where ``E`` is beyond 3 noise sd.
-    Post-processing of the noisy releases (no privacy cost); regional taste differences are
-    not modelled (they are what it costs honest pairs). ``median``: ``rho`` is the median of
-    the other nodes' own rates (nodes with exam beyond 3 noise sd), so one node's bots do not
-    raise the others' caps."""
+    The default, :func:`shared_model.evidence.median_rate_caps`, takes the median of the
+    other nodes' rates instead, so one node's bots do not raise the others' caps."""
     cs = np.stack([c for c, _ in released])
     es = np.stack([e for _, e in released])
     k = len(released) - 1
@@ -93,13 +92,6 @@ def loo_ratio_clamp(released: list[tuple[np.ndarray, np.ndarray]], noise_std: fl
         oc, oe = cs.sum(0) - cs[r], es.sum(0) - es[r]
         ok = oe > 3.0 * noise_std * math.sqrt(max(k, 1)) + 1.0
         rho = np.clip(np.where(ok, oc / np.where(ok, oe, 1.0), 1.0), 0.0, 1.0)
-        if median:
-            others = [i for i in range(len(released)) if i != r]
-            good = es[others] > 3.0 * noise_std + 1.0
-            rates = np.where(good, cs[others] / np.where(good, es[others], 1.0), np.nan)
-            enough = good.sum(0) >= 2
-            med = np.nanmedian(np.where(enough, rates, 0.0), axis=0)
-            rho = np.where(enough, np.clip(med, 0.0, 1.0), rho)
         er = np.maximum(es[r], 0.0)
         var_rho = (k * noise_std**2 * (1 + rho**2) + np.maximum(oe, 1.0) * rho) / np.maximum(
             oe, 1.0) ** 2
@@ -191,9 +183,14 @@ def run(
         if clamp is not None and clamp_mode == "exam":  # the server's per-node clamp
             released = [(clamp_clicks_to_exam(c, e, sigma * clip, z=clamp), e)
                         for c, e in released]
-        elif clamp is not None and clamp_mode in ("loo", "loo-median"):
-            released = loo_ratio_clamp(released, sigma * clip, z=clamp,
-                                       median=clamp_mode == "loo-median")
+        elif clamp is not None and clamp_mode in ("median", "loo-median"):  # server default
+            caps = median_rate_caps(np.stack([c for c, _ in released]),
+                                    np.stack([e for _, e in released]),
+                                    np.full(len(released), sigma * clip), z=clamp)
+            released = [(np.minimum(c, cap), e)
+                        for (c, e), cap in zip(released, caps, strict=True)]
+        elif clamp is not None and clamp_mode == "loo":
+            released = loo_ratio_clamp(released, sigma * clip, z=clamp)
         clicks = np.sum([c for c, _ in released], axis=0)
         exam = np.sum([e for _, e in released], axis=0)
         ev = {EVIDENCE_CLICKS: clicks, EVIDENCE_EXAM: exam,

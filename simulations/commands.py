@@ -49,7 +49,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         attack, and node 0 of the scenario poisoning every train reply), the same defence
         (on: the default robust rule `robust-aggregation` + the server's update clip; off:
         the plain mean + the clip). clickfraud: bots among one region's users, Flower-free
-        evidence pipeline (simulations.clickfraud); defence on = the evidence fraud bounds.
+        evidence pipeline (simulations.clickfraud); defence on = the evidence fraud bounds (the
+        node's per-pair click cap and the server's rate clamp).
         Device scenarios (scale|signflip): a seeded 10% of devices poison their update
         (--attacker); defence on = the server's aggregate clip (server.device.AggregateClip),
         off = the devices' clip and the noise only."""
@@ -84,11 +85,14 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             typer.echo(f"error: {exc.args[0]}", err=True)
             raise typer.Exit(2) from None
         if attack == "clickfraud":
+            from shared_model.settings import RunSettings
             from simulations.clickfraud import run as clickfraud_run
 
+            on = defence == "on"  # the node's per-pair click cap + the server's rate clamp
             result = clickfraud_run(fraction=strength, epsilon=eps,
                                     users=chosen.world.num_users, evaluate_seen=True,
-                                    defence=defence == "on")
+                                    defence=on, clamp_mode="median",
+                                    clamp=RunSettings.evidence_rate_clamp if on else None)
             out = {"attack": attack, "defence": defence, "no_attack": result["no_attack"],
                    "attacked": result["attacked"],
                    "target_rank_before": result["target_rank_before"],

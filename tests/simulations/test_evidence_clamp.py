@@ -1,6 +1,7 @@
-"""The click fraud clamps measured in simulations.clickfraud (candidates, not the default).
+"""The click fraud clamps measured in simulations.clickfraud: the candidates and the
+server's default (``shared_model.evidence.median_rate_caps``).
 
-Both are server-side post-processing of each node's already-noised evidence release.
+All are server-side post-processing of each node's already-noised evidence release.
 Synthetic arrays only (no world), so these run in milliseconds.
 """
 
@@ -11,6 +12,7 @@ import math
 import numpy as np
 import pytest
 
+from shared_model.evidence import median_rate_caps
 from simulations.clickfraud import clamp_clicks_to_exam, loo_ratio_clamp
 
 
@@ -48,13 +50,22 @@ def _regions(bot_clicks: float) -> list[tuple[np.ndarray, np.ndarray]]:
     return released
 
 
+def _median_clamp(released: list[tuple[np.ndarray, np.ndarray]], noise_std: float, *,
+                  z: float) -> list[tuple[np.ndarray, np.ndarray]]:
+    caps = median_rate_caps(np.stack([c for c, _ in released]),
+                            np.stack([e for _, e in released]),
+                            np.full(len(released), noise_std), z=z)
+    return [(np.minimum(c, cap), e) for (c, e), cap in zip(released, caps, strict=True)]
+
+
 @pytest.mark.parametrize("median", [False, True])
 def test_loo_clamp_cuts_the_bot_region_and_leaves_honest_regions(median: bool) -> None:
     # Prepare
     honest, attacked = _regions(0.0), _regions(200.0)
+    clamp = _median_clamp if median else loo_ratio_clamp
     # Execute
-    out_honest = loo_ratio_clamp(honest, 10.0, z=2.0, median=median)
-    out_attacked = loo_ratio_clamp(attacked, 10.0, z=2.0, median=median)
+    out_honest = clamp(honest, 10.0, z=2.0)
+    out_attacked = clamp(attacked, 10.0, z=2.0)
     # Assert: honest releases pass unchanged; the bots' node keeps less than half their pull.
     for (c, e), (c2, e2) in zip(honest, out_honest, strict=True):
         assert np.array_equal(c, c2) and np.array_equal(e, e2)
@@ -62,3 +73,21 @@ def test_loo_clamp_cuts_the_bot_region_and_leaves_honest_regions(median: bool) -
     assert 0.0 < kept < 100.0
     assert out_attacked[0][0][0] == 250.0  # the node's other pair is untouched
     assert all(np.array_equal(out_attacked[i][0], attacked[i][0]) for i in range(1, 5))
+
+
+def test_median_rate_caps_golden_values_and_bad_input() -> None:
+    # Prepare: three nodes, one pair, rates 0.5 / 0.4 / 0.6 on 100 exam each, no noise
+    clicks = np.array([[50.0], [40.0], [60.0]])
+    exam = np.full((3, 1), 100.0)
+    # Execute
+    caps = median_rate_caps(clicks, exam, np.zeros(3), z=0.0)
+    # Assert: with z = 0 the cap is exam x the median of the other two rates
+    assert caps[:, 0] == pytest.approx([100 * 0.5, 100 * 0.55, 100 * 0.45])
+    assert np.all(np.isinf(median_rate_caps(clicks, exam, np.zeros(3), z=math.inf)))
+    assert np.all(np.isinf(median_rate_caps(clicks[:2], exam[:2], np.zeros(2), z=2.0)))
+    with pytest.raises(ValueError, match="z must be >= 0"):
+        median_rate_caps(clicks, exam, np.zeros(3), z=-1.0)
+    with pytest.raises(ValueError, match=r"and \(2,\)"):
+        median_rate_caps(clicks, exam, np.zeros(2), z=2.0)
+    with pytest.raises(ValueError, match="nan"):
+        median_rate_caps(clicks, exam, np.array([0.0, math.nan, 0.0]), z=2.0)
