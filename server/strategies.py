@@ -269,7 +269,7 @@ class RobustHead:
     """
 
     def __init__(self, rule: str, *, trim_beta: float = 0.2, malicious_nodes: int = 1,
-                 norm_factor: float = 1.5, center_radius: float = 2.0) -> None:
+                 norm_factor: float = 1.5, center_radius: float = 3.0) -> None:
         robust_strategy(rule, trim_beta=trim_beta, malicious_nodes=malicious_nodes,
                         num_nodes=0)  # validates the arguments, naming a bad one
         if not (norm_factor >= 1 and np.isfinite(norm_factor)):

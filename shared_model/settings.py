@@ -172,7 +172,7 @@ class RunSettings:
     # clipped to this multiple of the median deviation, then the plain mean (Karimireddy et
     # al. 2021's centered clipping, with a robust centre and a radius that follows the honest
     # spread); deviationdrop: an update beyond it is left out instead.
-    robust_center_radius: float = 2.0
+    robust_center_radius: float = 3.0
     # Device shape (server.device.AggregateClip; issue 11): bound the round's mean update to
     # the devices' clip norm before the noise (a no-op without an attacker; measured in
     # docs/results.md, "Malicious devices under SecAgg+").
