@@ -151,6 +151,21 @@ def _baselines(obj: Any) -> dict[str, dict[str, dict[str, float]]]:
     return out
 
 
+def _reply_reason(kind: str, item: Mapping[str, Any]) -> str:
+    """One line on what the server did with a reply (metrics.json ``replies`` entries)."""
+    if kind == "clipped":
+        norm = _num(item.get("norm"))
+        return f"update norm {norm:.4g} clipped" if isinstance(norm, float) else ""
+    if kind == "downweighted":
+        share = _num(item.get("kept_share"))
+        kept = f"{100 * share:.0f}%" if isinstance(share, float) else "?"
+        return f"{item.get('rule', 'robust rule')} kept {kept} of the update"
+    if kind == "evidence":
+        return (f"evidence clicks capped to the other nodes' rates on "
+                f"{item.get('pairs', '?')} pair(s)")
+    return str(item.get("reason", ""))
+
+
 def _replies_from_rows(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for row in rows:
@@ -158,19 +173,17 @@ def _replies_from_rows(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]
         rnd = row.get("round")
         if not isinstance(replies, Mapping) or not isinstance(rnd, int):
             continue
-        for kind in ("rejected", "refused", "clipped"):
+        for kind in ("rejected", "refused", "clipped", "downweighted", "evidence"):
             items = replies.get(kind)
             if not isinstance(items, list):
                 continue
             for item in items:
                 if not isinstance(item, Mapping):
                     continue
+                if kind == "evidence" and item.get("action") != "rate-clamped":
+                    continue  # bounded / dropped evidence: shown in the audit report
                 node = item.get("node") or f"node-{item.get('node_id', '?')}"
-                if kind == "clipped":
-                    norm = _num(item.get("norm"))
-                    reason = f"update norm {norm:.4g} clipped" if isinstance(norm, float) else ""
-                else:
-                    reason = item.get("reason", "")
+                reason = _reply_reason(kind, item)
                 out.append({"round": rnd, "kind": kind, "node": _text(node, MAX_NAME),
                             "reason": _text(reason)})  # fmt: skip
     return out
@@ -278,8 +291,8 @@ def _nodes(
             entry["last"] = last
     for reply in replies:
         entry = node(reply["node"])
-        if reply["kind"] == "clipped":
-            continue
+        if reply["kind"] in ("clipped", "downweighted", "evidence"):
+            continue  # the node replied and trained; the server bounded what it sent
         if entry["last"] is None or reply["round"] >= entry["last"]["round"]:
             kind = "reply rejected" if reply["kind"] == "rejected" else "refused"
             entry["last"] = {"round": reply["round"], "kind": kind, "detail": reply["reason"]}

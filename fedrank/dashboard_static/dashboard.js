@@ -175,7 +175,7 @@ function tables(state) {
     cell(tr, r.node);
     cell(tr, r.kind);
     cell(tr, r.reason);
-    if (r.kind === "rejected") tr.className = "bad";
+    if (r.kind === "rejected" || r.kind === "downweighted") tr.className = "bad";
   }, "none: every reply so far was used");
   const key = state.release_key;
   document.getElementById("release-key").textContent = key

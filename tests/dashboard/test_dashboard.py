@@ -50,10 +50,22 @@ def test_reply_summaries_and_log_fallback(tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     metrics["rounds"][1]["replies"]["rejected"] = [
         {"node_id": 7, "node": "north", "reason": "unexpected metric(s) ['x']"}]
+    metrics["rounds"][1]["replies"]["downweighted"] = [
+        {"node_id": 8, "node": "east", "rule": "deviationdrop", "kept_share": 0.0,
+         "expected_share": 1.0}]
+    metrics["rounds"][0]["replies"]["evidence"] = [
+        {"node_id": 9, "node": "west", "action": "rate-clamped", "pairs": 3,
+         "clicks_removed": 40.0},
+        {"node_id": 9, "node": "west", "action": "dropped"}]
     (run / "metrics.json").write_text(json.dumps(metrics))
     state = collect_state(run)
-    assert state["replies"] == [{"round": 2, "kind": "rejected", "node": "north",
-                                 "reason": "unexpected metric(s) ['x']"}]
+    assert state["replies"] == [
+        {"round": 1, "kind": "evidence", "node": "west",
+         "reason": "evidence clicks capped to the other nodes' rates on 3 pair(s)"},
+        {"round": 2, "kind": "rejected", "node": "north",
+         "reason": "unexpected metric(s) ['x']"},
+        {"round": 2, "kind": "downweighted", "node": "east",
+         "reason": "deviationdrop kept 0% of the update"}]
     # A metrics file without reply summaries: the server's warnings in flower.log.
     for row in metrics["rounds"]:
         del row["replies"]
