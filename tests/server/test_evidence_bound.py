@@ -7,15 +7,14 @@ server app wires them.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pytest
+from flower_round import FixedGrid
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
-from flwr.supercore.task_identity import TaskIdentity
 
 from server.evidence import MAX_USERS_PER_NODE, NOISE_TAIL, EvidenceBound, EvidenceSumming
 from server.strategies import aggregate_train_metrics
@@ -33,18 +32,6 @@ METRICS = {"num-examples": 1.0, "steps": 4.0, "epsilon": 0.5, "release-round": 0
 NODES = [11, 22, 33]
 BOUND = EvidenceBound(clip=3.0, noise_std=2.0, max_users=10)
 SIGNAL = BOUND.max_users * BOUND.clip  # 30
-
-
-@pytest.fixture
-def task_identity(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    for attr in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, attr, 1)
-    yield
-
-
-class _Grid:
-    def get_node_ids(self) -> list[int]:
-        return list(NODES)
 
 
 def _content(**changes: Any) -> RecordDict:
@@ -71,7 +58,7 @@ def _strategy() -> tuple[ValidatingStrategy, list[RoundReplies]]:
 def _round(strategy: ValidatingStrategy, rnd: int, sent: dict[str, np.ndarray],
            contents: dict[int, RecordDict]) -> dict[str, np.ndarray]:
     msgs = list(strategy.configure_train(rnd, ArrayRecord({k: Array(v) for k, v in sent.items()}),
-                                         ConfigRecord(), _Grid()))  # type: ignore[arg-type]
+                                         ConfigRecord(), FixedGrid(NODES)))  # type: ignore[arg-type]
     replies = [Message(contents[m.metadata.dst_node_id], reply_to=m) for m in msgs]
     arrays, _ = strategy.aggregate_train(rnd, replies)
     assert arrays is not None

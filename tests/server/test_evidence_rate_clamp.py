@@ -3,14 +3,12 @@ a pair are capped by the other nodes' click rates before the sum, recorded per n
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flower_round import one_round
 from flwr.serverapp.strategy import FedAvg
-from flwr.supercore.task_identity import TaskIdentity
 
 from server.evidence import EvidenceSumming
 from server.strategies import aggregate_train_metrics
@@ -18,22 +16,12 @@ from server.validation import RoundReplies, ValidatingStrategy, aggregation_even
 from shared_model.evidence import EVIDENCE_CLICKS, EVIDENCE_EXAM, EVIDENCE_NOISE_VAR
 from shared_model.settings import RunSettings
 
+pytestmark = pytest.mark.usefixtures("task_identity")
+
 NODES = [11, 22, 33, 44, 55]
 HEAD = {"w": np.zeros((1, 4), np.float32)}
 METRICS = {"num-examples": 1.0, "steps": 4.0, "epsilon": 0.5, "release-round": 0.0}
 NOISE_STD = 5.0
-
-
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    for attr in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, attr, 1)
-    yield
-
-
-class _Grid:
-    def get_node_ids(self) -> list[int]:
-        return list(NODES)
 
 
 def _round(bot_clicks: float, *, clamp: float) -> tuple[dict[str, np.ndarray], RoundReplies]:
@@ -47,25 +35,18 @@ def _round(bot_clicks: float, *, clamp: float) -> tuple[dict[str, np.ndarray], R
     sent_arrays = {**HEAD, EVIDENCE_CLICKS: np.zeros(2, np.float32),
                    EVIDENCE_EXAM: np.zeros(2, np.float32),
                    EVIDENCE_NOISE_VAR: np.zeros(1, np.float32)}
-    sent = list(strategy.configure_train(
-        1, ArrayRecord({k: Array(v) for k, v in sent_arrays.items()}), ConfigRecord(),
-        _Grid()))  # type: ignore[arg-type]
-    replies = []
-    for msg in sent:
-        node = msg.metadata.dst_node_id
-        arrays: dict[str, Any] = {
+
+    def reply_for(node: int) -> dict[str, Any]:
+        return {
             **HEAD,
             EVIDENCE_CLICKS: np.array([200.0, 200.0 + (bot_clicks if node == 11 else 0.0)],
                                       np.float32),
             EVIDENCE_EXAM: np.array([400.0, 400.0], np.float32),
             EVIDENCE_NOISE_VAR: np.array([NOISE_STD**2], np.float32),
         }
-        content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-                              "metrics": MetricRecord(dict(METRICS))})
-        replies.append(Message(content, reply_to=msg))
-    out, _ = strategy.aggregate_train(1, replies)
-    assert out is not None
-    return {k: v.numpy() for k, v in out.items()}, reports[0]
+
+    out = one_round(strategy, sent_arrays, NODES, reply_for, METRICS)
+    return out, reports[0]
 
 
 def test_a_bot_heavy_node_is_capped_to_the_other_nodes_rate_and_recorded() -> None:

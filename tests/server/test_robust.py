@@ -3,14 +3,12 @@ with the memorised evidence still summed, and what the server records about each
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flower_round import one_round
 from flwr.serverapp.strategy import FedAvg
-from flwr.supercore.task_identity import TaskIdentity
 
 from privacy.audit import AGGREGATION_DETAIL_PREFIX
 from server.evidence import EvidenceSumming
@@ -25,6 +23,8 @@ from server.validation import CLIP_UPDATE_NORM, RoundReplies, ValidatingStrategy
 from shared_model.evidence import EVIDENCE_CLICKS, EVIDENCE_EXAM, EVIDENCE_NOISE_VAR
 from shared_model.settings import RunSettings
 
+pytestmark = pytest.mark.usefixtures("task_identity")
+
 NODES = [11, 22, 33, 44, 55]
 HEAD = {"w": np.zeros((1, 40), np.float32), "b": np.zeros(1, np.float32)}
 EVIDENCE = {EVIDENCE_CLICKS: np.zeros(3, np.float32), EVIDENCE_EXAM: np.zeros(3, np.float32),
@@ -34,18 +34,6 @@ METRICS = {"num-examples": 1.0, "steps": 4.0, "epsilon": 0.5, "release-round": 0
 _RNG = np.random.default_rng(0)
 HONEST = {n: {k: (0.02 + 0.01 * _RNG.normal(size=v.shape)).astype(np.float32)
               for k, v in HEAD.items()} for n in NODES}
-
-
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    for attr in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, attr, 1)
-    yield
-
-
-class _Grid:
-    def get_node_ids(self) -> list[int]:
-        return list(NODES)
 
 
 def _round(robust: RobustHead | None, attacker_factor: float | None
@@ -58,23 +46,17 @@ def _round(robust: RobustHead | None, attacker_factor: float | None
     strategy = ValidatingStrategy(EvidenceSumming(inner), robust=robust,
                                   on_round=lambda _, r: reports.append(r))
     sent_arrays = {**HEAD, **EVIDENCE}
-    sent = list(strategy.configure_train(
-        1, ArrayRecord({k: Array(v) for k, v in sent_arrays.items()}), ConfigRecord(),
-        _Grid()))  # type: ignore[arg-type]
-    replies = []
-    for msg in sent:
-        node = msg.metadata.dst_node_id
+
+    def reply_for(node: int) -> dict[str, Any]:
         factor = 1.0 if node != 11 or attacker_factor is None else attacker_factor
         arrays: dict[str, Any] = {k: v + np.float32(factor) * HONEST[node][k]
                                   for k, v in HEAD.items()}
         arrays.update({k: v.copy() for k, v in EVIDENCE.items()})
         arrays[EVIDENCE_CLICKS] = np.array([node, 0, 0], np.float32)
-        content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-                              "metrics": MetricRecord(dict(METRICS))})
-        replies.append(Message(content, reply_to=msg))
-    out, _ = strategy.aggregate_train(1, replies)
-    assert out is not None
-    return {k: v.numpy() for k, v in out.items()}, reports[0]
+        return arrays
+
+    out = one_round(strategy, sent_arrays, NODES, reply_for, METRICS)
+    return out, reports[0]
 
 
 def _honest_steps() -> np.ndarray:

@@ -9,16 +9,15 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pytest
+from flower_round import FixedGrid
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
-from flwr.supercore.task_identity import TaskIdentity
 
 from client.faults import FORGED_REASON, REPLY_FAULTS, tamper
 from server.checkpoint import RunDirectory
@@ -193,19 +192,6 @@ def test_constructor_names_bad_bounds() -> None:
 # -- a whole round: the wrapper around Flower's FedAvg ----------------------------------
 
 
-@pytest.fixture
-def task_identity(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Flower's Message needs the identity a ServerApp process has."""
-    for attr in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, attr, 1)
-    yield
-
-
-class _Grid:
-    def get_node_ids(self) -> list[int]:
-        return list(NODES)
-
-
 HONEST = {11: 0.1, 22: 0.2, 33: 0.3}  # each node moves every weight by this
 
 
@@ -225,7 +211,7 @@ def _run_round(
     claims: dict[int, str] | None = None,
 ) -> tuple[ArrayRecord | None, MetricRecord | None]:
     sent = list(strategy.configure_train(1, ArrayRecord({k: Array(v) for k, v in REF.items()}),
-                                         ConfigRecord(), _Grid()))  # type: ignore[arg-type]
+                                         ConfigRecord(), FixedGrid(NODES)))  # type: ignore[arg-type]
     replies = []
     for msg in sent:
         node = msg.metadata.dst_node_id
@@ -318,7 +304,7 @@ def test_rejection_reasons_are_escaped(
     # A metric key carrying a newline and a console line of its own.
     strategy, _ = _strategy()
     sent = list(strategy.configure_train(1, ArrayRecord({k: Array(v) for k, v in REF.items()}),
-                                         ConfigRecord(), _Grid()))  # type: ignore[arg-type]
+                                         ConfigRecord(), FixedGrid(NODES)))  # type: ignore[arg-type]
     content = _honest(11, "x")
     content["metrics"] = MetricRecord({**OK_METRICS, "k\n[fedrank] round 9/9: done": 1.0})
     with caplog.at_level(logging.INFO, logger="fedrank.server"):
