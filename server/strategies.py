@@ -203,12 +203,17 @@ def centered_clip_scales(
     scales : list[float]
         Per update, the share of its deviation from the centre that is kept (1.0 = all).
     """
+    centre, dev = median_deviations(updates)
+    return centre, ball_scales(dev, radius=radius, drop=drop)
+
+
+def ball_scales(dev: np.ndarray, *, radius: float, drop: bool) -> list[float]:
+    """Per distance ``d_i``, the share kept inside ``tau = radius x median(d)``: 1 within
+    it, else ``tau / d_i`` (clip) or 0 (``drop``)."""
     if not (radius >= 1 and np.isfinite(radius)):
         raise ValueError(f"radius must be finite and >= 1, got {radius!r}")
-    centre, dev = median_deviations(updates)
     tau = radius * float(np.median(dev)) if len(dev) else 0.0
-    scales = [1.0 if d <= tau else (0.0 if drop else tau / d) for d in dev.tolist()]
-    return centre, scales
+    return [1.0 if d <= tau else (0.0 if drop else tau / d) for d in dev.tolist()]
 
 
 def centered_aggregate(updates: np.ndarray, centre: np.ndarray, scales: list[float], *,
@@ -356,30 +361,24 @@ class RobustHead:
     def _centered_clip(self, replies: list[Message], sent: Mapping[str, np.ndarray]
                        ) -> list[float]:
         deltas = _head_deltas(replies, sent)
-        self.last_spread = []
         if len(deltas) < 3:  # the median of two is their mean: nothing to measure against
             return [1.0] * len(deltas)
         keys = sorted(deltas[0])
         flat = np.stack([np.concatenate([d[k].ravel() for k in keys]) for d in deltas])
         drop = self.rule == "deviationdrop"
-        centre, scales = centered_clip_scales(flat, radius=self.center_radius, drop=drop)
-        _, dev = median_deviations(flat)
+        centre, dev = median_deviations(flat)
+        scales = ball_scales(dev, radius=self.center_radius, drop=drop)
         median = float(np.median(dev))
         self.last_spread = [round(float(d) / median, 3) if median > 0 else 0.0 for d in dev]
         if min(scales) >= 1.0:
             return scales  # nobody outside the ball: the replies' own plain mean, untouched
         step = centered_aggregate(flat, centre, scales, drop=drop)
+        sizes = np.cumsum([deltas[0][k].size for k in keys])[:-1]
+        step_by_key = {k: part.reshape(deltas[0][k].shape)
+                       for k, part in zip(keys, np.split(step, sizes), strict=True)}
         # every reply carries the rule's aggregate, so FedAvg's uniform mean is exactly it
         for msg in replies:
-            record = msg.content.array_records["arrays"]
-            merged, offset = {}, 0
-            for k in keys:
-                size = deltas[0][k].size
-                merged[k] = (np.asarray(sent[k], np.float64) + step[offset:offset + size]
-                             .reshape(deltas[0][k].shape)).astype(np.float32)
-                offset += size
-            msg.content["arrays"] = ArrayRecord({
-                k: Array(merged[k] if k in merged else record[k].numpy()) for k in record})
+            _set_head(msg, sent, step_by_key)
         return scales
 
     def _norm_bound(self, replies: list[Message], sent: Mapping[str, np.ndarray]
@@ -388,12 +387,8 @@ class RobustHead:
         norms = [float(np.sqrt(sum(float(np.sum(v * v)) for v in d.values()))) for d in deltas]
         scales = norm_bound_scales(norms, factor=self.norm_factor)
         for msg, delta, scale in zip(replies, deltas, scales, strict=True):
-            if scale >= 1.0:
-                continue
-            record = msg.content.array_records["arrays"]
-            merged = {k: (np.asarray(sent[k], np.float64) + scale * delta[k]).astype(np.float32)
-                      if k in delta else record[k].numpy() for k in record}
-            msg.content["arrays"] = ArrayRecord({k: Array(v) for k, v in merged.items()})
+            if scale < 1.0:
+                _set_head(msg, sent, {k: scale * v for k, v in delta.items()})
         return scales
 
 
@@ -406,3 +401,12 @@ def _head_deltas(replies: list[Message], sent: Mapping[str, np.ndarray]
         deltas.append({k: record[k].numpy().astype(np.float64) - np.asarray(sent[k], np.float64)
                        for k in record if k not in EVIDENCE_KEYS})
     return deltas
+
+
+def _set_head(msg: Message, sent: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray]
+              ) -> None:
+    """Set the reply's head arrays to ``sent + delta`` (float32); its evidence untouched."""
+    record = msg.content.array_records["arrays"]
+    merged = {k: (np.asarray(sent[k], np.float64) + delta[k]).astype(np.float32)
+              if k in delta else record[k].numpy() for k in record}
+    msg.content["arrays"] = ArrayRecord({k: Array(v) for k, v in merged.items()})

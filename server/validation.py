@@ -473,7 +473,8 @@ class ValidatingStrategy(DelegatingStrategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        good = []
+        good: list[Message] = []
+        releasing: list[Message] = []  # accepted replies that added evidence this round
         report = RoundReplies()
         for msg in replies:
             node = msg.metadata.src_node_id
@@ -521,13 +522,15 @@ class ValidatingStrategy(DelegatingStrategy):
                                         **{k: round(float(v), 6) for k, v in cut.items()}})
             msg.content = checked.content()
             good.append(msg)
+            if checked.evidence_added:
+                releasing.append(msg)
             epsilon = checked.metrics["epsilon"]
             self.node_epsilon[name] = epsilon
             self._eps_history.setdefault(name, []).append(epsilon)
         if self.robust is not None and good:
             self._robust_round(server_round, good, report)
-        if not math.isinf(self.evidence_rate_clamp) and len(good) >= 3:
-            self._clamp_evidence_rates(server_round, good, report)
+        if not math.isinf(self.evidence_rate_clamp) and len(releasing) >= 3:
+            self._clamp_evidence_rates(server_round, releasing, report)
         if self.on_round is not None:
             self.on_round(server_round, report)
         if not good:
@@ -560,26 +563,21 @@ class ValidatingStrategy(DelegatingStrategy):
                                             "kept_share": round(share, 4),
                                             "expected_share": round(expected, 4)})
 
-    def _clamp_evidence_rates(self, server_round: int, good: list[Message],
+    def _clamp_evidence_rates(self, server_round: int, releasing: list[Message],
                               report: RoundReplies) -> None:
         """Cap each releasing node's clicks per pair by the other nodes' click rates
-        (:func:`shared_model.evidence.median_rate_caps`; post-processing of DP releases)."""
-        if EVIDENCE_CLICKS not in self._sent:
-            return
+        (:func:`shared_model.evidence.median_rate_caps`; post-processing of DP releases).
+
+        ``releasing``: the accepted replies that added evidence this round (at least three:
+        a median of the others needs two others)."""
         base = {k: np.asarray(self._sent[k], np.float64) for k in EVIDENCE_KEYS}
-        releasing, clicks, exam, stds = [], [], [], []
-        for msg in good:
+        clicks, exam, stds = [], [], []
+        for msg in releasing:
             record = msg.content.array_records["arrays"]
             d = {k: record[k].numpy().astype(np.float64) - base[k] for k in EVIDENCE_KEYS}
-            noise_var = float(d[EVIDENCE_NOISE_VAR].sum())
-            if noise_var <= 0 and not (d[EVIDENCE_CLICKS].any() or d[EVIDENCE_EXAM].any()):
-                continue  # released nothing this round
-            releasing.append(msg)
             clicks.append(d[EVIDENCE_CLICKS])
             exam.append(d[EVIDENCE_EXAM])
-            stds.append(math.sqrt(max(noise_var, 0.0)))
-        if len(releasing) < 3:  # a median of the others needs at least two others
-            return
+            stds.append(math.sqrt(max(float(d[EVIDENCE_NOISE_VAR].sum()), 0.0)))
         caps = median_rate_caps(np.stack(clicks), np.stack(exam), np.asarray(stds),
                                 z=self.evidence_rate_clamp)
         for msg, c, cap in zip(releasing, clicks, caps, strict=True):
